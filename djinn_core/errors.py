@@ -83,3 +83,11 @@ class InvalidEdit(DjinnError, ValueError):
 
 class CheckpointStateError(DjinnError, RuntimeError):
     """An operation on a checkpoint or session in the wrong state (resumed twice, freed, not paused)."""
+
+
+class CacheCapacityExceeded(DjinnError, ValueError):
+    """More tokens than a session's KV cache was sized for (prompt + ``max_new_tokens``)."""
+
+
+class ChecksumMismatch(DjinnError, RuntimeError):
+    """Debug-mode checksums of a swapped item differ before swap-out and after swap-in: bytes were lost or corrupted."""

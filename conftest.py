@@ -1,0 +1,51 @@
+"""Root pytest plugin of the claims suite: fixtures, hardware gating, provenance in benchmark JSON."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+pytest_plugins = ["fixtures.hardware", "fixtures.claims", "fixtures.models"]
+
+SCALE_MARKERS = ("cpu", "gpu", "h100")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test says where it runs (cpu, gpu or h100); GPU tests skip, with a reason, where the GPU is missing."""
+    from fixtures.hardware import H100_MIN_BYTES, gpu_missing_reason
+
+    reasons: dict[int, str | None] = {}
+    for item in items:
+        names = {m.name for m in item.iter_markers()}
+        if not names & set(SCALE_MARKERS):
+            raise pytest.UsageError(f"{item.nodeid} carries none of the markers {SCALE_MARKERS}: say where it runs")
+        need = H100_MIN_BYTES if "h100" in names else (0 if "gpu" in names else None)
+        if need is None:
+            continue
+        if need not in reasons:
+            reasons[need] = gpu_missing_reason(need)
+        if reasons[need]:
+            item.add_marker(pytest.mark.skip(reason=reasons[need]))
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Add GPU, driver, CUDA, torch, transformers, host RAM and PCIe link to pytest-benchmark's machine_info."""
+    from djinn_core.provenance import machine_facts
+
+    machine_info["djinn"] = machine_facts()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("djinn_core").setLevel(logging.INFO)
+
+
+def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
+    """Where the suite runs on a copy of the tree without .git (the lent GPU machine), take the commit from the
+    environment (DJINN_GIT_COMMIT, DJINN_GIT_DIRTY) as the caller recorded it before sending the tree."""
+    import os
+
+    if not commit_info.get("id") and os.environ.get("DJINN_GIT_COMMIT"):
+        commit_info["id"] = os.environ["DJINN_GIT_COMMIT"]
+        commit_info["dirty"] = os.environ.get("DJINN_GIT_DIRTY", "unknown") == "1"
+        commit_info["source"] = "DJINN_GIT_COMMIT"

@@ -1,0 +1,104 @@
+"""Provenance: the facts about this machine and software that every committed result carries."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "accelerate", "pytest-benchmark", "nvidia-ml-py", "deepspeed", "nnsight")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def host_memory_bytes() -> dict[str, int]:
+    """Total and available host RAM in bytes (psutil)."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"total": int(vm.total), "available": int(vm.available)}
+
+
+def gpu_facts(index: int = 0) -> dict[str, Any]:
+    """GPU name, memory, driver, CUDA runtime, compute capability and PCIe link; ``{}`` without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(index)
+    facts: dict[str, Any] = {
+        "gpu_name": props.name,
+        "gpu_memory_bytes": int(props.total_memory),
+        "gpu_count": torch.cuda.device_count(),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "cuda_runtime": torch.version.cuda,
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        drv = pynvml.nvmlSystemGetDriverVersion()
+        facts["driver"] = drv.decode() if isinstance(drv, bytes) else drv
+        facts["pcie_link_gen"] = pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h)
+        facts["pcie_link_gen_max"] = pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h)
+        facts["pcie_link_width"] = pynvml.nvmlDeviceGetCurrPcieLinkWidth(h)
+    except Exception as e:  # NVML missing or refused: record why rather than invent values
+        facts["nvml_error"] = f"{type(e).__name__}: {e}"
+    return facts
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Commit id and dirty flag of the checkout at ``cwd`` (``{}`` outside a git checkout)."""
+    cwd = Path(cwd or Path(__file__).resolve().parent.parent)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if commit.returncode != 0:
+        return {}
+    return {"id": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def machine_facts() -> dict[str, Any]:
+    """Everything a reader needs to know where a number came from."""
+    facts: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "host_memory": host_memory_bytes(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "torch_version": torch.__version__,
+    }
+    facts.update(gpu_facts())
+    return facts
+
+
+# PCIe raw transfer rate per lane (GT/s) and line-code efficiency, by generation.
+_PCIE_GEN = {1: (2.5, 8 / 10), 2: (5.0, 8 / 10), 3: (8.0, 128 / 130), 4: (16.0, 128 / 130), 5: (32.0, 128 / 130),
+             6: (64.0, 242 / 256)}
+
+
+def pcie_link_GBps(gen: int, width: int) -> float:
+    """Theoretical one-direction data rate of a PCIe link after line coding, in GB/s (no protocol overhead)."""
+    from .errors import ConfigError
+
+    if gen not in _PCIE_GEN or not isinstance(width, int) or width <= 0:
+        raise ConfigError(f"unknown PCIe link gen={gen!r} width={width!r}")
+    rate, eff = _PCIE_GEN[gen]
+    return rate * eff * width / 8.0

@@ -1,0 +1,289 @@
+"""Reports: pytest-benchmark JSON in, a Markdown claims table, a provenance block and PNG plots out.
+
+Every verdict in a report is recomputed from the raw statistics (:func:`djinn_core.claims.evaluate`), never copied
+from the JSON; a stored verdict that disagrees with the recomputed one is flagged.
+
+Plots are drawn from what the tests put in ``extra_info``:
+
+- claims whose parameters include a numeric one (``layer``, ``sessions``, ``chunk_mib``, ``size_mib``...) give a
+  "measured and reference vs parameter" plot per claim (the resume crossover plot is one of these);
+- ``info["vram"]`` (a :meth:`VramSampler.to_dict`) gives a memory timeline with its marks, and a PCIe trace when
+  sampled;
+- ``info["layer_timeline"]`` (rows with ``layer``, ``copy_start_ms``, ``copy_end_ms``, ``compute_start_ms``,
+  ``compute_end_ms``) gives a per-layer copy/compute Gantt chart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .claims import describe, evaluate
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class ClaimRow:
+    test: str
+    claim: str
+    method: str
+    params: dict[str, Any]
+    measured: float
+    unit: str
+    reference: float | None
+    reference_method: str
+    ratio: float
+    op: str
+    bound: float
+    passed: bool
+    stored_passed: bool | None
+    record: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.test}::{self.claim}[{params}]"
+
+
+def load_benchmark_json(path: str | Path) -> dict[str, Any]:
+    """Read a pytest-benchmark JSON file; a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such benchmark JSON: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not JSON: {e}") from e
+    if not isinstance(data, dict) or "benchmarks" not in data or "machine_info" not in data:
+        raise ConfigError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks'/'machine_info')")
+    return data
+
+
+def claim_rows(data: dict[str, Any]) -> list[ClaimRow]:
+    rows = []
+    for bench in data.get("benchmarks", []):
+        test = bench.get("fullname") or bench.get("name", "?")
+        for rec in (bench.get("extra_info") or {}).get("claims", []):
+            ev = evaluate(rec)
+            rows.append(ClaimRow(test, rec["claim"], rec["method"], rec.get("params", {}), ev.measured,
+                                 rec.get("unit", ""), ev.reference, rec.get("reference_method", ""), ev.ratio,
+                                 rec["op"], rec["bound"], ev.passed, rec.get("passed"), rec))
+    return rows
+
+
+def provenance(data: dict[str, Any]) -> dict[str, Any]:
+    """The provenance block: the suite's machine facts, pytest-benchmark's machine and commit info, the date."""
+    mi = data.get("machine_info", {})
+    facts = mi.get("djinn", {})
+    commit = data.get("commit_info", {})
+    pk = facts.get("packages", {})
+    return {
+        "gpu": facts.get("gpu_name"),
+        "gpu_memory_GiB": round(facts["gpu_memory_bytes"] / GiB, 1) if facts.get("gpu_memory_bytes") else None,
+        "driver": facts.get("driver"),
+        "cuda": facts.get("cuda_runtime"),
+        "pcie": (f"Gen{facts['pcie_link_gen']} x{facts['pcie_link_width']}" if facts.get("pcie_link_gen") else None),
+        "torch": facts.get("torch_version") or pk.get("torch"),
+        "transformers": pk.get("transformers"),
+        "accelerate": pk.get("accelerate"),
+        "host_RAM_GiB": round(facts["host_memory"]["total"] / GiB, 1) if facts.get("host_memory") else None,
+        "cpu": mi.get("cpu", {}).get("brand_raw"),
+        "commit": commit.get("id"),
+        "commit_dirty": commit.get("dirty"),
+        "date": data.get("datetime") or facts.get("date_utc"),
+    }
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if math.isinf(x) or math.isnan(x):
+            return str(x)
+        return f"{x:.4g}"
+    return "" if x is None else str(x)
+
+
+def claims_table(rows: list[ClaimRow]) -> str:
+    head = "| claim | parameters | method | measured | reference | ratio | bound | result |\n" \
+           "|---|---|---|---|---|---|---|---|\n"
+    lines = []
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r.params.items())
+        ref = f"{_fmt(r.reference)} ({r.reference_method})" if r.reference is not None else ""
+        if r.record["kind"] == "bandwidth":
+            ref = f"{_fmt(r.reference)} GB/s (same-run ceiling)"
+        verdict = "pass" if r.passed else "**FAIL**"
+        if r.stored_passed is not None and r.stored_passed != r.passed:
+            verdict += " (stored verdict disagrees)"
+        lines.append(f"| {r.claim} | {params} | {r.method} | {_fmt(r.measured)} {r.unit} | {ref} | {_fmt(r.ratio)} "
+                     f"| {r.op} {_fmt(r.bound)} | {verdict} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:80]
+
+
+def _plot_claims(rows: list[ClaimRow], out_dir: Path, name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    by_claim: dict[str, list[ClaimRow]] = {}
+    for r in rows:
+        by_claim.setdefault(r.claim, []).append(r)
+    for claim, crs in by_claim.items():
+        numeric = [k for k, v in crs[0].params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not numeric or len(crs) < 2:
+            continue
+        x_key = numeric[0]
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in crs:
+            if x_key not in r.params:
+                continue
+            others = ", ".join(f"{k}={v}" for k, v in r.params.items() if k != x_key)
+            label = r.method + (f" ({others})" if others else "")
+            series.setdefault(label, []).append((r.params[x_key], r.measured))
+            if r.reference is not None:
+                ref_label = (r.reference_method or "reference") + (f" ({others})" if others else "")
+                if r.record["kind"] == "bandwidth":
+                    ref_label = "same-run ceiling" + (f" ({others})" if others else "")
+                series.setdefault(ref_label, []).append((r.params[x_key], r.reference))
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for label, pts in series.items():
+            pts = sorted(set(pts))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(crs[0].unit or "value")
+        if crs[0].unit == "ms" and max(p[1] for s in series.values() for p in s) > 50 * max(
+                min(p[1] for p in s) for s in series.values()):
+            ax.set_yscale("log")
+        ax.set_title(claim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_dir / f"{name}_{_slug(claim)}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _plot_vram(test: str, vram: dict[str, Any], out_dir: Path, name: str, budget: float | None) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = vram.get("timeline") or []
+    if not tl:
+        return None
+    pcie = vram.get("pcie") or []
+    fig, axes = plt.subplots(2 if pcie else 1, 1, figsize=(9, 6 if pcie else 4), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    t = [s["t_s"] for s in tl]
+    for key, label in (("nvml_used", "NVML used"), ("torch_reserved", "torch reserved"),
+                       ("torch_allocated", "torch allocated")):
+        if key in tl[0]:
+            ax.plot(t, [s[key] / GiB for s in tl], label=label, lw=1)
+    if budget:
+        ax.axhline(budget / GiB, color="red", ls="--", lw=1, label="budget")
+    for m in vram.get("marks", []):
+        if m["label"] in ("start", "stop"):
+            continue
+        ax.axvline(m["t_s"], color="grey", alpha=0.25, lw=0.6)
+    ax.set_ylabel("GiB")
+    ax.set_title(f"GPU memory: {test}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if pcie:
+        ax2 = axes[1][0]
+        tp = [s["t_s"] for s in pcie]
+        ax2.plot(tp, [s["pcie_rx_KBps"] * 1e3 / 1e9 for s in pcie], label="host-to-device (NVML RX)", lw=1)
+        ax2.plot(tp, [s["pcie_tx_KBps"] * 1e3 / 1e9 for s in pcie], label="device-to-host (NVML TX)", lw=1)
+        ax2.set_ylabel("GB/s")
+        ax2.legend(fontsize=7)
+        ax2.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("s")
+    fig.tight_layout()
+    p = out_dir / f"{name}_{_slug(test.split('::')[-1])}_vram.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def _plot_layer_timeline(test: str, rows: list[dict[str, Any]], out_dir: Path, name: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 0.18 * len(rows) + 1.5))
+    for r in rows:
+        y = r["layer"]
+        ax.barh(y - 0.2, r["copy_end_ms"] - r["copy_start_ms"], left=r["copy_start_ms"], height=0.38,
+                color="tab:blue", label="copy (H2D)" if y == rows[0]["layer"] else None)
+        ax.barh(y + 0.2, r["compute_end_ms"] - r["compute_start_ms"], left=r["compute_start_ms"], height=0.38,
+                color="tab:orange", label="compute" if y == rows[0]["layer"] else None)
+    ax.set_xlabel("ms from forward start")
+    ax.set_ylabel("layer")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+    ax.set_title(f"per-layer copy/compute: {test}", fontsize=9)
+    fig.tight_layout()
+    p = out_dir / f"{name}_{_slug(test.split('::')[-1])}_layers.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def write_report(json_path: str | Path, out_dir: str | Path | None = None, name: str | None = None) -> Path:
+    """Write ``<out_dir>/<name>.md`` (and its PNG plots) for a pytest-benchmark JSON file. Returns the .md path."""
+    json_path = Path(json_path)
+    data = load_benchmark_json(json_path)
+    out_dir = Path(out_dir) if out_dir else json_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or json_path.stem
+    rows = claim_rows(data)
+    prov = provenance(data)
+    plots = _plot_claims(rows, out_dir, name)
+    for bench in data.get("benchmarks", []):
+        info = (bench.get("extra_info") or {}).get("info") or {}
+        test = bench.get("name", "?")
+        if isinstance(info.get("vram"), dict):
+            p = _plot_vram(test, info["vram"], out_dir, name, info.get("budget_bytes"))
+            if p:
+                plots.append(p)
+        if isinstance(info.get("layer_timeline"), list):
+            p = _plot_layer_timeline(test, info["layer_timeline"], out_dir, name)
+            if p:
+                plots.append(p)
+    n_fail = sum(not r.passed for r in rows)
+    lines = [f"# Report: {name}", "",
+             f"Source: `{json_path.name}`. {len(rows)} claims, {len(rows) - n_fail} pass, {n_fail} fail. "
+             "Every verdict is recomputed from the raw statistics in the JSON.", "",
+             "## Claims", "", claims_table(rows) if rows else "No claims recorded.\n",
+             "## Provenance", ""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in prov.items()]
+    if n_fail:
+        lines += ["", "## Failing claims", ""]
+        lines += [f"- {describe(r.record)}" for r in rows if not r.passed]
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in plots]
+    md = out_dir / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    log.info("wrote %s (%d claims, %d plots)", md, len(rows), len(plots))
+    return md

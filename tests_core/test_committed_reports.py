@@ -1,0 +1,58 @@
+"""CI gate: every committed H100 result carries provenance and its claims hold when recomputed from raw data.
+
+A shortfall measured on the H100 stays committed with its JSON; until the system is fixed it is listed in
+KNOWN_SHORTFALLS with the measured figure, and carried here as ``xfail(strict=True)``: the day it passes, the
+strict xfail fails and the entry must go.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from djinn_core.report import claim_rows, load_benchmark_json, provenance
+
+pytestmark = pytest.mark.cpu
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+COMMITTED = sorted(REPORTS.glob("h100/*.json"))
+
+# "<json stem>::<test node>::<claim>[params]" -> reason quoting the measured figure
+KNOWN_SHORTFALLS: dict[str, str] = {}
+
+
+def _claim_params():
+    params = []
+    for path in COMMITTED:
+        for row in claim_rows(load_benchmark_json(path)):
+            key = f"{path.stem}::{row.key}"
+            marks = [pytest.mark.xfail(strict=True, reason=KNOWN_SHORTFALLS[key])] if key in KNOWN_SHORTFALLS else []
+            params.append(pytest.param(path, row, id=key, marks=marks))
+    return params
+
+
+def test_required_h100_results_are_committed():
+    assert (REPORTS / "h100" / "ceilings.json") in COMMITTED
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[p.stem for p in COMMITTED])
+def test_committed_result_carries_provenance(path):
+    data = load_benchmark_json(path)
+    prov = provenance(data)
+    for field in ("gpu", "driver", "torch", "transformers", "commit", "date"):
+        assert prov[field], f"{path.name}: provenance lacks {field}"
+    assert "H100" in prov["gpu"], f"{path.name}: not an H100 run ({prov['gpu']})"
+    assert (path.parent / f"{path.stem}.md").is_file(), f"{path.name} has no report next to it"
+
+
+@pytest.mark.parametrize("path,row", _claim_params())
+def test_committed_claim_holds_when_recomputed(path, row):
+    assert row.stored_passed == row.passed, f"stored verdict {row.stored_passed} != recomputed {row.passed}"
+    assert row.passed, f"{row.key}: ratio {row.ratio:.4g} {row.op} {row.bound} fails (measured {row.measured:.4g})"
+
+
+def test_known_shortfalls_name_committed_claims():
+    keys = {p.id for p in _claim_params()}
+    stale = set(KNOWN_SHORTFALLS) - keys
+    assert not stale, f"KNOWN_SHORTFALLS names claims that are not committed: {stale}"

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from djinn_core.claims import make_record
+from djinn_core.errors import ConfigError
+from djinn_core.report import claim_rows, load_benchmark_json, write_report
+from djinn_core.timing import TimingStats
+
+pytestmark = pytest.mark.cpu
+
+
+def _bench_json(tmp_path, claims, info=None):
+    data = {
+        "machine_info": {"djinn": {"gpu_name": "NVIDIA H100 80GB HBM3", "driver": "580", "torch_version": "2.11",
+                                   "packages": {"transformers": "5.17.0"}, "host_memory": {"total": 2**37}}},
+        "commit_info": {"id": "abc123", "dirty": False},
+        "datetime": "2026-11-27T10:00:00",
+        "benchmarks": [{"name": "test_x", "fullname": "tests_exp3/test_x.py::test_x",
+                        "extra_info": {"claims": claims, "info": info or {}}}],
+    }
+    p = tmp_path / "exp.json"
+    p.write_text(json.dumps(data))
+    return p
+
+
+def _ratio(layer, djinn, manual):
+    return make_record("resume_vs_manual", kind="ratio", method="djinn", bound=1.25, op="<=",
+                       params={"layer": layer}, unit="ms", reference_method="manual_offload",
+                       timing=TimingStats(djinn).to_dict(), reference_timing=TimingStats(manual).to_dict())
+
+
+def test_report_recomputes_verdicts_writes_table_provenance_and_plots(tmp_path):
+    claims = [_ratio(1, (0.45, 0.46), (0.40, 0.41)), _ratio(40, (0.9, 0.9), (0.4, 0.4))]
+    vram = {"timeline": [{"t_s": i * 0.01, "nvml_used": 2**30 * i, "torch_reserved": 2**29 * i,
+                          "torch_allocated": 2**28 * i} for i in range(20)],
+            "pcie": [{"t_s": i * 0.02, "pcie_tx_KBps": 1e6, "pcie_rx_KBps": 5e7} for i in range(10)],
+            "marks": [{"t_s": 0.05, "label": "spawn"}]}
+    layers = [{"layer": i, "copy_start_ms": i * 30.0, "copy_end_ms": i * 30.0 + 29, "compute_start_ms": i * 30 + 29,
+               "compute_end_ms": i * 30 + 37} for i in range(4)]
+    p = _bench_json(tmp_path, claims, info={"vram": vram, "layer_timeline": layers, "budget_bytes": 12 * 2**30})
+    md = write_report(p, out_dir=tmp_path / "rep", name="exp3")
+    text = md.read_text()
+    assert "| resume_vs_manual | layer=1 | djinn |" in text
+    assert "2 claims, 1 pass, 1 fail" in text and "**FAIL**" in text
+    assert "gpu: NVIDIA H100 80GB HBM3" in text and "commit: abc123" in text
+    pngs = sorted(x.name for x in (tmp_path / "rep").glob("*.png"))
+    assert len(pngs) == 3 and all(f"({n})" in text for n in pngs)
+
+
+def test_report_flags_a_stored_verdict_that_disagrees(tmp_path):
+    rec = _ratio(1, (1.0,), (0.5,))
+    rec["passed"] = True
+    rows = claim_rows(json.loads(_bench_json(tmp_path, [rec]).read_text()))
+    assert rows[0].passed is False and rows[0].stored_passed is True
+    assert "stored verdict disagrees" in write_report(_bench_json(tmp_path, [rec])).read_text()
+
+
+def test_report_refuses_files_that_are_not_benchmark_json(tmp_path):
+    with pytest.raises(ConfigError, match="no such"):
+        load_benchmark_json(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not JSON"):
+        load_benchmark_json(bad)
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ConfigError, match="pytest-benchmark"):
+        load_benchmark_json(bad)
