@@ -45,7 +45,7 @@ def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict
     environment (DJINN_GIT_COMMIT, DJINN_GIT_DIRTY) as the caller recorded it before sending the tree."""
     import os
 
-    if not commit_info.get("id") and os.environ.get("DJINN_GIT_COMMIT"):
+    if commit_info.get("id") in (None, "", "unknown") and os.environ.get("DJINN_GIT_COMMIT"):
         commit_info["id"] = os.environ["DJINN_GIT_COMMIT"]
         commit_info["dirty"] = os.environ.get("DJINN_GIT_DIRTY", "unknown") == "1"
         commit_info["source"] = "DJINN_GIT_COMMIT"

@@ -159,10 +159,16 @@ def _plot_claims(rows: list[ClaimRow], out_dir: Path, name: str) -> list[Path]:
                 if r.record["kind"] == "bandwidth":
                     ref_label = "same-run ceiling" + (f" ({others})" if others else "")
                 series.setdefault(ref_label, []).append((r.params[x_key], r.reference))
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        merged: dict[tuple, list[str]] = {}  # identical curves (a shared reference) are drawn once
         for label, pts in series.items():
-            pts = sorted(set(pts))
+            merged.setdefault(tuple(sorted(set(pts))), []).append(label)
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for pts, labels in merged.items():
+            label = labels[0] if len(labels) == 1 else labels[0].split(" (")[0]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        xs = [p[0] for pts in merged for p in pts]
+        if min(xs) > 0 and max(xs) / min(xs) > 30:
+            ax.set_xscale("log")
         ax.set_xlabel(x_key)
         ax.set_ylabel(crs[0].unit or "value")
         if crs[0].unit == "ms" and max(p[1] for s in series.values() for p in s) > 50 * max(
