@@ -91,3 +91,43 @@ class CacheCapacityExceeded(DjinnError, ValueError):
 
 class ChecksumMismatch(DjinnError, RuntimeError):
     """Debug-mode checksums of a swapped item differ before swap-out and after swap-in: bytes were lost or corrupted."""
+
+
+class StreamingBudgetTooSmall(BudgetTooSmall, ConfigError):
+    """A weight-streaming VRAM budget that cannot hold one layer's ring slot next to the resident weights, the KV
+    cache and the activations (raised before anything is pinned). Both a :class:`BudgetTooSmall` and a
+    :class:`ConfigError`."""
+
+
+class ProtocolError(DjinnError, ValueError):
+    """A malformed RPC message: not a JSON header, a missing or ill-typed field, a tensor whose dtype is not allowed or
+    whose byte count does not match its shape, or a request larger than the server accepts."""
+
+
+class AuthenticationFailed(DjinnError, PermissionError):
+    """An RPC request without the server's auth token, or with a wrong one."""
+
+
+class SessionLimitReached(DjinnError, RuntimeError):
+    """The server already holds as many sessions as it is configured to (in total or for this client)."""
+
+
+class ServerUnavailable(DjinnError, ConnectionError):
+    """No answer from a Djinn server within the client's timeout, or the server is shutting down."""
+
+
+class RemoteError(DjinnError, RuntimeError):
+    """An error raised on a Djinn server while executing a request, carried back to the client.
+
+    ``remote_type`` is the server-side exception's class name and ``remote_message`` its message. The client raises a
+    subclass that also derives from the matching class of this module when there is one (a remote ``InvalidLayer`` is
+    both a ``RemoteError`` and an ``InvalidLayer``), so the same ``except`` works against a local or a remote session.
+    """
+
+    def __init__(self, message: str, remote_type: str = "RemoteError"):
+        Exception.__init__(self, message)  # not super(): a remote subclass's other base may need other arguments
+        self.remote_type = remote_type
+        self.remote_message = message
+
+    def __str__(self) -> str:
+        return f"{self.remote_type} (remote): {self.remote_message}"

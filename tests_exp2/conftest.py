@@ -1,0 +1,34 @@
+"""exp2-only fixtures: the pinned host pack of Llama-2-70B layers, built once per session and shared by every test."""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import pytest
+import torch
+
+from djinn_core.models import build_model, decoder_layers
+from djinn_core.streaming import LayerLayout, pack_layer_weights
+from exp2_streaming import ARCH, HOST_LAYERS, PEER_HOST_RESERVE, fill_seeded
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="session")
+def llama70b_host_pack(cuda_device: torch.device):
+    """Up to 48 distinct Llama-2-70B decoder layers (random fp16, seed 0: the weights build_model gives) packed in
+    pinned host memory, ~77 GiB, pinned once (about a minute). Fewer layers if the host cannot spare the RAM while
+    leaving room for the peers' copies of a 6-layer model."""
+    meta = build_model(ARCH, num_layers=HOST_LAYERS, materialize=False)
+    stride = LayerLayout.of(decoder_layers(meta)[0]).stride
+    fit = (psutil.virtual_memory().available - PEER_HOST_RESERVE) // stride
+    n = int(min(HOST_LAYERS, fit))
+    if n < 2:
+        pytest.skip(f"host RAM too small for a 70B weight pack ({psutil.virtual_memory().available / 2**30:.1f} GiB "
+                    "available)")
+    if n < HOST_LAYERS:
+        log.warning("host RAM fits %d of the %d requested 70B layers", n, HOST_LAYERS)
+    pack = pack_layer_weights(meta, device=cuda_device, fill=fill_seeded, num_sets=n)
+    yield pack
+    pack.release()
