@@ -45,6 +45,16 @@ class CopyCeiling:
                 "bytes_moved": self.bytes_moved, "GBps": self.GBps, "timing": self.timing.to_dict()}
 
 
+def _is_registered(host: torch.Tensor) -> bool:
+    """Whether ``host``'s memory is page-locked through cudaHostRegister (the CUDA driver knows its pointer)."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python, present beside CUDA builds of torch
+    except ImportError:
+        return False
+    err, attrs = cudart.cudaPointerGetAttributes(host.data_ptr())
+    return err == cudart.cudaError_t.cudaSuccess and attrs.type == cudart.cudaMemoryType.cudaMemoryTypeHost
+
+
 def _validate(nbytes: int, direction: str) -> None:
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
         raise ConfigError(f"nbytes must be a positive int, got {nbytes!r}")
@@ -104,7 +114,8 @@ def copy_ceiling_on(
         cur.wait_stream(s_out)
 
     timing = time_cuda(run, warmup=warmup, repeats=repeats, stream=cur)
-    pinned = bool(host.is_pinned())
+    # page-locked either way: torch's pinned allocator or cudaHostRegister (which is_pinned() may not report)
+    pinned = bool(host.is_pinned()) or _is_registered(host)
     c = CopyCeiling(direction, nbytes, pinned, timing)
     log.info("ceiling %s %s %.1f MiB: %.2f GB/s", direction, "pinned" if pinned else "pageable", nbytes / 2**20, c.GBps)
     return c

@@ -141,7 +141,8 @@ def _plot_claims(rows: list[ClaimRow], out_dir: Path, name: str) -> list[Path]:
     paths = []
     by_claim: dict[str, list[ClaimRow]] = {}
     for r in rows:
-        by_claim.setdefault(r.claim, []).append(r)
+        if r.record["kind"] != "check":  # absolute checks (counts, budgets) read better in the table
+            by_claim.setdefault(r.claim, []).append(r)
     for claim, crs in by_claim.items():
         numeric = [k for k, v in crs[0].params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if not numeric or len(crs) < 2:
@@ -276,6 +277,8 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
             p = _plot_layer_timeline(test, info["layer_timeline"], out_dir, name)
             if p:
                 plots.append(p)
+    # figures a test wrote itself next to the JSON (named <name>_*.png) belong to the report too
+    plots += sorted(p for p in out_dir.glob(f"{name}_*.png") if p not in plots)
     n_fail = sum(not r.passed for r in rows)
     lines = [f"# Report: {name}", "",
              f"Source: `{json_path.name}`. {len(rows)} claims, {len(rows) - n_fail} pass, {n_fail} fail. "
