@@ -16,7 +16,9 @@ from djinn_core.report import claim_rows, load_benchmark_json, provenance
 pytestmark = pytest.mark.cpu
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
-COMMITTED = sorted(REPORTS.glob("h100/*.json"))
+COMMITTED = sorted(REPORTS.glob("*/*.json"))
+# which GPU each results folder must come from
+FOLDER_GPU = {"h100": "H100", "h200x2": "H200"}
 
 # "<json stem>::<test node>::<claim>[params]" -> reason quoting the measured figure
 KNOWN_SHORTFALLS: dict[str, str] = {}
@@ -42,7 +44,9 @@ def test_committed_result_carries_provenance(path):
     prov = provenance(data)
     for field in ("gpu", "driver", "torch", "transformers", "commit", "date"):
         assert prov[field], f"{path.name}: provenance lacks {field}"
-    assert "H100" in prov["gpu"], f"{path.name}: not an H100 run ({prov['gpu']})"
+    expected = FOLDER_GPU.get(path.parent.name)
+    assert expected, f"{path}: results folder {path.parent.name!r} names no known machine"
+    assert expected in prov["gpu"], f"{path.name}: not an {expected} run ({prov['gpu']})"
     assert (path.parent / f"{path.stem}.md").is_file(), f"{path.name} has no report next to it"
 
 

@@ -15,7 +15,7 @@ import torch
 
 from djinn_core.models import architecture_config, build_model, model_sizes
 from djinn_core.streaming import oversubscription, pack_layer_weights
-from exp2_streaming import (ARCH, BUDGET_BYTES, CHUNKS_MiB, DECODE_STEPS, DEEP_LAYERS, SWEEP_TOKENS, TTFT_TOKENS,
+from exp2_streaming import (ARCH, BUDGET_BYTES, MIN_OVERSUBSCRIPTION, CHUNKS_MiB, DECODE_STEPS, DEEP_LAYERS, SWEEP_TOKENS, TTFT_TOKENS,
                             MiB, artifact_dir, fill_seeded, greedy, measure_forwards, mismatches,
                             plot_stream_timeline, prefill_fn, prompt, slot_ceiling, streamed_model)
 
@@ -137,7 +137,7 @@ def test_ttft_2048_within_1p1x_weight_transfer_and_peak_vram_within_budget(
                                                "tokens": res["tokens"]},
                launched_s=res["launched_s"], model_weight_bytes=sizes.total_weight_bytes, plot=path)
     claim.check("weights_oversubscribe_the_budget", method="model weight bytes / VRAM budget",
-                value=oversubscription(sizes.total_weight_bytes, BUDGET_BYTES), bound=6.0, op=">=", unit="x",
+                value=oversubscription(sizes.total_weight_bytes, BUDGET_BYTES), bound=MIN_OVERSUBSCRIPTION, op=">=", unit="x",
                 params=params)
     claim.ratio("ttft_vs_weight_transfer_at_ceiling", method="djinn.streaming prefill + argmax", measured=ttft.timing,
                 reference=transfer_ms, bound=1.1, op="<=", params=params,
@@ -155,6 +155,8 @@ def test_80_layers_reusing_host_weight_sets_stream_at_the_ceiling(llama70b_host_
     """The full 80-layer depth of Llama-2-70B; layers 48..79 REUSE host weight sets 0..31 (the host pins 48 distinct
     layers): every layer is still copied over PCIe, so bandwidth is what the full model would see."""
     pack = llama70b_host_pack
+    if pack.num_sets >= DEEP_LAYERS:
+        pytest.skip(f"the host pack holds all {pack.num_sets} layers: the chunk sweep already streams the full depth")
     chunk = _best_chunk_mib()
 
     def run() -> dict:
