@@ -1,0 +1,397 @@
+"""Swap engine: moves a session's named slab tensors to the host pool and back, asynchronously, item by item.
+
+Streams (CUDA): one side stream per direction -- ``out_stream`` for device-to-host (D2H), ``in_stream`` for
+host-to-device (H2D) -- so a swap-out can overlap a swap-in and both overlap compute. Every item is issued as *one*
+copy (a per-layer K or V tensor is tens of MiB, enough to run PCIe at its peak) and gets its own CUDA event.
+
+Ordering, all by events and ``wait_event`` / ``wait_stream`` (never a device-wide synchronize):
+
+* swap-out: the host blocks are checked to fit first (all or nothing). The out stream waits for the current (compute)
+  stream, so it copies finished data, and for any fence on the host blocks it writes. The source slab range is then freed with ``after=event`` (or fenced, with
+  ``free_source=False``), so the slab hands it out again only to streams that waited for the copy.
+* swap-in: the total is checked against the slab's free bytes first (with compaction every allocation then succeeds,
+  so a swap-in is all or nothing). Items are then allocated and issued one by one, so the first copy starts at once:
+  each allocation runs on the current stream (it may compact or wait on fences); whenever the slab queued such work
+  (``Slab.stream_epoch``) the in stream ``wait_stream``s the current stream again; it also waits for the item's
+  swap-out event, then copies. Each destination is fenced with its event (a later compaction waits for it) and each
+  host block is freed with ``after=event``. A consumer calls
+  :meth:`ResidentState.wait` ``(name)`` to make the *current* stream wait for that item only, so layer 0 can be used
+  while later layers are still in flight.
+* Slab and host memory are owned by long-lived buffers (the slab buffer, the pinned chunks), so no caching-allocator
+  block crosses streams; lifetimes of reused ranges are governed by the fences above.
+
+Checksums (debug mode, ``checksums=True``): a position-weighted int64 checksum of each item's bytes is computed on the
+device on the copying stream before the D2H copy and after the H2D copy; :meth:`ResidentState.wait` (and
+:meth:`ResidentState.verify`) then block the host on that item's events and raise
+:class:`~djinn_core.errors.ChecksumMismatch` on a difference. Off by default: it costs host syncs.
+
+On a CPU slab, copies are synchronous, events are ``None`` and waits are no-ops; the bookkeeping is identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .errors import (ChecksumMismatch, CheckpointStateError, ConfigError, HostPoolExhausted, SlabExhausted,
+                     UnknownAllocation)
+from .host_pool import HostBlock, HostPool
+from .slab import Slab, SlabTensor
+
+log = logging.getLogger(__name__)
+
+_CHECKSUM_MODULUS = 65521  # largest prime < 2**16: position weights 1..65521
+
+
+def checksum(t: torch.Tensor) -> torch.Tensor:
+    """Position-weighted checksum of a contiguous tensor's bytes: an int64 tensor ``[sum(w), sum(w * (i % M + 1))]``.
+
+    Words are int32 when the byte count allows (uint8 otherwise); sums wrap modulo 2**64, which is associative, so the
+    result does not depend on reduction order or device. Runs on the current stream of ``t``'s device.
+    """
+    b = t.reshape(-1).view(torch.uint8)
+    w = (b.view(torch.int32) if b.numel() % 4 == 0 else b).to(torch.int64)
+    pos = torch.arange(w.numel(), dtype=torch.int64, device=w.device).remainder_(_CHECKSUM_MODULUS).add_(1)
+    return torch.stack([w.sum(), (w * pos).sum()])
+
+
+@dataclass
+class SwappedItem:
+    """One item in the host pool. ``event``: recorded on the out stream after its D2H copy (None on the CPU)."""
+
+    name: str
+    block: HostBlock
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    tag: str | None
+    event: Any = None
+    checksum: torch.Tensor | None = None  # on the device, written on the out stream before ``event``
+
+
+class SwappedState:
+    """A set of named items living in the host pool (the result of :meth:`SwapEngine.swap_out`).
+
+    ``items`` keeps insertion order. :meth:`SwapEngine.swap_in` removes the items it brings back; once empty the
+    state is consumed. :meth:`SwapEngine.release` discards it.
+    """
+
+    def __init__(self, engine: "SwapEngine", items: dict[str, SwappedItem]):
+        self._engine = engine
+        self.items = items
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.items)
+
+    @property
+    def nbytes(self) -> int:
+        """Requested bytes of all items (unaligned)."""
+        return sum(it.nbytes for it in self.items.values())
+
+    def slab_bytes(self, names: Iterable[str] | None = None) -> int:
+        """Aligned slab bytes the items (all, or ``names``) need when swapped back in."""
+        names = self.items if names is None else names
+        return sum(self._engine.slab.aligned_size(self.items[n].nbytes) for n in names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def wait(self, name: str | None = None) -> None:
+        """Make the current stream wait for the D2H copy of ``name`` (all items when None). Non-blocking."""
+        for it in self._select(name):
+            if it.event is not None:
+                torch.cuda.current_stream(self._engine.device).wait_event(it.event)
+
+    def wait_host(self, name: str | None = None) -> None:
+        """Block the host until the D2H copy of ``name`` (all when None) is done, e.g. before reading ``host_view``."""
+        for it in self._select(name):
+            if it.event is not None:
+                it.event.synchronize()
+
+    def host_view(self, name: str) -> torch.Tensor:
+        """The host copy of ``name`` (a CPU tensor; call :meth:`wait_host` before reading it)."""
+        return self._select(name)[0].block.view()
+
+    def is_complete(self) -> bool:
+        """True when every D2H copy has finished (non-blocking query)."""
+        return all(it.event is None or it.event.query() for it in self.items.values())
+
+    def absorb(self, other: "SwappedState") -> None:
+        """Move every item of ``other`` (same engine, disjoint names) into this state; ``other`` becomes empty."""
+        if not isinstance(other, SwappedState) or other._engine is not self._engine:
+            raise ConfigError("can only absorb a swapped state of the same engine")
+        clash = set(self.items) & set(other.items)
+        if clash:
+            raise ConfigError(f"swapped states share item names {sorted(clash)}")
+        self.items.update(other.items)
+        other.items = {}
+
+    def _select(self, name: str | None) -> list[SwappedItem]:
+        if name is None:
+            return list(self.items.values())
+        if name not in self.items:
+            raise UnknownAllocation(f"no item {name!r} in this swapped state (has {self.names})")
+        return [self.items[name]]
+
+    def __repr__(self) -> str:
+        return f"SwappedState({len(self.items)} items, {self.nbytes} B)"
+
+
+@dataclass
+class ResidentState:
+    """Items brought back into the slab by :meth:`SwapEngine.swap_in`.
+
+    ``tensors[name]`` is the slab handle; ``events[name]`` is recorded on the in stream after its H2D copy (None when
+    nothing is in flight). ``pending`` is the rest of the swapped state when only some items were swapped in.
+    """
+
+    tensors: dict[str, SlabTensor]
+    events: dict[str, Any] = field(default_factory=dict)
+    pending: SwappedState | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # name -> (checksum before swap-out, its event, checksum after swap-in, its event); debug mode only
+    _checks: dict[str, tuple[torch.Tensor, Any, torch.Tensor, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def wait(self, name: str) -> None:
+        """Make the current stream wait until ``name`` has arrived (non-blocking, except in checksum mode)."""
+        if name not in self.tensors:
+            raise UnknownAllocation(f"no item {name!r} in this resident state (has {self.names})")
+        ev = self.events.get(name)
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+        if name in self._checks:
+            self.verify([name])
+
+    def wait_all(self) -> None:
+        """:meth:`wait` for every item."""
+        for name in self.tensors:
+            self.wait(name)
+
+    def is_ready(self, name: str) -> bool:
+        """Whether ``name``'s copy has finished (non-blocking query)."""
+        ev = self.events.get(name)
+        return ev is None or bool(ev.query())
+
+    def verify(self, names: Sequence[str] | None = None) -> None:
+        """Debug mode: block on the items' events and compare checksums; raise :class:`ChecksumMismatch`."""
+        for name in list(self._checks if names is None else names):
+            check = self._checks.pop(name, None)
+            if check is None:
+                continue
+            before, ev_before, after, ev_after = check
+            for ev in (ev_before, ev_after):
+                if ev is not None:
+                    ev.synchronize()
+            b, a = before.cpu().tolist(), after.cpu().tolist()
+            if b != a:
+                raise ChecksumMismatch(f"item {name!r}: checksum {b} before swap-out, {a} after swap-in")
+
+
+@dataclass(frozen=True)
+class SwapStats:
+    """Bytes (requested, unaligned) and item counts moved since creation."""
+
+    bytes_out: int
+    bytes_in: int
+    items_out: int
+    items_in: int
+    swaps_out: int
+    swaps_in: int
+
+
+class SwapEngine:
+    """Moves named :class:`SlabTensor` s between ``slab`` and ``host_pool`` on one side stream per direction.
+
+    Not thread-safe (one owner). ``checksums=True`` turns on the debug checksums described in the module docstring.
+    """
+
+    def __init__(self, slab: Slab, host_pool: HostPool, *, checksums: bool = False):
+        if not isinstance(slab, Slab):
+            raise ConfigError(f"slab must be a Slab, got {type(slab).__name__}")
+        if not isinstance(host_pool, HostPool):
+            raise ConfigError(f"host_pool must be a HostPool, got {type(host_pool).__name__}")
+        self.slab = slab
+        self.host_pool = host_pool
+        self.checksums = bool(checksums)
+        self.device = slab.device
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            if not host_pool.pinned:
+                log.warning("swap engine over an unpinned host pool: copies will be synchronous and slow")
+            self.out_stream: Any = torch.cuda.Stream(device=self.device)
+            self.in_stream: Any = torch.cuda.Stream(device=self.device)
+        else:
+            self.out_stream = self.in_stream = None
+        self._bytes_out = self._bytes_in = self._items_out = self._items_in = self._swaps_out = self._swaps_in = 0
+
+    @property
+    def stats(self) -> SwapStats:
+        return SwapStats(self._bytes_out, self._bytes_in, self._items_out, self._items_in, self._swaps_out,
+                         self._swaps_in)
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def _record(self, stream: Any) -> Any:
+        if stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def _stream_ctx(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    # -- out ---------------------------------------------------------------------------------------------------------
+    def swap_out(self, items: Mapping[str, SlabTensor], *, free_source: bool = True) -> SwappedState:
+        """Copy ``items`` to the host pool on the out stream; one event per item; returns immediately (CUDA).
+
+        With ``free_source`` the slab tensors are freed at once, fenced by their copy's event. Without it they stay
+        allocated and fenced; do not write them until ``state.wait(name)`` has been called on the writing stream.
+        Raises :class:`~djinn_core.errors.HostPoolExhausted` (nothing copied, nothing freed) when the host blocks do
+        not fit.
+        """
+        if not isinstance(items, Mapping):
+            raise ConfigError(f"items must be a mapping name -> SlabTensor, got {type(items).__name__}")
+        for name, t in items.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"item names must be str, got {name!r}")
+            if not isinstance(t, SlabTensor) or t.slab is not self.slab:
+                raise UnknownAllocation(f"item {name!r}: {t!r} is not a tensor of this engine's slab")
+            if not t.alive:
+                raise UnknownAllocation(f"item {name!r}: slab tensor {t.alloc_id} was freed")
+        if len({t.alloc_id for t in items.values()}) != len(items):
+            raise ConfigError("the same slab tensor appears under two names")
+
+        sizes = [t.nbytes for t in items.values()]
+        if not self.host_pool.fits(sizes):  # the same first-fit the allocations below will do: all or nothing
+            need = sum(self.host_pool.aligned_size(n) for n in sizes)
+            pst = self.host_pool.stats
+            raise HostPoolExhausted(need, pst.free, pst.capacity)
+
+        out = self.out_stream
+        if out is not None:
+            out.wait_stream(torch.cuda.current_stream(self.device))  # copy finished data only
+        swapped: dict[str, SwappedItem] = {}
+        with self._stream_ctx(out):
+            for name, t in items.items():  # allocate and issue item by item: the first copy starts at once
+                block = self.host_pool.allocate(t.shape, t.dtype)
+                if out is not None:
+                    for ev in block.fences:  # an earlier H2D may still read this host range
+                        out.wait_event(ev)
+                block.fences = []
+                src = t.view()
+                cs = checksum(src) if self.checksums else None
+                block.view().copy_(src, non_blocking=out is not None)
+                ev = self._record(out)
+                swapped[name] = SwappedItem(name, block, t.shape, t.dtype, t.nbytes, t.tag, ev, cs)
+                if free_source:
+                    self.slab.free(t, after=ev)
+                else:
+                    self.slab.fence(t, ev)
+        nbytes = sum(t.nbytes for t in items.values())
+        self._bytes_out += nbytes
+        self._items_out += len(items)
+        self._swaps_out += 1
+        log.debug("swap-out: %d items, %d bytes", len(items), nbytes)
+        return SwappedState(self, swapped)
+
+    # -- in ----------------------------------------------------------------------------------------------------------
+    def swap_in(self, state: SwappedState, *, order: Sequence[str] | None = None,
+                names: Iterable[str] | None = None) -> ResidentState:
+        """Copy items of ``state`` back into the slab on the in stream, in ``order``; returns immediately (CUDA).
+
+        ``names``: which items (default all); ``order``: issue order for some or all of them, the rest follow in the
+        state's order. The items brought back leave ``state`` (their host blocks are freed, fenced by the copy);
+        the rest stay in it and are returned as ``ResidentState.pending``. Call ``ResidentState.wait(name)`` on the
+        consuming stream before using ``tensors[name].view()``. Raises :class:`~djinn_core.errors.SlabExhausted`
+        (nothing changed) when the items do not fit in the slab.
+        """
+        if not isinstance(state, SwappedState) or state._engine is not self:
+            raise ConfigError("state was not produced by this swap engine")
+        if not state.items:
+            raise CheckpointStateError("swapped state is empty (already swapped in or released)")
+        selected = self._issue_order(state, order, names)
+
+        need = state.slab_bytes(selected)
+        sst = self.slab.stats
+        if need > sst.free:  # with compaction, every allocation below succeeds when the total fits
+            raise SlabExhausted(need, sst.free, sst.capacity)
+
+        inn = self.in_stream
+        cur = torch.cuda.current_stream(self.device) if inn is not None else None
+        epoch = None
+        tensors: dict[str, SlabTensor] = {}
+        events: dict[str, Any] = {}
+        checks: dict[str, tuple[torch.Tensor, Any, torch.Tensor, Any]] = {}
+        for name in selected:  # allocate and issue item by item: the first copy starts at once
+            it = state.items[name]
+            # on the *current* stream (outside the in-stream context): compaction moves and fence waits
+            t = self.slab.allocate(it.shape, it.dtype, tag=it.tag)
+            if inn is not None:
+                if epoch != self.slab.stream_epoch:  # first item, or the slab queued work on the current stream
+                    inn.wait_stream(cur)
+                    epoch = self.slab.stream_epoch
+                if it.event is not None:
+                    inn.wait_event(it.event)  # its D2H has landed
+            with self._stream_ctx(inn):
+                dst = t.view()
+                dst.copy_(it.block.view(), non_blocking=inn is not None)
+                cs = checksum(dst) if it.checksum is not None else None
+                ev = self._record(inn)
+            self.slab.fence(t, ev)  # a compaction issued before the consumer waits must wait for this copy
+            self.host_pool.free(it.block, after=ev)
+            del state.items[name]
+            tensors[name], events[name] = t, ev
+            if cs is not None:
+                checks[name] = (it.checksum, it.event, cs, ev)
+        nbytes = sum(t.nbytes for t in tensors.values())
+        self._bytes_in += nbytes
+        self._items_in += len(selected)
+        self._swaps_in += 1
+        log.debug("swap-in: %d items, %d bytes, %d left on host", len(selected), nbytes, len(state.items))
+        return ResidentState(tensors, events, state if state.items else None, self.device, checks)
+
+    def _issue_order(self, state: SwappedState, order: Sequence[str] | None,
+                     names: Iterable[str] | None) -> list[str]:
+        if isinstance(names, str) or isinstance(order, str):
+            raise ConfigError("names and order must be sequences of item names, not a str")
+        chosen = list(state.items) if names is None else list(names)
+        order = [] if order is None else list(order)
+        for n in (*chosen, *order):
+            if n not in state.items:
+                raise UnknownAllocation(f"no item {n!r} in this swapped state (has {state.names})")
+        if len(set(chosen)) != len(chosen) or len(set(order)) != len(order):
+            raise ConfigError("duplicate item names in names or order")
+        chosen_set = set(chosen)
+        stray = [n for n in order if n not in chosen_set]
+        if stray:
+            raise ConfigError(f"order names items not selected by names: {stray}")
+        ordered = set(order)
+        return order + [n for n in state.items if n in chosen_set and n not in ordered]
+
+    def release(self, state: SwappedState, names: Iterable[str] | None = None) -> None:
+        """Discard items of a swapped state (all when ``names`` is None): free their host blocks, fenced by their D2H
+        events. Released items leave ``state``."""
+        if not isinstance(state, SwappedState) or state._engine is not self:
+            raise ConfigError("state was not produced by this swap engine")
+        if isinstance(names, str):
+            raise ConfigError("names must be a sequence of item names, not a str")
+        chosen = list(state.items) if names is None else list(names)
+        for n in chosen:
+            if n not in state.items:
+                raise UnknownAllocation(f"no item {n!r} in this swapped state (has {state.names})")
+        for n in chosen:
+            it = state.items.pop(n)
+            self.host_pool.free(it.block, after=it.event)
+

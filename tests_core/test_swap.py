@@ -1,0 +1,312 @@
+"""swap.py: round trips between the slab and the host pool (CPU: synchronous; GPU: side streams and events)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from djinn_core.errors import (ChecksumMismatch, CheckpointStateError, ConfigError, HostPoolExhausted, SlabExhausted,
+                               UnknownAllocation)
+from djinn_core.host_pool import HostPool
+from djinn_core.slab import Slab
+from djinn_core.swap import SwapEngine, SwappedState, checksum
+
+KiB = 1024
+
+
+def _engine(device: str = "cpu", slab_bytes: int = 64 * KiB, pool_bytes: int = 64 * KiB, checksums: bool = True,
+            chunk_bytes: int = 16 * KiB) -> SwapEngine:
+    pin = device != "cpu"
+    return SwapEngine(Slab(slab_bytes, device), HostPool(pool_bytes, chunk_bytes=chunk_bytes, pin=pin),
+                      checksums=checksums)
+
+
+def _random_like(shape, dtype, seed, device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    raw = torch.randint(0, 2 if dtype == torch.bool else 256, (nbytes,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).view(shape).to(device)
+
+
+def _put(eng: SwapEngine, items: dict[str, tuple[tuple[int, ...], torch.dtype]], seed: int = 0):
+    handles, ref = {}, {}
+    for k, (name, (shape, dtype)) in enumerate(items.items()):
+        t = eng.slab.allocate(shape, dtype, tag=name)
+        ref[name] = _random_like(shape, dtype, seed + k, eng.device)
+        t.view().copy_(ref[name])
+        handles[name] = t
+    return handles, ref
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                      b.reshape(-1).view(torch.uint8))
+
+
+ITEMS = {
+    "hidden": ((1, 7, 16), torch.float16),
+    "kv.0": ((1, 2, 9, 8), torch.bfloat16),
+    "kv.1": ((1, 2, 9, 8), torch.bfloat16),
+    "mask": ((13,), torch.bool),
+    "pos": ((5,), torch.int64),
+    "empty": ((0, 4), torch.float32),
+}
+
+
+# ---- CPU ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cpu
+def test_round_trip_keeps_every_byte_of_every_dtype():
+    eng = _engine()
+    handles, ref = _put(eng, ITEMS)
+    state = eng.swap_out(handles)
+    assert eng.slab.stats.used == 0 and all(not t.alive for t in handles.values())
+    assert eng.host_pool.stats.allocations == len(ITEMS)
+    res = eng.swap_in(state)
+    res.wait_all()
+    for name, t in res.tensors.items():
+        assert t.tag == name and _same_bytes(t.view(), ref[name])
+    assert not len(state) and res.pending is None
+    assert eng.host_pool.stats.used == 0
+    s = eng.stats
+    assert (s.items_out, s.items_in, s.swaps_out, s.swaps_in) == (6, 6, 1, 1) and s.bytes_in == s.bytes_out
+
+
+@pytest.mark.cpu
+def test_swap_in_follows_the_order_and_can_bring_back_a_subset_first():
+    eng = _engine()
+    handles, ref = _put(eng, ITEMS)
+    state = eng.swap_out(handles)
+    first = eng.swap_in(state, order=["kv.0", "hidden"], names=["hidden", "kv.0"])
+    assert first.names == ["kv.0", "hidden"]
+    assert first.pending is state and set(state.names) == set(ITEMS) - {"hidden", "kv.0"}
+    first.wait("kv.0")
+    assert _same_bytes(first.tensors["kv.0"].view(), ref["kv.0"])
+    rest = eng.swap_in(state, order=["pos"])
+    assert rest.names[0] == "pos" and set(rest.names) == set(ITEMS) - {"hidden", "kv.0"}
+    rest.wait_all()
+    for name in rest.names:
+        assert _same_bytes(rest.tensors[name].view(), ref[name])
+    with pytest.raises(CheckpointStateError):
+        eng.swap_in(state)
+
+
+@pytest.mark.cpu
+def test_a_corrupted_host_copy_is_caught_by_the_checksum():
+    eng = _engine()
+    handles, _ = _put(eng, {"kv.0": ((64,), torch.float16), "kv.1": ((64,), torch.float16)})
+    state = eng.swap_out(handles)
+    state.wait_host("kv.1")
+    h = state.host_view("kv.1").view(torch.uint8)
+    h[3] ^= 1
+    res = eng.swap_in(state)
+    res.wait("kv.0")
+    with pytest.raises(ChecksumMismatch, match="kv.1"):
+        res.wait("kv.1")
+
+
+@pytest.mark.cpu
+def test_the_checksum_sees_swapped_positions():
+    x = torch.arange(16, dtype=torch.int32)
+    y = x.clone()
+    y[[2, 5]] = y[[5, 2]]
+    assert checksum(x)[0] == checksum(y)[0]
+    assert checksum(x)[1] != checksum(y)[1]
+    assert checksum(torch.zeros(3, dtype=torch.uint8)).tolist() == [0, 0]
+
+
+@pytest.mark.cpu
+def test_without_free_source_the_slab_tensors_stay():
+    eng = _engine()
+    handles, ref = _put(eng, {"h": ((32,), torch.float32)})
+    state = eng.swap_out(handles, free_source=False)
+    state.wait("h")
+    assert handles["h"].alive and _same_bytes(handles["h"].view(), ref["h"])
+    state.wait_host()
+    assert _same_bytes(state.host_view("h"), ref["h"])
+    assert state.is_complete()
+
+
+@pytest.mark.cpu
+def test_a_full_host_pool_changes_nothing():
+    eng = _engine(pool_bytes=4 * KiB, chunk_bytes=4 * KiB)
+    handles, ref = _put(eng, {"a": ((3 * KiB,), torch.uint8), "b": ((3 * KiB,), torch.uint8)})
+    with pytest.raises(HostPoolExhausted):
+        eng.swap_out(handles)
+    assert all(t.alive for t in handles.values())
+    assert eng.host_pool.stats.used == 0
+    for name, t in handles.items():
+        assert _same_bytes(t.view(), ref[name])
+    state = eng.swap_out({"a": handles["a"]})  # the engine keeps working
+    eng.swap_in(state).wait_all()
+
+
+@pytest.mark.cpu
+def test_a_full_slab_on_swap_in_changes_nothing():
+    eng = _engine(slab_bytes=8 * KiB)
+    handles, ref = _put(eng, {"a": ((3 * KiB,), torch.uint8), "b": ((3 * KiB,), torch.uint8)})
+    state = eng.swap_out(handles)
+    blocker = eng.slab.allocate((4 * KiB,), torch.uint8)
+    with pytest.raises(SlabExhausted):
+        eng.swap_in(state)
+    assert set(state.names) == {"a", "b"} and eng.slab.stats.allocations == 1
+    eng.slab.free(blocker)
+    res = eng.swap_in(state)
+    res.wait_all()
+    assert all(_same_bytes(res.tensors[n].view(), ref[n]) for n in ref)
+
+
+@pytest.mark.cpu
+def test_release_frees_the_host_blocks():
+    eng = _engine()
+    handles, _ = _put(eng, ITEMS)
+    state = eng.swap_out(handles)
+    eng.release(state, ["hidden"])
+    assert "hidden" not in state and len(state) == len(ITEMS) - 1
+    eng.release(state)
+    assert len(state) == 0 and eng.host_pool.stats.used == 0
+
+
+@pytest.mark.cpu
+def test_bad_inputs_are_typed_errors_and_change_nothing():
+    eng = _engine()
+    other = _engine()
+    handles, _ = _put(eng, {"a": ((8,), torch.float32)})
+    foreign = other.slab.allocate((8,), torch.float32)
+    with pytest.raises(UnknownAllocation):
+        eng.swap_out({"x": foreign})
+    with pytest.raises(ConfigError):
+        eng.swap_out({"a": handles["a"], "b": handles["a"]})
+    with pytest.raises(ConfigError):
+        eng.swap_out({1: handles["a"]})
+    with pytest.raises(ConfigError):
+        eng.swap_out([handles["a"]])
+    state = eng.swap_out(handles)
+    with pytest.raises(UnknownAllocation):
+        eng.swap_out(handles)  # freed by the first swap-out
+    with pytest.raises(UnknownAllocation):
+        eng.swap_in(state, names=["nope"])
+    with pytest.raises(ConfigError):
+        eng.swap_in(state, names="a")
+    with pytest.raises(ConfigError):
+        eng.swap_in(state, names=["a"], order=["a", "a"])
+    with pytest.raises(ConfigError):
+        other.swap_in(state)
+    with pytest.raises(UnknownAllocation):
+        state.wait("nope")
+    assert state.names == ["a"] and eng.slab.stats.allocations == 0
+    res = eng.swap_in(state)
+    with pytest.raises(UnknownAllocation):
+        res.wait("nope")
+    with pytest.raises(ConfigError):
+        SwapEngine(eng.slab, "pool")
+
+
+@pytest.mark.cpu
+def test_absorb_merges_states_of_one_engine():
+    eng = _engine()
+    h1, ref1 = _put(eng, {"a": ((8,), torch.float32)}, seed=1)
+    h2, ref2 = _put(eng, {"b": ((8,), torch.float32)}, seed=2)
+    s1, s2 = eng.swap_out(h1), eng.swap_out(h2)
+    s1.absorb(s2)
+    assert s1.names == ["a", "b"] and len(s2) == 0
+    with pytest.raises(ConfigError):
+        s1.absorb(s1)
+    res = eng.swap_in(s1)
+    res.wait_all()
+    assert _same_bytes(res.tensors["b"].view(), ref2["b"])
+
+
+@pytest.mark.cpu
+def test_swap_in_survives_compaction_of_its_own_destinations():
+    """Destinations are allocated before any copy; a later allocation of the same swap-in may compact earlier ones."""
+    eng = _engine(slab_bytes=8 * KiB, checksums=True)
+    handles, ref = _put(eng, {"a": ((2 * KiB,), torch.uint8), "b": ((2 * KiB,), torch.uint8)})
+    state = eng.swap_out(handles)
+    pads = [eng.slab.allocate((KiB,), torch.uint8) for _ in range(8)]
+    for p in pads[::2]:
+        eng.slab.free(p)  # four 1 KiB holes: "a" fits nowhere without compaction
+    gen = eng.slab.generation
+    res = eng.swap_in(state)
+    res.wait_all()
+    assert eng.slab.generation > gen
+    assert all(_same_bytes(res.tensors[n].view(), ref[n]) for n in ref)
+
+
+# ---- GPU: streams, events, fences -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_round_trip_of_data_just_written_by_the_compute_stream(cuda_device):
+    eng = _engine(str(cuda_device), slab_bytes=256 << 20, pool_bytes=256 << 20, chunk_bytes=64 << 20)
+    n = 16 << 20  # bytes per item
+    handles = {f"kv.{i}": eng.slab.allocate((n // 2,), torch.float16) for i in range(4)}
+    refs = {}
+    for i, (name, t) in enumerate(handles.items()):
+        src = torch.full((n // 2,), float(i + 1), dtype=torch.float16, device=cuda_device)
+        t.view().copy_(src.sin() * src.cos())  # queued on the compute stream right before the swap-out
+        refs[name] = (src.sin() * src.cos()).cpu()
+    state = eng.swap_out(handles)
+    # reuse the freed range at once and scribble on it: the allocation must wait for the D2H copies
+    scribble = eng.slab.allocate((4 * n,), torch.uint8)
+    scribble.view().fill_(0xAB)
+    eng.slab.free(scribble)
+    res = eng.swap_in(state, order=["kv.3", "kv.0"])
+    for name in ["kv.3", "kv.0", "kv.1", "kv.2"]:
+        res.wait(name)
+        assert torch.equal(res.tensors[name].view().cpu(), refs[name]), name
+
+
+@pytest.mark.gpu
+def test_gpu_compaction_waits_for_an_in_flight_swap_in(cuda_device):
+    eng = _engine(str(cuda_device), slab_bytes=192 << 20, pool_bytes=128 << 20, chunk_bytes=64 << 20)
+    pad = eng.slab.allocate((32 << 20,), torch.uint8)
+    a = eng.slab.allocate((32 << 20,), torch.uint8)
+    a.view().copy_(torch.arange(32 << 20, device=cuda_device, dtype=torch.int64).remainder(251).to(torch.uint8))
+    ref = a.view().cpu()
+    state = eng.swap_out({"a": a})
+    res = eng.swap_in(state)  # lands above the pad (first fit after the pad)
+    eng.slab.free(pad)
+    big = eng.slab.allocate((150 << 20,), torch.uint8)  # compaction slides "a" down while its H2D may be in flight
+    assert big.alive and eng.slab.stats.compactions >= 1
+    res.wait("a")
+    assert torch.equal(res.tensors["a"].view().cpu(), ref)
+
+
+@pytest.mark.gpu
+def test_gpu_concurrent_swap_out_and_swap_in_keep_their_bytes(cuda_device):
+    eng = _engine(str(cuda_device), slab_bytes=512 << 20, pool_bytes=512 << 20, chunk_bytes=128 << 20)
+    h1, r1 = _put(eng, {f"a.{i}": ((8 << 20,), torch.float16) for i in range(4)}, seed=10)
+    h2, r2 = _put(eng, {f"b.{i}": ((8 << 20,), torch.float16) for i in range(4)}, seed=20)
+    s1 = eng.swap_out(h1)
+    s1.wait()
+    res1 = eng.swap_in(s1)
+    s2 = eng.swap_out(h2)  # overlaps the swap-in on the other stream
+    res1.wait_all()
+    res2 = eng.swap_in(s2)
+    res2.wait_all()
+    for name, ref in {**r1, **r2}.items():
+        t = (res1.tensors.get(name) or res2.tensors[name]).view()
+        assert _same_bytes(t, ref), name
+
+
+@pytest.mark.gpu
+def test_gpu_checksum_catches_corruption(cuda_device):
+    eng = _engine(str(cuda_device), slab_bytes=8 << 20, pool_bytes=8 << 20, chunk_bytes=8 << 20)
+    handles, _ = _put(eng, {"x": ((1 << 20,), torch.float16)})
+    state = eng.swap_out(handles)
+    state.wait_host()
+    state.host_view("x").view(torch.uint8)[12345] ^= 0x10
+    res = eng.swap_in(state)
+    with pytest.raises(ChecksumMismatch):
+        res.wait("x")
+
+
+@pytest.mark.cpu
+def test_swapped_state_reports_sizes():
+    eng = _engine()
+    handles, _ = _put(eng, {"a": ((10,), torch.float16), "b": ((300,), torch.uint8)})
+    state = eng.swap_out(handles)
+    assert isinstance(state, SwappedState)
+    assert state.nbytes == 320 and state.slab_bytes() == 256 + 512 and state.slab_bytes(["a"]) == 256
