@@ -37,8 +37,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import (ChecksumMismatch, CheckpointStateError, ConfigError, HostPoolExhausted, SlabExhausted,
-                     UnknownAllocation)
+from .errors import (ChecksumMismatch, CheckpointStateError, ConfigError, DeviceUnavailable, HostPoolExhausted,
+                     SlabExhausted, UnknownAllocation)
 from .host_pool import HostBlock, HostPool
 from .slab import Slab, SlabTensor
 
@@ -211,13 +211,32 @@ class SwapStats:
     swaps_in: int
 
 
+@dataclass
+class SwapRecord:
+    """One swap's copies on its side stream, for per-event latency: ``start`` is recorded on the stream right before
+    its first copy, ``end`` after its last (CUDA events with timing; None on the CPU)."""
+
+    direction: str  # "out" (device to host) or "in"
+    nbytes: int
+    items: int
+    start: Any
+    end: Any
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds between the two events; waits (host) for ``end``: call it after the run, not inside one."""
+        if self.start is None or self.end is None:
+            raise DeviceUnavailable("swap timing needs CUDA events; this swap ran on the CPU")
+        self.end.synchronize()
+        return float(self.start.elapsed_time(self.end))
+
+
 class SwapEngine:
     """Moves named :class:`SlabTensor` s between ``slab`` and ``host_pool`` on one side stream per direction.
 
     Not thread-safe (one owner). ``checksums=True`` turns on the debug checksums described in the module docstring.
     """
 
-    def __init__(self, slab: Slab, host_pool: HostPool, *, checksums: bool = False):
+    def __init__(self, slab: Slab, host_pool: HostPool, *, checksums: bool = False, record_timing: bool = False):
         if not isinstance(slab, Slab):
             raise ConfigError(f"slab must be a Slab, got {type(slab).__name__}")
         if not isinstance(host_pool, HostPool):
@@ -235,6 +254,9 @@ class SwapEngine:
         else:
             self.out_stream = self.in_stream = None
         self._bytes_out = self._bytes_in = self._items_out = self._items_in = self._swaps_out = self._swaps_in = 0
+        # record_timing: keep a SwapRecord (start/end timing events on the side stream) per swap in `records`
+        self.record_timing = bool(record_timing) and self._cuda
+        self.records: list[SwapRecord] = []
 
     @property
     def stats(self) -> SwapStats:
@@ -246,6 +268,13 @@ class SwapEngine:
         if stream is None:
             return None
         ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def _timing_event(self, stream: Any) -> Any:
+        if not self.record_timing or stream is None:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
         ev.record(stream)
         return ev
 
@@ -283,6 +312,7 @@ class SwapEngine:
         if out is not None:
             out.wait_stream(torch.cuda.current_stream(self.device))  # copy finished data only
         swapped: dict[str, SwappedItem] = {}
+        start = None
         with self._stream_ctx(out):
             for name, t in items.items():  # allocate and issue item by item: the first copy starts at once
                 block = self.host_pool.allocate(t.shape, t.dtype)
@@ -290,6 +320,8 @@ class SwapEngine:
                     for ev in block.fences:  # an earlier H2D may still read this host range
                         out.wait_event(ev)
                 block.fences = []
+                if start is None:
+                    start = self._timing_event(out) or False
                 src = t.view()
                 cs = checksum(src) if self.checksums else None
                 block.view().copy_(src, non_blocking=out is not None)
@@ -300,6 +332,8 @@ class SwapEngine:
                 else:
                     self.slab.fence(t, ev)
         nbytes = sum(t.nbytes for t in items.values())
+        if start:
+            self.records.append(SwapRecord("out", nbytes, len(items), start, self._timing_event(out)))
         self._bytes_out += nbytes
         self._items_out += len(items)
         self._swaps_out += 1
@@ -334,6 +368,7 @@ class SwapEngine:
         tensors: dict[str, SlabTensor] = {}
         events: dict[str, Any] = {}
         checks: dict[str, tuple[torch.Tensor, Any, torch.Tensor, Any]] = {}
+        start = None
         for name in selected:  # allocate and issue item by item: the first copy starts at once
             it = state.items[name]
             # on the *current* stream (outside the in-stream context): compaction moves and fence waits
@@ -344,6 +379,8 @@ class SwapEngine:
                     epoch = self.slab.stream_epoch
                 if it.event is not None:
                     inn.wait_event(it.event)  # its D2H has landed
+            if start is None:
+                start = self._timing_event(inn) or False
             with self._stream_ctx(inn):
                 dst = t.view()
                 dst.copy_(it.block.view(), non_blocking=inn is not None)
@@ -356,6 +393,8 @@ class SwapEngine:
             if cs is not None:
                 checks[name] = (it.checksum, it.event, cs, ev)
         nbytes = sum(t.nbytes for t in tensors.values())
+        if start:
+            self.records.append(SwapRecord("in", nbytes, len(selected), start, self._timing_event(inn)))
         self._bytes_in += nbytes
         self._items_in += len(selected)
         self._swaps_in += 1

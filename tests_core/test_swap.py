@@ -310,3 +310,13 @@ def test_swapped_state_reports_sizes():
     state = eng.swap_out(handles)
     assert isinstance(state, SwappedState)
     assert state.nbytes == 320 and state.slab_bytes() == 256 + 512 and state.slab_bytes(["a"]) == 256
+
+
+@pytest.mark.cpu
+def test_swap_timing_records_need_cuda_events():
+    from djinn_core.errors import DeviceUnavailable
+    from djinn_core.swap import SwapRecord
+
+    rec = SwapRecord("out", 10, 1, None, None)
+    with pytest.raises(DeviceUnavailable):
+        rec.elapsed_ms()
