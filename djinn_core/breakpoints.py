@@ -1,0 +1,691 @@
+"""Breakpoint sessions: pause a forward pass at decoder layer L, read or edit the hidden state, resume from L.
+
+The model is wrapped from outside; no model code is copied.
+
+* ``run_to(L)`` runs the model's own ``forward`` over the prompt with a removable forward *pre*-hook on decoder layer
+  L (on the final norm for ``L == num_layers``). The hook captures layer L's input ``(hidden_states, kwargs)`` and
+  raises a private exception that aborts the forward, so layers ``0..L-1`` have written their KV into the session's
+  :class:`~djinn_core.kv_cache.SlabKVCache` and nothing after L ran. The hook is removed in ``finally``.
+* ``resume()`` replays ``layers[L:]`` by calling each decoder layer module with the captured kwargs (the session's
+  cache substituted), then ``model.model.norm`` and ``model.lm_head`` -- what the Llama/Mistral/Qwen2 causal-LM
+  forward does after its layer loop, with full logits (``logits_to_keep=0``). ``generate(n)`` then decodes greedily
+  with ordinary ``model(token, past_key_values=cache)`` calls.
+* ``pause()`` swaps the checkpoint to the host pool through the :class:`~djinn_core.swap.SwapEngine`: the hidden
+  state and the captured kwargs tensors ("head" items ``hidden``, ``arg.*``) and the KV of layers ``0..L-1``
+  (``kv.<i>``, one slab allocation per layer holding K and V). Their slab memory returns to the slab, fenced by the
+  copies' events.
+* A resume brings back the head items first, makes the current (compute) stream wait for them only, and then issues
+  the KV copies in layer order. Each restored cache layer carries a one-shot wait on its own copy's event, run inside
+  ``SlabKVLayer.update`` just before that layer's K/V are first used (the first decode step), so the KV restore
+  overlaps the continuation's compute and a layer waits for nothing but its own bytes. (This wait is per cache,
+  not a hook on the shared model, so two resumed sessions never consume each other's waits.)
+* ``fork(n)`` gives n sessions at the same checkpoint, each with its own copy of the hidden state and the KV of
+  layers ``0..L-1`` shared copy-on-write (a fork copies a shared layer's prefix into its own block at its first
+  write to it).
+
+Streams: all compute and device-to-device copies run on the current stream of the model's device; copies to and from
+the host run on the swap engine's side streams, ordered by events. Nothing here calls ``torch.cuda.synchronize()``.
+On a CPU model the same code runs with synchronous copies.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import (
+    CheckpointStateError,
+    ConfigError,
+    InvalidEdit,
+    InvalidLayer,
+    SlabExhausted,
+    UnknownSession,
+)
+from .host_pool import HostPool
+from .kv_cache import KVBlock, KVGeometry, KVHandle, SlabKVCache
+from .models import decoder_layers
+from .slab import Slab, SlabTensor
+from .swap import ResidentState, SwapEngine, SwappedState
+
+log = logging.getLogger(__name__)
+
+HIDDEN = "hidden"
+DEFAULT_HEADROOM_BYTES = 4 << 30  # device memory left outside the slab for activations (default sizing only)
+
+
+class _StopAtBreakpoint(Exception):
+    """Raised by the capture hook to abort the model's forward at the breakpoint (never escapes this module)."""
+
+
+class SessionState(enum.Enum):
+    """Where a session is in its life."""
+
+    OPEN = "open"  # prompt set, nothing computed
+    CHECKPOINT = "checkpoint"  # stopped before layer L, state resident: readable, editable, forkable
+    PAUSED = "paused"  # checkpoint state on the host
+    RUNNING = "running"  # resumed: past layer L, decoding
+    CLOSED = "closed"  # memory released
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Capturing and replaying layer L's call, without model code
+
+
+def model_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-family causal LM; raises ConfigError for anything else."""
+    layers = decoder_layers(model)
+    for attr in ("norm",):
+        if not isinstance(getattr(model.model, attr, None), nn.Module):
+            raise ConfigError(f"{type(model).__name__}.model has no {attr}: not a Llama-family decoder")
+    if not isinstance(getattr(model, "lm_head", None), nn.Module):
+        raise ConfigError(f"{type(model).__name__} has no lm_head: not a causal LM")
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if len(set(layer_types)) > 1:
+        raise ConfigError(f"mixed layer types {sorted(set(layer_types))} (e.g. alternating sliding windows) are not "
+                          "supported: the replay reuses layer L's attention mask for every later layer")
+    return layers
+
+
+def breakpoint_module(model: nn.Module, layer: int) -> nn.Module:
+    """The module whose input is the hidden state "before layer ``layer``" (the final norm for ``num_layers``)."""
+    layers = model_layers(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= len(layers):
+        raise InvalidLayer(f"layer must be an int in 0..{len(layers)} (num_layers = after the last layer), "
+                           f"got {layer!r}")
+    return model.model.norm if layer == len(layers) else layers[layer]
+
+
+@dataclass
+class Captured:
+    """Layer L's input as the model's forward passed it: ``hidden`` (batch, seq, hidden) and the keyword args."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+@torch.no_grad()
+def capture_at(model: nn.Module, input_ids: torch.Tensor, cache: Any, layer: int) -> Captured:
+    """Run ``model`` on ``input_ids`` with ``cache`` and stop before ``layer``; layers ``0..layer-1`` fill ``cache``.
+
+    Uses a forward pre-hook on the breakpoint module, removed before returning (also on error).
+    """
+    target = breakpoint_module(model, layer)
+    box: list[Captured] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        box.append(Captured(hidden, dict(kwargs)))
+        raise _StopAtBreakpoint
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids, past_key_values=cache, use_cache=True)
+    except _StopAtBreakpoint:
+        pass
+    finally:
+        handle.remove()
+    if not box:  # pragma: no cover - the forward always reaches the breakpoint module
+        raise CheckpointStateError(f"the forward never reached layer {layer}")
+    return box[0]
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    """A decoder layer returns a tensor in transformers 5.x; older ones return a tuple whose first item is it."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def replay_from(model: nn.Module, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run ``layers[layer:]``, the final norm and the LM head on ``hidden``; return full logits (batch, seq, vocab)."""
+    layers = model_layers(model)
+    for i in range(layer, len(layers)):
+        hidden = _layer_output(layers[i](hidden, **kwargs))
+    hidden = model.model.norm(hidden)
+    return model.lm_head(hidden)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Reference: an uninterrupted run, optionally with a plain forward pre-hook doing an edit
+
+
+@torch.no_grad()
+def plain_run(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    cache: Any = None,
+    layer: int | None = None,
+    edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The uninterrupted reference: prefill + greedy decoding with plain HF forwards.
+
+    With ``edit``, a plain forward pre-hook on the breakpoint module of ``layer`` replaces its input by
+    ``edit(hidden)`` during the prefill only. Returns ``(prompt_logits (batch, seq, vocab), tokens (batch, n),
+    step_logits (batch, n, vocab))`` where ``step_logits[:, k]`` are the logits that chose ``tokens[:, k]``.
+    ``cache``: any transformers Cache (default: a ``DynamicCache``).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    handle = None
+    if edit is not None:
+        target = breakpoint_module(model, layer)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            return (edit(args[0]), *args[1:]), kwargs
+
+        handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        prompt_logits = model(input_ids, past_key_values=cache, use_cache=True).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    tokens, steps = _greedy(model, cache, prompt_logits[:, -1], max_new_tokens)
+    return prompt_logits, tokens, steps
+
+
+def _greedy(model: nn.Module, cache: Any, logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` greedy tokens starting from ``logits`` (batch, vocab) of the last position; returns (tokens, logits)."""
+    toks: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
+    for k in range(n):
+        steps.append(logits)
+        tok = logits.argmax(-1, keepdim=True)  # (batch, 1)
+        toks.append(tok)
+        if k + 1 < n:
+            logits = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+    if not toks:
+        b = logits.shape[0]
+        return (torch.empty(b, 0, dtype=torch.long, device=logits.device),
+                torch.empty(b, 0, logits.shape[-1], dtype=logits.dtype, device=logits.device))
+    return torch.cat(toks, 1), torch.stack(steps, 1)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Captured kwargs <-> named slab items
+
+
+def _flatten_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split layer kwargs into tensors named ``arg.<key>`` / ``arg.<key>.<i>`` and a template for the rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    template: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "past_key_values":
+            template[key] = None  # substituted by the session's own cache at replay
+        elif isinstance(value, torch.Tensor):
+            tensors[f"arg.{key}"] = value
+            template[key] = ("tensor", f"arg.{key}")
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            names = [f"arg.{key}.{i}" for i in range(len(value))]
+            tensors.update(zip(names, value))
+            template[key] = ("tensors", type(value), names)
+        else:
+            template[key] = ("value", value)
+    return tensors, template
+
+
+def _rebuild_kwargs(template: dict[str, Any], tensors: dict[str, torch.Tensor], cache: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, spec in template.items():
+        if key == "past_key_values":
+            out[key] = cache
+        elif spec[0] == "tensor":
+            out[key] = tensors[spec[1]]
+        elif spec[0] == "tensors":
+            out[key] = spec[1](tensors[n] for n in spec[2])
+        else:
+            out[key] = spec[1]
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Sessions
+
+
+class _SlabKVAllocator:
+    """KV blocks of one session, from the runtime's slab."""
+
+    def __init__(self, runtime: "BreakpointRuntime", session_id: int):
+        self.runtime = runtime
+        self.session_id = session_id
+
+    def allocate_kv(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> KVHandle:
+        return self.runtime._allocate(self.session_id, name, shape, dtype)
+
+    def free_kv(self, handle: KVHandle) -> None:
+        if isinstance(handle, SlabTensor) and handle.alive:
+            self.runtime.slab.free(handle)
+
+
+class Checkpoint:
+    """A session stopped before layer ``layer``. ``hidden`` is the live state (batch, seq, hidden), editable in place.
+
+    A view taken from ``hidden`` is valid until the next slab allocation (the slab may compact): read it again
+    rather than keeping it.
+    """
+
+    def __init__(self, session: "BreakpointSession"):
+        self._session = session
+        self.layer = session.layer
+
+    @property
+    def session_id(self) -> int:
+        return self._session.id
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._session._head_shapes[HIDDEN])
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The hidden state entering layer ``layer``, (batch, seq, hidden) on the model's device; in-place edits stick."""
+        s = self._session
+        s._require(SessionState.CHECKPOINT, "read the checkpoint's hidden state")
+        if s._checkpoint is not self:
+            raise CheckpointStateError("this checkpoint has been superseded")
+        return s._head[HIDDEN].view()
+
+    def edit(self, edit: torch.Tensor | Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """Replace the hidden state by a tensor of the same shape, dtype and device, or by ``edit(copy)``.
+
+        A callable gets a copy of the hidden state and returns the new one (or None after editing the copy in
+        place). The result is validated before anything is written, so on :class:`InvalidEdit` (or any error
+        raised by the callable) the checkpoint is intact. The write is one copy on the current stream.
+        """
+        dst = self.hidden
+        if callable(edit) and not isinstance(edit, torch.Tensor):
+            scratch = dst.clone()
+            new = edit(scratch)
+            new = scratch if new is None else new
+        else:
+            new = edit
+        if not isinstance(new, torch.Tensor):
+            raise InvalidEdit(f"an edit must be a tensor (or a callable returning one), got {type(new).__name__}")
+        problems = []
+        if tuple(new.shape) != tuple(dst.shape):
+            problems.append(f"shape {tuple(new.shape)} != {tuple(dst.shape)}")
+        if new.dtype != dst.dtype:
+            problems.append(f"dtype {new.dtype} != {dst.dtype}")
+        if new.device != dst.device:
+            problems.append(f"device {new.device} != {dst.device}")
+        if problems:
+            raise InvalidEdit("edit rejected, checkpoint unchanged: " + "; ".join(problems))
+        if new.data_ptr() != dst.data_ptr():
+            dst.copy_(new)
+        self._session.runtime._touch(self._session)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(session={self.session_id}, layer={self.layer}, state={self._session.state.value})"
+
+
+class BreakpointSession:
+    """One prompt's breakpoint session. Create with :meth:`BreakpointRuntime.open`.
+
+    Life: ``run_to(L)`` -> CHECKPOINT -> [``pause()`` -> PAUSED -> ``restore()`` -> CHECKPOINT]* -> ``resume()``
+    -> RUNNING (``generate(n)`` any number of times) -> ``close()``. ``resume()`` also works from PAUSED directly.
+    """
+
+    def __init__(self, runtime: "BreakpointRuntime", session_id: int, input_ids: torch.Tensor, max_new_tokens: int):
+        self.runtime = runtime
+        self.id = session_id
+        self.input_ids = input_ids
+        self.max_new_tokens = max_new_tokens
+        self.state = SessionState.OPEN
+        self.layer: int | None = None
+        b, s = input_ids.shape
+        self.geometry = KVGeometry.for_model(runtime.model.config, batch=b, capacity=s + max_new_tokens,
+                                             dtype=runtime.dtype)
+        self.cache = SlabKVCache(self.geometry, _SlabKVAllocator(runtime, session_id))
+        self._head: dict[str, SlabTensor] = {}
+        self._head_shapes: dict[str, tuple[int, ...]] = {}
+        self._template: dict[str, Any] = {}
+        self._swapped: SwappedState | None = None
+        self._checkpoint: Checkpoint | None = None
+        self._next_logits: torch.Tensor | None = None  # (batch, vocab) of the last position, not yet consumed
+        self.generated: list[torch.Tensor] = []
+        self.ready_event: Any = None  # CUDA event: the resumed state is usable by layer L on the current stream
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _require(self, state: SessionState | tuple[SessionState, ...], what: str) -> None:
+        states = state if isinstance(state, tuple) else (state,)
+        if self.state not in states:
+            raise CheckpointStateError(f"session {self.id} is {self.state.value}; cannot {what} "
+                                       f"(needs {' or '.join(s.value for s in states)})")
+
+    @property
+    def num_layers(self) -> int:
+        return self.geometry.num_layers
+
+    def _head_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: t.view() for name, t in self._head.items()}
+
+    def _replay_kwargs(self) -> dict[str, Any]:
+        return _rebuild_kwargs(self._template, self._head_tensors(), self.cache)
+
+    # -- running to a breakpoint ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_to(self, layer: int) -> Checkpoint:
+        """Prefill the prompt through layers ``0..layer-1`` and stop before ``layer`` (0..num_layers).
+
+        Allocates the session's whole KV cache (prompt + ``max_new_tokens``) first, so no slab allocation happens
+        during compute. Raises :class:`InvalidLayer` for a layer out of range (session unchanged).
+        """
+        self._require(SessionState.OPEN, "run_to")
+        breakpoint_module(self.runtime.model, layer)  # validates the layer
+        self.cache.allocate(range(layer))
+        try:
+            cap = capture_at(self.runtime.model, self.input_ids, self.cache, layer)
+            tensors, template = _flatten_kwargs(cap.kwargs)
+            tensors = {HIDDEN: cap.hidden, **tensors}
+            head: dict[str, SlabTensor] = {}
+            for name, t in tensors.items():  # allocate all first: an allocation may move earlier ones
+                head[name] = self.runtime._allocate(self.id, name, tuple(t.shape), t.dtype)
+            for name, t in tensors.items():
+                head[name].view().copy_(t)  # current stream
+        except BaseException:
+            self.cache.reset()
+            raise
+        self._head, self._template = head, template
+        self._head_shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+        self.layer = layer
+        self.state = SessionState.CHECKPOINT
+        self._checkpoint = Checkpoint(self)
+        self.runtime._touch(self)
+        log.debug("session %d: checkpoint before layer %d", self.id, layer)
+        return self._checkpoint
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "get its checkpoint")
+        assert self._checkpoint is not None
+        return self._checkpoint
+
+    # -- pause / restore -----------------------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes a pause moves to the host: hidden state, captured kwargs tensors and KV blocks of layers < L."""
+        self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "size its state")
+        if self._swapped is not None:
+            return self._swapped.nbytes
+        head = sum(t.nbytes for t in self._head.values())
+        return head + self.layer * self.geometry.block_bytes
+
+    def pause(self) -> None:
+        """Move the checkpoint to the host pool (async, on the swap engine's out stream) and free its slab memory.
+
+        KV blocks shared with a fork are first copied into blocks of this session's own (current stream), so the
+        other sessions keep theirs.
+        """
+        self._require(SessionState.CHECKPOINT, "pause")
+        self.cache.wait_ready()  # a restored-but-unused KV block may still be arriving
+        self._unshare()
+        items: dict[str, SlabTensor] = dict(self._head)
+        for i in range(self.layer):
+            items[f"kv.{i}"] = self.cache.layers[i].block.handle
+        self._swapped = self.runtime.swap.swap_out(items, free_source=True)
+        self.cache.release(range(self.layer, self.num_layers))  # empty blocks of a restored checkpoint
+        for i in range(self.layer):
+            self.cache.detach(i)  # freed by the swap engine, fenced by its copy
+        self._head = {}
+        self.state = SessionState.PAUSED
+        self.runtime._touch(self)
+        log.debug("session %d: paused (%d bytes to host)", self.id, self._swapped.nbytes)
+
+    def _unshare(self) -> None:
+        for i in range(self.layer):
+            layer = self.cache.layers[i]
+            if layer.shared:
+                layer._copy_on_write()
+
+    def restore(self) -> Checkpoint:
+        """Bring a paused checkpoint back: the hidden state first, then the KV of layers ``0..L-1`` in layer order.
+
+        Returns once the current stream waits for the head items (hidden state and layer kwargs); ``ready_event`` is
+        recorded there. The KV copies stay in flight on the swap engine's in stream; each cache layer waits for its
+        own copy just before its first use. No-op on a resident checkpoint.
+        """
+        if self.state is SessionState.CHECKPOINT:
+            return self._checkpoint
+        self._require(SessionState.PAUSED, "restore")
+        rt = self.runtime
+        state = self._swapped
+        head_names = [n for n in state.names if not n.startswith("kv.")]
+        # empty blocks of the layers the continuation writes, before any view is taken (may compact or evict)
+        self.cache.allocate(range(self.layer, self.num_layers))
+        head_rs = rt.swap.swap_in(state, names=head_names, order=[HIDDEN])
+        for name in head_names:
+            head_rs.wait(name)
+        self.ready_event = rt._record_event()
+        if head_rs.pending is not None:
+            kv_names = [f"kv.{i}" for i in range(self.layer)]
+            kv_rs = rt.swap.swap_in(head_rs.pending, order=kv_names)
+            self._attach_kv(kv_rs)
+        self._head = dict(head_rs.tensors)
+        self._swapped = None
+        self.state = SessionState.CHECKPOINT
+        rt._touch(self)
+        return self._checkpoint
+
+    def _attach_kv(self, rs: ResidentState) -> None:
+        alloc = self.cache.allocator
+        for i in range(self.layer):
+            name = f"kv.{i}"
+            self.cache.attach(i, KVBlock(rs.tensors[name], alloc))
+            self.cache.layers[i].before_use = (lambda n=name: rs.wait(n))
+
+    # -- resume / generate ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def resume(self) -> torch.Tensor:
+        """Continue from layer L (restoring first if paused); return full logits of the prompt (batch, seq, vocab).
+
+        Layers ``0..L-1`` are never recomputed. The returned logits' last position gives the first new token.
+        """
+        self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "resume")
+        self.restore()
+        self.state = SessionState.RUNNING  # not evictable from here on
+        self.runtime._touch(self)
+        self.cache.allocate(range(self.layer, self.num_layers))
+        logits = replay_from(self.runtime.model, self.layer, self._head[HIDDEN].view(), self._replay_kwargs())
+        self._free_head()
+        self.state = SessionState.RUNNING
+        self._checkpoint = None
+        self._next_logits = logits[:, -1]
+        return logits
+
+    def _free_head(self) -> None:
+        ev = self.runtime._record_event()
+        for t in self._head.values():
+            self.runtime.slab.free(t, after=ev)
+        self._head = {}
+
+    @torch.no_grad()
+    def generate(self, n: int, *, return_logits: bool = False):
+        """Decode ``n`` greedy tokens after the resumed position; returns token ids (batch, n).
+
+        With ``return_logits`` also the logits that chose each token (batch, n, vocab). Raises
+        :class:`~djinn_core.errors.CacheCapacityExceeded` past ``max_new_tokens`` in total.
+        """
+        self._require(SessionState.RUNNING, "generate (resume first)")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"n must be an int >= 0, got {n!r}")
+        done = sum(t.shape[1] for t in self.generated)
+        if done + n > self.max_new_tokens:
+            from .errors import CacheCapacityExceeded
+
+            raise CacheCapacityExceeded(f"session {self.id}: {done} + {n} tokens exceed max_new_tokens="
+                                        f"{self.max_new_tokens}")
+        if n == 0:
+            empty = torch.empty(self.input_ids.shape[0], 0, dtype=torch.long, device=self.runtime.device)
+            vocab = self.runtime.model.config.vocab_size
+            return (empty, torch.empty(*empty.shape, vocab, device=self.runtime.device)) if return_logits else empty
+        logits = self._next_logits
+        if self.generated:  # the last token chosen earlier has not been fed yet
+            logits = self.runtime.model(self.generated[-1][:, -1:], past_key_values=self.cache,
+                                        use_cache=True).logits[:, -1]
+        tokens, steps = _greedy(self.runtime.model, self.cache, logits, n)
+        self.generated.append(tokens)
+        self._next_logits = None
+        return (tokens, steps) if return_logits else tokens
+
+    # -- fork / close --------------------------------------------------------------------------------------------
+    def fork(self, n: int) -> list["BreakpointSession"]:
+        """``n`` new sessions at this checkpoint (restored first if paused): own hidden state, KV of layers
+        ``0..L-1`` shared copy-on-write. Each can be edited, paused, resumed and closed independently."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"fork needs n >= 1, got {n!r}")
+        self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "fork")
+        self.restore()
+        self.cache.wait_ready()  # the children read these blocks on the current stream
+        return [self.runtime._fork_from(self) for _ in range(n)]
+
+    def close(self) -> None:
+        """Release everything the session holds (slab blocks, host blocks). Idempotent."""
+        if self.state is SessionState.CLOSED:
+            return
+        if self._swapped is not None:
+            self.runtime.swap.release(self._swapped)
+            self._swapped = None
+        if self._head:
+            self._free_head()
+        self.cache.release()
+        self.state = SessionState.CLOSED
+        self._checkpoint = None
+        self.runtime._forget(self)
+
+    def __repr__(self) -> str:
+        return f"BreakpointSession(id={self.id}, state={self.state.value}, layer={self.layer})"
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Runtime
+
+
+class BreakpointRuntime:
+    """Breakpoint sessions over one Llama-family model, with their state in a slab and a host pool.
+
+    Args:
+        model: a Hugging Face Llama / Mistral / Qwen2 causal LM (eval mode), on a CUDA device or the CPU.
+        slab: the device slab for session state; default ``budget_bytes`` bytes, or half the free device memory
+            (leaving ``DEFAULT_HEADROOM_BYTES``); on the CPU, 256 MiB.
+        host_pool: the host pool paused sessions live in; default as large as the slab (pinned on CUDA).
+        budget_bytes: slab size when ``slab`` is not given.
+        swap: a SwapEngine over ``slab`` and ``host_pool`` (default: a new one).
+    """
+
+    def __init__(self, model: nn.Module, *, slab: Slab | None = None, host_pool: HostPool | None = None,
+                 budget_bytes: int | None = None, swap: SwapEngine | None = None):
+        model_layers(model)
+        self.model = model
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if slab is None:
+            if budget_bytes is not None:
+                slab = Slab(budget_bytes, self.device)
+            elif self.device.type == "cuda":
+                slab = Slab.from_free_memory(0.5, DEFAULT_HEADROOM_BYTES, self.device)
+            else:
+                slab = Slab(256 << 20, self.device)
+        if slab.device != self.device:
+            raise ConfigError(f"slab on {slab.device}, model on {self.device}")
+        self.slab = slab
+        if swap is None:
+            host_pool = host_pool or HostPool(slab.capacity, chunk_bytes=min(1 << 30, max(slab.capacity, 256)))
+            swap = SwapEngine(slab, host_pool)
+        self.swap = swap
+        self.host_pool = swap.host_pool
+        self.sessions: dict[int, BreakpointSession] = {}
+        self._ids = itertools.count(1)
+        self._idle: dict[int, None] = {}  # resident checkpoints, least recently used first (evictable)
+
+    # -- public --------------------------------------------------------------------------------------------------
+    def open(self, input_ids: torch.Tensor, *, max_new_tokens: int = 64) -> BreakpointSession:
+        """A new session over ``input_ids`` (batch, seq) of token ids; KV capacity ``seq + max_new_tokens``."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ConfigError("input_ids must be a (batch, seq) torch.long tensor")
+        if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ConfigError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        sid = next(self._ids)
+        s = BreakpointSession(self, sid, input_ids.to(self.device), max_new_tokens)
+        self.sessions[sid] = s
+        return s
+
+    def session(self, session_id: int) -> BreakpointSession:
+        """The open session ``session_id``; :class:`UnknownSession` if never opened or closed."""
+        try:
+            return self.sessions[session_id]
+        except (KeyError, TypeError):
+            raise UnknownSession(f"no open breakpoint session {session_id!r}") from None
+
+    def close(self, session_id: int) -> None:
+        self.session(session_id).close()
+
+    def close_all(self) -> None:
+        for s in list(self.sessions.values()):
+            s.close()
+
+    def __iter__(self) -> Iterator[BreakpointSession]:
+        return iter(list(self.sessions.values()))
+
+    # -- internal ------------------------------------------------------------------------------------------------
+    def _record_event(self) -> Any:
+        if self.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event(enable_timing=True)  # ready_event is timed by the resume-latency experiment
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def _allocate(self, session_id: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> SlabTensor:
+        """A slab tensor for ``session_id``; when the slab is full, pause idle checkpoints (LRU) until it fits.
+
+        Running sessions are never evicted, nor is the requesting one. Raises SlabExhausted when nothing is left.
+        """
+        tried: set[int] = {session_id}
+        while True:
+            try:
+                return self.slab.allocate(shape, dtype, tag=f"s{session_id}.{name}")
+            except SlabExhausted:
+                victim = next((v for v in self._idle if v not in tried), None)
+                if victim is None:
+                    raise
+                tried.add(victim)
+                log.info("slab full: pausing idle session %d to make room for session %d", victim, session_id)
+                try:
+                    self.sessions[victim].pause()
+                except SlabExhausted:  # its shared KV would need copies first; try the next one
+                    continue
+
+    def _touch(self, session: BreakpointSession) -> None:
+        """Record a use: a resident checkpoint becomes the most recently used idle session."""
+        self._idle.pop(session.id, None)
+        if session.state is SessionState.CHECKPOINT:
+            self._idle[session.id] = None
+
+    def _forget(self, session: BreakpointSession) -> None:
+        self._idle.pop(session.id, None)
+        self.sessions.pop(session.id, None)
+
+    def _fork_from(self, parent: BreakpointSession) -> BreakpointSession:
+        child = self.open(parent.input_ids, max_new_tokens=parent.max_new_tokens)
+        try:
+            head = {n: self._allocate(child.id, n, tuple(t.shape), t.dtype) for n, t in parent._head.items()}
+            for n, t in head.items():
+                t.view().copy_(parent._head[n].view())  # current stream
+            child.cache.share_prefix(parent.cache, range(parent.layer))
+        except BaseException:
+            child.close()
+            raise
+        child._head, child._template = head, dict(parent._template)
+        child._head_shapes = dict(parent._head_shapes)
+        child.layer = parent.layer
+        child.state = SessionState.CHECKPOINT
+        child._checkpoint = Checkpoint(child)
+        self._touch(child)
+        return child
