@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .errors import (
+    AdmissionRefused,
     CheckpointStateError,
     ConfigError,
     InvalidEdit,
@@ -69,7 +70,8 @@ class SessionState(enum.Enum):
     OPEN = "open"  # prompt set, nothing computed
     CHECKPOINT = "checkpoint"  # stopped before layer L, state resident: readable, editable, forkable
     PAUSED = "paused"  # checkpoint state on the host
-    RUNNING = "running"  # resumed: past layer L, decoding
+    RUNNING = "running"  # resumed: past layer L, decoding (resident; evictable while no call runs on it)
+    SWAPPED = "swapped"  # a decoding session's KV on the host (paused between decode steps, or evicted)
     CLOSED = "closed"  # memory released
 
 
@@ -379,6 +381,11 @@ class BreakpointSession:
         """
         self._require(SessionState.OPEN, "run_to")
         breakpoint_module(self.runtime.model, layer)  # validates the layer
+        need = self.geometry.block_bytes * self.num_layers  # what it holds once resumed (the KV of every layer)
+        if need > self.runtime.slab.capacity:  # Admission.NEVER: no eviction can make it fit
+            raise AdmissionRefused(f"session {self.id} needs {need} bytes of KV ({self.num_layers} layers x "
+                                   f"{self.geometry.block_bytes} bytes) but the whole slab holds "
+                                   f"{self.runtime.slab.capacity} bytes; it can never be admitted")
         self.cache.allocate(range(layer))
         try:
             cap = capture_at(self.runtime.model, self.input_ids, self.cache, layer)
@@ -410,18 +417,26 @@ class BreakpointSession:
     # -- pause / restore -----------------------------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes a pause moves to the host: hidden state, captured kwargs tensors and KV blocks of layers < L."""
-        self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "size its state")
+        self._require((SessionState.CHECKPOINT, SessionState.PAUSED, SessionState.SWAPPED, SessionState.RUNNING),
+                      "size its state")
         if self._swapped is not None:
             return self._swapped.nbytes
+        if self.state is SessionState.RUNNING:
+            return self.cache.resident_bytes()
         head = sum(t.nbytes for t in self._head.values())
         return head + self.layer * self.geometry.block_bytes
 
     def pause(self) -> None:
-        """Move the checkpoint to the host pool (async, on the swap engine's out stream) and free its slab memory.
+        """Move the session's state to the host pool (async, on the swap engine's out stream); free its slab memory.
 
-        KV blocks shared with a fork are first copied into blocks of this session's own (current stream), so the
-        other sessions keep theirs.
+        At a checkpoint: the hidden state, the layer kwargs and the KV of layers ``0..L-1`` (state PAUSED). While
+        decoding: the KV of every layer written so far (state SWAPPED; ``resume()`` or ``generate()`` brings it
+        back). KV blocks shared with a fork are first copied into blocks of this session's own (current stream), so
+        the other sessions keep theirs.
         """
+        if self.state is SessionState.RUNNING:
+            self._swap_out_decoding()
+            return
         self._require(SessionState.CHECKPOINT, "pause")
         self.cache.wait_ready()  # a restored-but-unused KV block may still be arriving
         self._unshare()
@@ -437,11 +452,40 @@ class BreakpointSession:
         self.runtime._touch(self)
         log.debug("session %d: paused (%d bytes to host)", self.id, self._swapped.nbytes)
 
-    def _unshare(self) -> None:
-        for i in range(self.layer):
+    def _unshare(self, layers: range | None = None) -> None:
+        for i in (range(self.layer) if layers is None else layers):
             layer = self.cache.layers[i]
             if layer.shared:
                 layer._copy_on_write()
+
+    def _swap_out_decoding(self) -> None:
+        """Pause between decode steps: every layer's KV block to the host (one item ``kv.<i>`` per layer)."""
+        self.cache.wait_ready()
+        layers = [i for i, layer in enumerate(self.cache.layers) if layer.block is not None]
+        self._unshare(range(self.num_layers))
+        items = {f"kv.{i}": self.cache.layers[i].block.handle for i in layers}
+        self._swapped = self.runtime.swap.swap_out(items, free_source=True)
+        for i in layers:
+            self.cache.detach(i)  # freed by the swap engine, fenced by its copy
+        self.state = SessionState.SWAPPED
+        self.runtime._touch(self)
+        log.debug("session %d: swapped out while decoding (%d bytes to host)", self.id, self._swapped.nbytes)
+
+    def _swap_in_decoding(self) -> None:
+        """Bring a SWAPPED session's KV back in layer order; each layer waits for its own copy at first use."""
+        state = self._swapped
+        names = [f"kv.{i}" for i in range(self.num_layers) if f"kv.{i}" in state.names]
+        need = state.slab_bytes()
+        self.runtime._make_room(self.id, need)
+        rs = self.runtime.swap.swap_in(state, order=names)
+        alloc = self.cache.allocator
+        for name in names:
+            i = int(name.split(".")[1])
+            self.cache.attach(i, KVBlock(rs.tensors[name], alloc))
+            self.cache.layers[i].before_use = (lambda n=name: rs.wait(n))
+        self._swapped = None
+        self.state = SessionState.RUNNING
+        log.debug("session %d: swapped back in (%d bytes)", self.id, need)
 
     def restore(self) -> Checkpoint:
         """Bring a paused checkpoint back: the hidden state first, then the KV of layers ``0..L-1`` in layer order.
@@ -458,6 +502,7 @@ class BreakpointSession:
         head_names = [n for n in state.names if not n.startswith("kv.")]
         # empty blocks of the layers the continuation writes, before any view is taken (may compact or evict)
         self.cache.allocate(range(self.layer, self.num_layers))
+        rt._make_room(self.id, state.slab_bytes())  # the head and the KV it brings back
         head_rs = rt.swap.swap_in(state, names=head_names, order=[HIDDEN])
         for name in head_names:
             head_rs.wait(name)
@@ -481,13 +526,31 @@ class BreakpointSession:
 
     # -- resume / generate ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def resume(self) -> torch.Tensor:
+    def resume(self) -> torch.Tensor | None:
         """Continue from layer L (restoring first if paused); return full logits of the prompt (batch, seq, vocab).
 
         Layers ``0..L-1`` are never recomputed. The returned logits' last position gives the first new token.
+        On a SWAPPED session (paused or evicted between decode steps) it brings the KV back, layer by layer behind
+        events, and returns None; ``generate`` then continues where it stopped.
         """
+        if self.state is SessionState.SWAPPED:
+            self.runtime._busy.add(self.id)
+            try:
+                self._swap_in_decoding()
+            finally:
+                self.runtime._busy.discard(self.id)
+            self.runtime._touch(self)
+            return None
         self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "resume")
-        self.restore()
+        self.runtime._busy.add(self.id)
+        try:
+            self.restore()
+            return self._continue()
+        finally:
+            self.runtime._busy.discard(self.id)
+            self.runtime._touch(self)
+
+    def _continue(self) -> torch.Tensor:
         self.state = SessionState.RUNNING  # not evictable from here on
         self.runtime._touch(self)
         self.cache.allocate(range(self.layer, self.num_layers))
@@ -511,6 +574,8 @@ class BreakpointSession:
         With ``return_logits`` also the logits that chose each token (batch, n, vocab). Raises
         :class:`~djinn_core.errors.CacheCapacityExceeded` past ``max_new_tokens`` in total.
         """
+        if self.state is SessionState.SWAPPED:  # paused or evicted between decode steps: bring the KV back first
+            self.resume()
         self._require(SessionState.RUNNING, "generate (resume first)")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError(f"n must be an int >= 0, got {n!r}")
@@ -528,7 +593,12 @@ class BreakpointSession:
         if self.generated:  # the last token chosen earlier has not been fed yet
             logits = self.runtime.model(self.generated[-1][:, -1:], past_key_values=self.cache,
                                         use_cache=True).logits[:, -1]
-        tokens, steps = _greedy(self.runtime.model, self.cache, logits, n)
+        self.runtime._busy.add(self.id)
+        try:
+            tokens, steps = _greedy(self.runtime.model, self.cache, logits, n)
+        finally:
+            self.runtime._busy.discard(self.id)
+            self.runtime._touch(self)
         self.generated.append(tokens)
         self._next_logits = None
         return (tokens, steps) if return_logits else tokens
@@ -601,7 +671,9 @@ class BreakpointRuntime:
         self.host_pool = swap.host_pool
         self.sessions: dict[int, BreakpointSession] = {}
         self._ids = itertools.count(1)
-        self._idle: dict[int, None] = {}  # resident checkpoints, least recently used first (evictable)
+        self._idle: dict[int, None] = {}  # resident idle sessions, least recently used first (evictable)
+        self._busy: set[int] = set()  # sessions inside a call (never evicted)
+        self.evictions = 0
 
     # -- public --------------------------------------------------------------------------------------------------
     def open(self, input_ids: torch.Tensor, *, max_new_tokens: int = 64) -> BreakpointSession:
@@ -643,29 +715,46 @@ class BreakpointRuntime:
         return ev
 
     def _allocate(self, session_id: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> SlabTensor:
-        """A slab tensor for ``session_id``; when the slab is full, pause idle checkpoints (LRU) until it fits.
+        """A slab tensor for ``session_id``; when the slab is full, evict idle sessions (LRU) until it fits.
 
-        Running sessions are never evicted, nor is the requesting one. Raises SlabExhausted when nothing is left.
+        A session inside a call (``_busy``) is never evicted, nor is the requesting one. Raises SlabExhausted when
+        nothing is left to evict.
         """
         tried: set[int] = {session_id}
         while True:
             try:
                 return self.slab.allocate(shape, dtype, tag=f"s{session_id}.{name}")
             except SlabExhausted:
-                victim = next((v for v in self._idle if v not in tried), None)
-                if victim is None:
+                if not self._evict_one(session_id, tried):
                     raise
-                tried.add(victim)
-                log.info("slab full: pausing idle session %d to make room for session %d", victim, session_id)
-                try:
-                    self.sessions[victim].pause()
-                except SlabExhausted:  # its shared KV would need copies first; try the next one
-                    continue
+
+    def _make_room(self, session_id: int, nbytes: int) -> None:
+        """Evict idle sessions (LRU) until ``nbytes`` fit in the slab's free total (compaction does the rest)."""
+        tried: set[int] = {session_id}
+        while nbytes > self.slab.stats.free:
+            if not self._evict_one(session_id, tried):
+                st = self.slab.stats
+                raise SlabExhausted(nbytes, st.free, st.capacity)
+
+    def _evict_one(self, for_session: int, tried: set[int]) -> bool:
+        """Pause the least recently used idle session not in ``tried``; False when there is none."""
+        while True:
+            victim = next((v for v in self._idle if v not in tried and v not in self._busy), None)
+            if victim is None:
+                return False
+            tried.add(victim)
+            log.info("slab full: evicting idle session %d to make room for session %d", victim, for_session)
+            try:
+                self.sessions[victim].pause()
+                self.evictions += 1
+                return True
+            except SlabExhausted:  # its shared KV would need copies first; try the next one
+                continue
 
     def _touch(self, session: BreakpointSession) -> None:
-        """Record a use: a resident checkpoint becomes the most recently used idle session."""
+        """Record a use: a resident checkpoint or decoding session becomes the most recently used idle one."""
         self._idle.pop(session.id, None)
-        if session.state is SessionState.CHECKPOINT:
+        if session.state in (SessionState.CHECKPOINT, SessionState.RUNNING):
             self._idle[session.id] = None
 
     def _forget(self, session: BreakpointSession) -> None:
