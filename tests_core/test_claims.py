@@ -69,3 +69,9 @@ def test_recorder_rejects_nonsense_bandwidth_inputs():
         rec.bandwidth("x", method="m", timing=TimingStats((1.0,)), bytes_moved=-1, ceiling_GBps=1.0, bound=1)
     with pytest.raises(ConfigError):
         rec.bandwidth("x", method="m", timing=TimingStats((1.0,)), bytes_moved=1, ceiling_GBps=0.0, bound=1)
+
+
+def test_a_claim_recorded_without_measure_still_runs_the_benchmark_so_it_is_saved():
+    bench = FakeBenchmark()
+    ClaimRecorder(bench).check("c", method="m", value=1, bound=1, op="==")
+    assert bench.pedantic_calls == 1

@@ -21,7 +21,20 @@ COMMITTED = sorted(REPORTS.glob("*/*.json"))
 FOLDER_GPU = {"h100": "H100", "h200x2": "H200"}
 
 # "<json stem>::<test node>::<claim>[params]" -> reason quoting the measured figure
-KNOWN_SHORTFALLS: dict[str, str] = {}
+_RESUME = "exp3_resume::tests_exp3/test_resume_latency.py::test_resume_latency_against_baselines"
+_MANUAL = "resume_vs_manual_pinned_offload[model=llama2-13b,L={L},prompt_tokens=2048]"
+KNOWN_SHORTFALLS: dict[str, str] = {
+    # H100, 2026-11-27, commit c532aef: Djinn's restore-until-layer-L-can-compute against one manual 20 MiB pinned
+    # copy (bound <= 1.25x). The restore issues the continuation's slab allocations (and any compaction copies) on
+    # the compute stream before the hidden state's copy; see the issue's closing note.
+    f"{_RESUME}[L=1]::{_MANUAL.format(L=1)}": "measured 0.769 ms vs manual 0.429 ms: 1.79x > 1.25x",
+    f"{_RESUME}[L=10]::{_MANUAL.format(L=10)}": "measured 1.571 ms vs manual 0.401 ms: 3.92x > 1.25x",
+    f"{_RESUME}[L=20]::{_MANUAL.format(L=20)}": "measured 1.328 ms vs manual 0.402 ms: 3.31x > 1.25x",
+    f"{_RESUME}[L=30]::{_MANUAL.format(L=30)}": "measured 1.891 ms vs manual 0.408 ms: 4.64x > 1.25x",
+    f"{_RESUME}[L=40]::{_MANUAL.format(L=40)}": "measured 1.011 ms vs manual 0.398 ms: 2.54x > 1.25x",
+    f"{_RESUME}[L=30]::resume_to_next_token_vs_max_copy_compute[model=llama2-13b,L=30,prompt_tokens=2048]":
+        "measured 75.8 ms vs max(copy 24.3 ms, compute 53.0 ms): 1.43x > 1.1x",
+}
 
 
 def _claim_params():
