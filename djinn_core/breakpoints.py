@@ -500,9 +500,10 @@ class BreakpointSession:
         rt = self.runtime
         state = self._swapped
         head_names = [n for n in state.names if not n.startswith("kv.")]
-        # empty blocks of the layers the continuation writes, before any view is taken (may compact or evict)
-        self.cache.allocate(range(self.layer, self.num_layers))
-        rt._make_room(self.id, state.slab_bytes())  # the head and the KV it brings back
+        # the least host work before the hidden state's copy is issued: room for what comes back (bookkeeping
+        # only, unless an idle session must be evicted); the continuation's empty KV blocks are allocated by
+        # resume() after ``ready_event`` (a compaction then waits on these copies' fences)
+        rt._make_room(self.id, state.slab_bytes())
         head_rs = rt.swap.swap_in(state, names=head_names, order=[HIDDEN])
         for name in head_names:
             head_rs.wait(name)
