@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from djinn_core import streaming
 from djinn_core.errors import (BudgetTooSmall, ConfigError, InsufficientHostMemory, StreamingBudgetTooSmall)
 from djinn_core.models import build_model, decoder_layers
 from djinn_core.streaming import (LayerLayout, StreamedModel, StreamingPolicy, build_streamed_model,
                                   pack_layer_weights, place_resident_, plan_budget)
+from fixtures.reference import greedy_reference
 
 pytestmark = pytest.mark.cpu
 
@@ -38,18 +38,7 @@ def _prompt(n: int = 24, seed: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def _greedy(model, ids: torch.Tensor, steps: int = 6) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-    """Prefill logits, per-step decode logits and greedy tokens, with a DynamicCache."""
-    cache = DynamicCache()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    prefill = out.logits
-    step_logits, tokens = [], []
-    nxt = prefill[:, -1].argmax(-1, keepdim=True)
-    for _ in range(steps):
-        tokens.append(int(nxt))
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        step_logits.append(out.logits)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, step_logits, tokens
+    return greedy_reference(model, ids, steps)
 
 
 def _streamed(num_layers: int, slots: int, chunk: int, depth: int | None = None, **kw) -> StreamedModel:

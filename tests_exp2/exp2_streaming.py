@@ -18,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from djinn_core.ceilings import CopyCeiling
+from fixtures.reference import greedy_reference
 from djinn_core.models import build_model, init_parameters_
 from djinn_core.streaming import (StreamedModel, StreamingPolicy, WeightPack, place_resident_, plan_budget)
 from djinn_core.timing import TimingStats, time_cuda, time_host
@@ -173,20 +174,7 @@ def prefill_fn(model: Any, ids: torch.Tensor, *, use_cache: bool = False) -> Cal
     return run
 
 
-@torch.no_grad()
-def greedy(model: Any, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-    """Full prefill logits, per-step decode logits and greedy tokens, with a DynamicCache on the model's device."""
-    cache = DynamicCache()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    prefill = out.logits
-    steps_logits, tokens = [], []
-    nxt = prefill[:, -1].argmax(-1, keepdim=True)
-    for _ in range(steps):
-        tokens.append(int(nxt))
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        steps_logits.append(out.logits)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, steps_logits, tokens
+greedy = greedy_reference  # the plain-HF reference every bitwise claim compares with
 
 
 def mismatches(a: tuple[torch.Tensor, list[torch.Tensor], list[int]],
