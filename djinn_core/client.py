@@ -1,0 +1,316 @@
+"""The Djinn client: the in-process breakpoint session API, over RPC to a :mod:`djinn_core.server`.
+
+::
+
+    with Client("tcp://127.0.0.1:5556", token=None, timeout_s=30) as c:
+        s = c.open(input_ids, max_new_tokens=64)       # RemoteSession
+        ck = s.run_to(20)                               # RemoteCheckpoint
+        h = ck.hidden                                   # a CPU copy of the hidden state (batch, seq, hidden)
+        ck.edit(h + v)                                  # sends the replacement; validated on the server
+        s.pause()
+        logits = s.resume()                             # (batch, seq, vocab) on the CPU; "last" -> (batch, vocab)
+        tokens = s.generate(16)                         # (batch, 16) token ids
+        s.close()
+
+The client is stateless apart from its id: the server holds every session; a client sees only what it asks for.
+Differences from the in-process API, all of them about where bytes live:
+
+* tensors come back as CPU tensors; ``RemoteCheckpoint.hidden`` is a *copy* (editing it in place changes nothing on
+  the server: send it back with ``edit``);
+* ``edit`` sends a tensor; an edit given as a callable runs **on the client**, on a CPU copy of the hidden state, and
+  its result is sent (code never travels to the server; for ops whose CPU and device results differ, edit on the
+  device in process instead);
+* ``resume(logits="last" | "none")`` keeps replies small.
+
+Errors raised on the server come back as :class:`~djinn_core.errors.RemoteError` subclasses that also derive from the
+matching Djinn error (a remote ``InvalidLayer`` is an ``InvalidLayer``), so the same ``pytest.raises`` works against
+either. No reply within ``timeout_s`` -- or a server shutting down -- raises
+:class:`~djinn_core.errors.ServerUnavailable`; a call never hangs.
+
+A ``Client`` (one ZeroMQ DEALER socket) may be shared by threads (calls are serialised by a lock); for concurrency,
+give each thread its own ``Client``. Sessions survive :meth:`Client.close` until the server's idle timeout: a new
+``Client`` with the same ``client_id`` (and token) reattaches to them with :meth:`Client.session`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+import torch
+import zmq
+
+from . import errors
+from .errors import (
+    ConfigError,
+    DjinnError,
+    InvalidEdit,
+    ProtocolError,
+    RemoteError,
+    ServerUnavailable,
+)
+from .wire import ALLOWED_DTYPES, Message, decode, encode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5556"
+DEFAULT_MAX_REPLY_BYTES = 8 << 30
+
+_remote_classes: dict[type, type] = {}
+
+
+def remote_error(type_name: str, message: str) -> DjinnError:
+    """The exception for an error reply: :class:`ServerUnavailable` for a server shutting down, else a
+    :class:`RemoteError` -- also an instance of the Djinn error class of that name when there is one."""
+    if type_name == "ServerUnavailable":
+        return ServerUnavailable(f"server: {message}")
+    base = getattr(errors, type_name, None)  # only classes of djinn_core.errors, looked up by name
+    if not (isinstance(base, type) and issubclass(base, DjinnError)) or issubclass(base, RemoteError):
+        return RemoteError(message, type_name)
+    cls = _remote_classes.get(base)
+    if cls is None:
+        cls = type(f"Remote{base.__name__}", (RemoteError, base),
+                   {"__init__": RemoteError.__init__, "__str__": RemoteError.__str__, "__module__": __name__})
+        _remote_classes[base] = cls
+    return cls(message, type_name)
+
+
+class Client:
+    """A connection to a Djinn server (see the module docstring).
+
+    Args:
+        address: the server's ZeroMQ endpoint, ``tcp://host:port``.
+        token: the server's auth token, if it has one.
+        timeout_s: how long a call waits for its reply before raising :class:`ServerUnavailable`.
+        client_id: the id that owns this client's sessions (default: a random one); reuse it to reattach.
+        max_request_bytes: if given, requests larger than this are refused locally (:class:`ProtocolError`).
+        max_reply_bytes: the largest reply accepted.
+        busy_poll_s: spin (holding a core and the GIL) for up to this long waiting for each reply before sleeping; a
+            sleeping thread can take tens to hundreds of microseconds to wake (CPU idle states), which is most of
+            what a remote call costs over an in-process one, whose CUDA wait spins too. For one latency-critical
+            client per process; leave 0 with many client threads.
+        context: a ZeroMQ context (default: the process-wide one).
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, timeout_s: float = 30.0,
+                 client_id: str | None = None, max_request_bytes: int | None = None,
+                 max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES, busy_poll_s: float = 0.0,
+                 context: zmq.Context | None = None):
+        if not isinstance(address, str) or "://" not in address:
+            raise ConfigError(f"address must be a ZeroMQ endpoint like tcp://127.0.0.1:5556, got {address!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ConfigError(f"timeout_s must be a number > 0, got {timeout_s!r}")
+        if token is not None and not isinstance(token, str):
+            raise ConfigError("token must be a string or None")
+        self.address = address
+        self.token = token
+        self.timeout_s = float(timeout_s)
+        self.client_id = client_id or uuid.uuid4().hex
+        if not isinstance(self.client_id, str) or len(self.client_id) > 128:
+            raise ConfigError("client_id must be a string of at most 128 characters")
+        if isinstance(busy_poll_s, bool) or not isinstance(busy_poll_s, (int, float)) or not busy_poll_s >= 0:
+            raise ConfigError(f"busy_poll_s must be a number >= 0, got {busy_poll_s!r}")
+        self.busy_poll_s = float(busy_poll_s)
+        self.max_request_bytes = max_request_bytes
+        self.max_reply_bytes = max_reply_bytes
+        self._ids = itertools.count(1)
+        self.last_server_ms: float | None = None  # server time of the last call: its op and the copies of its reply
+        self._lock = threading.Lock()
+        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock.connect(address)
+        except zmq.ZMQError as e:
+            self._sock.close()
+            raise ConfigError(f"cannot connect to {address!r}: {e}") from None
+
+    # -- plumbing --------------------------------------------------------------------------------------------------
+    def call(self, op: str, *, session: int | None = None, args: dict[str, Any] | None = None,
+             tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None) -> Message:
+        """Send one request and wait for its reply; raise the remote error if the server refused it."""
+        header = {"op": op, "client": self.client_id, "token": self.token, "session": session, "args": args or {}}
+        with self._lock:
+            if self._sock is None:
+                raise ServerUnavailable("this client is closed")
+            rid = next(self._ids)
+            frames = encode({**header, "id": rid}, tensors)
+            if self.max_request_bytes is not None:
+                size = sum(memoryview(f).nbytes for f in frames)
+                if size > self.max_request_bytes:
+                    raise ProtocolError(f"request of {size} bytes exceeds max_request_bytes={self.max_request_bytes}")
+            self._sock.send_multipart(frames, copy=not tensors or all(memoryview(f).nbytes < 1 << 16 for f in frames))
+            timeout = self.timeout_s if timeout_s is None else timeout_s
+            deadline = time.monotonic() + timeout
+            spin_until = time.monotonic() + self.busy_poll_s
+            while True:
+                if self.busy_poll_s and time.monotonic() < spin_until and not self._sock.poll(0, zmq.POLLIN):
+                    continue  # spinning: this thread stays awake and sees the reply at once
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                    raise ServerUnavailable(f"no reply from {self.address} to {op!r} within {timeout:g} s (server "
+                                            "down, overloaded, or it dropped a request over its hard size cap)")
+                reply = decode(self._sock.recv_multipart(copy=False), max_bytes=self.max_reply_bytes,
+                               max_header_bytes=1 << 20)
+                got = reply.header.get("id")
+                if got == rid or (got is None and not reply.header.get("ok")):  # None: our header was unreadable
+                    break
+                log.debug("discarding a stale reply (id %r, waiting for %d)", reply.header.get("id"), rid)
+        self.last_server_ms = reply.header.get("server_ms")
+        if not reply.header.get("ok"):
+            err = reply.header.get("error") or {}
+            raise remote_error(str(err.get("type", "RemoteError")), str(err.get("message", "")))
+        return reply
+
+    def close(self) -> None:
+        """Close the socket. Sessions stay on the server until its idle timeout. Idempotent."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close(linger=0)
+                self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- API -------------------------------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """The no-op RPC (a full round trip through the server's loop)."""
+        self.call("ping")
+
+    def stats(self) -> dict[str, Any]:
+        """Server stats: sessions (resident / swapped / by state), slab, host pool, swap bytes, VRAM, requests."""
+        return self.call("stats").header["result"]
+
+    def open(self, input_ids: torch.Tensor, *, max_new_tokens: int = 64) -> "RemoteSession":
+        """A new session over ``input_ids`` (batch, seq) int64 token ids."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise ConfigError("input_ids must be a (batch, seq) torch.long tensor")
+        sid = self.call("open", args={"max_new_tokens": max_new_tokens}, tensors=[input_ids]).header["result"]
+        return RemoteSession(self, sid["session"])
+
+    def session(self, session_id: int) -> "RemoteSession":
+        """A handle on an existing session of this client id (checked on the server)."""
+        s = RemoteSession(self, session_id)
+        s.info()
+        return s
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """This client id's sessions on the server: ``{session, state, layer, shape, dtype}`` each."""
+        return self.call("sessions").header["result"]["sessions"]
+
+    def __repr__(self) -> str:
+        return f"Client({self.address!r}, client_id={self.client_id!r})"
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return ALLOWED_DTYPES.get(name) if name else None
+
+
+class RemoteCheckpoint:
+    """A remote session stopped before layer ``layer``: ``hidden`` fetches a copy, ``edit`` sends a replacement."""
+
+    def __init__(self, session: "RemoteSession", info: dict[str, Any]):
+        self._session = session
+        self.layer: int = info["layer"]
+        self.shape: tuple[int, ...] = tuple(info["shape"] or ())
+        self.dtype: torch.dtype | None = _dtype(info.get("dtype"))
+
+    @property
+    def session_id(self) -> int:
+        return self._session.id
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """A CPU copy of the hidden state entering layer ``layer`` (batch, seq, hidden)."""
+        return self._session._call("hidden").tensors[0]
+
+    def edit(self, edit: torch.Tensor | Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """Replace the hidden state by ``edit`` (same shape and dtype; checked on the server, which leaves the
+        checkpoint intact on :class:`InvalidEdit`). A callable runs here, on a CPU copy (see the module docstring)."""
+        if callable(edit) and not isinstance(edit, torch.Tensor):
+            scratch = self.hidden
+            new = edit(scratch)
+            edit = scratch if new is None else new
+        if not isinstance(edit, torch.Tensor):
+            raise InvalidEdit(f"an edit must be a tensor (or a callable returning one), got {type(edit).__name__}")
+        self._session._call("edit", tensors=[edit])
+
+    def __repr__(self) -> str:
+        return f"RemoteCheckpoint(session={self.session_id}, layer={self.layer}, shape={self.shape})"
+
+
+class RemoteSession:
+    """A breakpoint session held by the server; the same methods as :class:`~djinn_core.breakpoints.BreakpointSession`.
+    """
+
+    def __init__(self, client: Client, session_id: int):
+        self.client = client
+        self.id = session_id
+
+    def _call(self, op: str, **kw: Any) -> Message:
+        return self.client.call(op, session=self.id, **kw)
+
+    def info(self) -> dict[str, Any]:
+        """``{session, state, layer, shape, dtype}`` as the server sees it."""
+        return self._call("info").header["result"]
+
+    @property
+    def state(self) -> str:
+        return self.info()["state"]
+
+    @property
+    def layer(self) -> int | None:
+        return self.info()["layer"]
+
+    def run_to(self, layer: int) -> RemoteCheckpoint:
+        """Prefill through layers ``0..layer-1`` on the server and stop before ``layer``."""
+        return RemoteCheckpoint(self, self._call("run_to", args={"layer": layer}).header["result"])
+
+    @property
+    def checkpoint(self) -> RemoteCheckpoint:
+        info = self.info()
+        if info["state"] not in ("checkpoint", "paused"):
+            raise errors.CheckpointStateError(f"session {self.id} is {info['state']}; cannot get its checkpoint "
+                                              "(needs checkpoint or paused)")
+        return RemoteCheckpoint(self, info)
+
+    def pause(self) -> None:
+        """Swap the checkpoint to the server's host pool."""
+        self._call("pause")
+
+    def restore(self) -> RemoteCheckpoint:
+        """Bring a paused checkpoint back to the device (no-op when resident)."""
+        return RemoteCheckpoint(self, self._call("restore").header["result"])
+
+    def resume(self, *, logits: str = "all") -> torch.Tensor | None:
+        """Continue from the checkpoint. ``logits``: ``"all"`` (batch, seq, vocab), ``"last"`` (batch, vocab), or
+        ``"none"`` (returns None once the server has finished). A session paused while decoding comes back with
+        None, as in process; ``generate`` continues it."""
+        reply = self._call("resume", args={"logits": logits})
+        return reply.tensors[0] if reply.tensors else None
+
+    def generate(self, n: int, *, return_logits: bool = False):
+        """``n`` greedy tokens (batch, n); with ``return_logits`` also the logits that chose them (batch, n, vocab)."""
+        reply = self._call("generate", args={"n": n, "return_logits": return_logits})
+        return (reply.tensors[0], reply.tensors[1]) if return_logits else reply.tensors[0]
+
+    def fork(self, n: int) -> list["RemoteSession"]:
+        """``n`` new sessions at this checkpoint, owned by the same client id."""
+        ids = self._call("fork", args={"n": n}).header["result"]["sessions"]
+        return [RemoteSession(self.client, i) for i in ids]
+
+    def state_bytes(self) -> int:
+        return self._call("state_bytes").header["result"]["bytes"]
+
+    def close(self) -> None:
+        """Free the session on the server. Idempotent."""
+        self._call("close")
+
+    def __repr__(self) -> str:
+        return f"RemoteSession(id={self.id}, client={self.client.client_id!r})"

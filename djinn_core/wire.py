@@ -1,0 +1,189 @@
+"""The Djinn RPC wire format: a JSON header frame, then one raw-buffer frame per tensor. Nothing is ever pickled.
+
+A message is a list of byte frames (ZeroMQ multipart)::
+
+    frame 0   UTF-8 JSON object: {"v": 1, "op"|"ok": ..., "id": ..., ..., "tensors": [{"dtype", "shape", "nbytes"}]}
+    frame 1+  the raw bytes of each tensor, C-contiguous, in the order of "tensors"
+
+Tensors leave as a zero-copy ``memoryview`` of a contiguous CPU tensor. On the way in, every descriptor is validated
+before a byte is interpreted: the dtype name must be in :data:`ALLOWED_DTYPES`, the shape a list of non-negative
+ints, ``nbytes == prod(shape) * itemsize == len(frame)``, and the message no larger than the receiver's limit. The
+tensor is then rebuilt with ``torch.frombuffer`` over a private, writable copy of the frame.
+
+Everything that can be wrong with a message raises :class:`~djinn_core.errors.ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_HEADER_BYTES = 64 << 10
+
+# The dtypes a tensor frame may carry (name on the wire -> torch dtype). Anything else is refused.
+ALLOWED_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()}
+MAX_DIMS = 8
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once: json.dumps(**kw) builds one per call
+
+
+@dataclass
+class Message:
+    """A decoded message: the JSON header (``tensors`` descriptors removed) and the rebuilt CPU tensors."""
+
+    header: dict[str, Any]
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of ``dtype``; :class:`ProtocolError` if it may not travel."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ProtocolError(f"dtype {dtype} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}") from None
+
+
+def tensor_frame(t: torch.Tensor) -> tuple[dict[str, Any], memoryview | bytes]:
+    """The descriptor and the raw bytes of ``t`` (copied to the CPU and made contiguous only if needed).
+
+    The returned ``memoryview`` keeps the (possibly new) CPU tensor alive, so it can be handed to ZeroMQ without a
+    copy. A CUDA tensor is copied to the host synchronously (the current stream is waited for).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ProtocolError(f"expected a tensor, got {type(t).__name__}")
+    desc = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()}
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return desc, b""
+    return desc, memoryview(t.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) uint8 over the tensor's storage
+
+
+def encode_tensors(tensors: Sequence[torch.Tensor]) -> tuple[list[dict[str, Any]], list[memoryview | bytes]]:
+    """Descriptors and raw host buffers of ``tensors`` (device tensors are copied to the host here, synchronously)."""
+    descs, bufs = [], []
+    for t in tensors:
+        d, b = tensor_frame(t)
+        descs.append(d)
+        bufs.append(b)
+    return descs, bufs
+
+
+def encode_header(header: dict[str, Any], descs: list[dict[str, Any]]) -> bytes:
+    """Frame 0: ``header`` with the protocol version and the tensor descriptors, as compact JSON."""
+    try:
+        return _JSON.encode({"v": PROTOCOL_VERSION, **header, "tensors": descs}).encode()
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"header is not JSON-serialisable: {e}") from None
+
+
+def encode(header: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> list[Any]:
+    """Frames for ``header`` and ``tensors``: the JSON header (with ``v`` and the descriptors) and raw buffers."""
+    descs, bufs = encode_tensors(tensors)
+    return [encode_header(header, descs), *bufs]
+
+
+def _frame_bytes(frame: Any) -> memoryview:
+    """A read-only byte view of a ZeroMQ frame, ``bytes`` or buffer."""
+    buf = getattr(frame, "buffer", frame)
+    try:
+        return memoryview(buf).cast("B")
+    except TypeError as e:
+        raise ProtocolError(f"frame is not a byte buffer: {e}") from None
+
+
+def _frame_len(frame: Any) -> int:
+    """Byte length of a frame (cheap for ``bytes`` and ZeroMQ frames)."""
+    if isinstance(frame, (bytes, bytearray)) or hasattr(frame, "buffer"):
+        return len(frame)
+    return _frame_bytes(frame).nbytes
+
+
+def _header_bytes(frame: Any) -> bytes:
+    raw = getattr(frame, "bytes", None)  # a ZeroMQ frame (cached copy)
+    if isinstance(raw, bytes):
+        return raw
+    return frame if isinstance(frame, bytes) else _frame_bytes(frame).tobytes()
+
+
+def decode_header(frame: Any, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Parse and check frame 0: a JSON object of at most ``max_header_bytes`` with a known protocol version."""
+    size = _frame_len(frame)
+    if size > max_header_bytes:
+        raise ProtocolError(f"header of {size} bytes exceeds the {max_header_bytes}-byte limit")
+    try:
+        header = json.loads(_header_bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"header is not UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a JSON object, got {type(header).__name__}")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {header.get('v')!r} (this side speaks {PROTOCOL_VERSION})")
+    return header
+
+
+def _check_descriptor(i: int, d: Any) -> tuple[torch.dtype, tuple[int, ...], int]:
+    if not isinstance(d, dict):
+        raise ProtocolError(f"tensor {i}: descriptor must be an object, got {type(d).__name__}")
+    name, shape, nbytes = d.get("dtype"), d.get("shape"), d.get("nbytes")
+    if not isinstance(name, str) or name not in ALLOWED_DTYPES:
+        raise ProtocolError(f"tensor {i}: dtype {name!r} not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape)):
+        raise ProtocolError(f"tensor {i}: shape must be a list of at most {MAX_DIMS} ints >= 0, got {shape!r}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise ProtocolError(f"tensor {i}: nbytes must be an int, got {nbytes!r}")
+    dtype = ALLOWED_DTYPES[name]
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes != expected:
+        raise ProtocolError(f"tensor {i}: nbytes {nbytes} != prod(shape {shape}) * itemsize = {expected}")
+    return dtype, tuple(shape), nbytes
+
+
+def decode(frames: Sequence[Any], *, max_bytes: int, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Message:
+    """Validate and decode a message; tensors come back as fresh, writable CPU tensors.
+
+    ``max_bytes`` bounds the whole message (header and tensor frames). Raises :class:`ProtocolError` on anything
+    malformed, before any tensor is built.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    total = sum(_frame_len(f) for f in frames)
+    if total > max_bytes:
+        raise ProtocolError(f"message of {total} bytes exceeds the {max_bytes}-byte limit")
+    header = decode_header(frames[0], max_header_bytes=max_header_bytes)
+    descs = header.pop("tensors", [])
+    if not isinstance(descs, list):
+        raise ProtocolError("'tensors' must be a list of descriptors")
+    if len(descs) != len(frames) - 1:
+        raise ProtocolError(f"header describes {len(descs)} tensors but {len(frames) - 1} tensor frames came")
+    tensors = []
+    for i, (d, frame) in enumerate(zip(descs, frames[1:])):
+        dtype, shape, nbytes = _check_descriptor(i, d)
+        buf = _frame_bytes(frame)
+        if buf.nbytes != nbytes:
+            raise ProtocolError(f"tensor {i}: frame holds {buf.nbytes} bytes, descriptor says {nbytes}")
+        if nbytes == 0:
+            tensors.append(torch.empty(shape, dtype=dtype))
+        else:  # one copy into memory we own: the frame's buffer is read-only and belongs to ZeroMQ
+            tensors.append(torch.frombuffer(bytearray(buf), dtype=dtype).view(shape))
+    return Message(header, tensors)

@@ -1,0 +1,464 @@
+"""The Djinn server and client: the in-process session behaviour, through RPC, and every way a request can be bad.
+
+Behaviour tests run against both backends (``local``: a BreakpointRuntime; ``remote``: a Client of a server thread on
+127.0.0.1 over the same weights) and compare with an uninterrupted plain run, bitwise. Servers bind ephemeral ports;
+every wait is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from djinn_core.breakpoints import BreakpointRuntime, plain_run
+from djinn_core.client import Client, RemoteSession
+from djinn_core.errors import (
+    AuthenticationFailed,
+    CacheCapacityExceeded,
+    CheckpointStateError,
+    ConfigError,
+    InvalidEdit,
+    InvalidLayer,
+    ProtocolError,
+    RemoteError,
+    ServerUnavailable,
+    SessionLimitReached,
+    UnknownSession,
+)
+from djinn_core.server import Server, ServerConfig, ServerProcess, load_model
+from djinn_core.wire import PROTOCOL_VERSION, decode, encode
+
+pytestmark = pytest.mark.cpu
+
+NEW = 6
+MAX_REQUEST = 1 << 20
+
+
+def _ids(seed: int, batch: int = 1, seq: int = 10, vocab: int = 512) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _server(model, **cfg) -> Server:
+    cfg = {"port": 0, "stats_interval_s": 0, "tick_s": 0.02, "max_request_bytes": MAX_REQUEST, **cfg}
+    return Server(BreakpointRuntime(model, budget_bytes=32 << 20), ServerConfig(**cfg)).start()
+
+
+def _drop_sessions(c: Client) -> None:
+    for info in c.sessions():
+        RemoteSession(c, info["session"]).close()
+
+
+@pytest.fixture(scope="module")
+def server(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, max_sessions=24, max_sessions_per_client=12)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.address, timeout_s=20) as c:
+        yield c
+        _drop_sessions(c)
+
+
+@pytest.fixture(params=["local", "remote"])
+def backend(request, llama_tiny_fp32, server):
+    """Something with ``open(ids, max_new_tokens=...)``: a runtime in process, or a client of the server."""
+    if request.param == "local":
+        rt = BreakpointRuntime(llama_tiny_fp32, budget_bytes=32 << 20)
+        yield rt
+        rt.close_all()
+    else:
+        with Client(server.address, timeout_s=20) as c:
+            yield c
+            _drop_sessions(c)
+
+
+def _run(backend, ids, layer, *, edit=None, pause=True):
+    s = backend.open(ids, max_new_tokens=NEW)
+    ck = s.run_to(layer)
+    if edit is not None:
+        ck.edit(edit)
+    if pause:
+        s.pause()
+    logits = s.resume()
+    tokens, steps = s.generate(NEW, return_logits=True)
+    s.close()
+    return logits.cpu(), tokens.cpu(), steps.cpu()
+
+
+def _assert_equal(got, ref) -> None:
+    for name, a, b in zip(("prompt logits", "tokens", "step logits"), got, ref):
+        assert torch.equal(a, b.cpu()), f"{name} differ"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The same behaviour in process and through the client
+
+
+@pytest.mark.parametrize("layer", [0, 3, 6], ids=lambda L: f"L={L}")
+def test_pause_resume_equals_an_uninterrupted_run(backend, llama_tiny_fp32, layer):
+    ids = _ids(1, batch=2)
+    _assert_equal(_run(backend, ids, layer), plain_run(llama_tiny_fp32, ids, NEW))
+
+
+def test_edit_equals_a_plain_forward_hook(backend, llama_tiny_fp32):
+    ids, layer = _ids(2), 3
+    v = 3.0 * torch.randn(128, generator=torch.Generator().manual_seed(0))
+    s = backend.open(ids, max_new_tokens=NEW)
+    h = s.run_to(layer).hidden.cpu()
+    s.close()
+    ref = plain_run(llama_tiny_fp32, ids, NEW, layer=layer, edit=lambda x: x + v)
+    _assert_equal(_run(backend, ids, layer, edit=h + v), ref)
+    assert not torch.equal(ref[1], plain_run(llama_tiny_fp32, ids, NEW)[1]), "the edit changed nothing"
+
+
+def test_forks_continue_independently(backend, llama_tiny_fp32):
+    ids, layer = _ids(3), 2
+    base = backend.open(ids, max_new_tokens=NEW)
+    ck = base.run_to(layer)
+    h = ck.hidden.cpu()
+    a, b = base.fork(2)
+    b.checkpoint.edit((h * -1.0).to(ck.hidden.device))
+    a.pause()
+    ref = plain_run(llama_tiny_fp32, ids, NEW)
+    ref_edit = plain_run(llama_tiny_fp32, ids, NEW, layer=layer, edit=lambda x: -x)
+    for s, want in ((b, ref_edit), (a, ref), (base, ref)):
+        logits = s.resume()
+        assert torch.equal(logits.cpu(), want[0])
+        assert torch.equal(s.generate(NEW).cpu(), want[1])
+        s.close()
+
+
+def test_pause_while_decoding_continues_bitwise(backend, llama_tiny_fp32):
+    ids = _ids(13)
+    s = backend.open(ids, max_new_tokens=NEW)
+    s.run_to(2)
+    s.resume()
+    first = s.generate(2)
+    s.pause()  # between decode steps: the KV goes to the host
+    assert s.resume() is None
+    rest = s.generate(NEW - 2)
+    s.close()
+    assert torch.equal(torch.cat([first, rest], 1).cpu(), plain_run(llama_tiny_fp32, ids, NEW)[1])
+
+
+def test_wrong_use_raises_the_same_typed_errors(backend):
+    s = backend.open(_ids(4), max_new_tokens=2)
+    with pytest.raises(InvalidLayer):
+        s.run_to(99)
+    ck = s.run_to(3)
+    before = ck.hidden.cpu().clone()
+    with pytest.raises(InvalidEdit):
+        ck.edit(torch.zeros(1, 3, 128, dtype=torch.float32))
+    with pytest.raises(InvalidEdit):
+        ck.edit(torch.zeros(*before.shape, dtype=torch.float64))
+    assert torch.equal(ck.hidden.cpu(), before), "a refused edit changed the checkpoint"
+    s.pause()
+    with pytest.raises(CheckpointStateError):
+        _ = s.checkpoint.hidden  # paused: restore first
+    s.resume()
+    with pytest.raises(CheckpointStateError):
+        s.resume()
+    with pytest.raises(CacheCapacityExceeded):
+        s.generate(3)
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(CheckpointStateError):
+        s.resume()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Remote only: payload options, stats, ownership, reattaching
+
+
+def test_logits_modes_and_stats(client, llama_tiny_fp32):
+    ids = _ids(5)
+    ref = plain_run(llama_tiny_fp32, ids, 1)[0]
+    sessions = [client.open(ids, max_new_tokens=1) for _ in range(3)]
+    for s in sessions:
+        s.run_to(4)
+    sessions[0].pause()
+    st = client.stats()
+    assert st["swapped"] >= 1 and st["resident"] >= 2 and st["sessions"] >= 3
+    assert st["swap"]["bytes_out"] > 0 and st["slab"]["used"] > 0 and st["vram"] is None
+    assert sessions[0].state == "paused" and sessions[0].state_bytes() > 0
+    assert torch.equal(sessions[0].resume(logits="last"), ref[:, -1])
+    assert sessions[1].resume(logits="none") is None
+    assert torch.equal(sessions[2].resume(logits="all"), ref)
+    assert [i["session"] for i in client.sessions()] == [s.id for s in sessions]
+
+
+def test_sessions_survive_a_disconnect_and_belong_to_their_client(server, llama_tiny_fp32):
+    ids = _ids(6)
+    with Client(server.address, timeout_s=20) as c1:
+        s = c1.open(ids, max_new_tokens=NEW)
+        s.run_to(2)
+        s.pause()
+        owner, sid = c1.client_id, s.id
+    with Client(server.address, timeout_s=20) as other:
+        for call in (lambda t: t.resume(), lambda t: t.checkpoint, lambda t: t.close(), lambda t: t.fork(1)):
+            with pytest.raises(UnknownSession):
+                call(RemoteSession(other, sid))
+        with pytest.raises(UnknownSession):
+            other.session(987654)
+    with Client(server.address, timeout_s=20, client_id=owner) as c2:
+        s = c2.session(sid)
+        assert s.state == "paused"
+        _assert_equal((s.resume(), *s.generate(NEW, return_logits=True)), plain_run(llama_tiny_fp32, ids, NEW))
+        s.close()
+
+
+def test_session_limits_are_enforced(server, client):
+    limit = server.config.per_client_limit
+    held = [client.open(_ids(7), max_new_tokens=1) for _ in range(limit)]
+    with pytest.raises(SessionLimitReached):
+        client.open(_ids(7), max_new_tokens=1)
+    held[0].close()
+    held[1].run_to(1)
+    with pytest.raises(SessionLimitReached):
+        held[1].fork(2)
+    assert len(held[1].fork(1)) == 1
+    with pytest.raises(ConfigError):
+        client.open(_ids(7), max_new_tokens=10**9)  # over the server's max_new_tokens (also a limit)
+
+
+def test_oversized_payload_is_refused_and_the_server_keeps_serving(client):
+    big = torch.zeros(1, MAX_REQUEST // 8 + 1000, dtype=torch.long)  # just over the limit, under the hard cap
+    with pytest.raises(ProtocolError, match="exceeds"):
+        client.open(big)
+    s = client.open(_ids(8), max_new_tokens=1)
+    ck = s.run_to(1)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        ck.edit(torch.zeros(1, MAX_REQUEST // 4, dtype=torch.float32))
+    client.ping()
+    with Client(client.address, timeout_s=20, max_request_bytes=1000) as small:
+        with pytest.raises(ProtocolError, match="max_request_bytes"):  # refused before sending
+            small.open(torch.zeros(1, 1000, dtype=torch.long))
+
+
+def _raw(address: str, frames: list[bytes], timeout_s: float = 10.0) -> dict:
+    """Send raw frames from a bare DEALER and return the reply header (asserting a reply comes)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send_multipart(frames)
+        assert sock.poll(int(timeout_s * 1000)), f"no reply to {frames!r}"
+        reply = [f for f in sock.recv_multipart() if f]
+        return decode(reply, max_bytes=1 << 20).header
+    finally:
+        sock.close()
+
+
+def _header(**kw) -> bytes:
+    h = {"v": PROTOCOL_VERSION, "id": 7, "op": "ping", "client": "raw", "args": {}, "tensors": [], **kw}
+    return json.dumps(h).encode()
+
+
+MALFORMED = {
+    "garbage bytes": [b"\xff\xfe garbage"],
+    "not an object": [b"[1, 2, 3]"],
+    "bad version": [_header(v=99)],
+    "no client id": [_header(client=None)],
+    "op not a string": [_header(op=5)],
+    "unknown op": [_header(op="rm -rf")],
+    "args not an object": [_header(args=[1])],
+    "layer not an int": [_header(op="run_to", session=1, args={"layer": "3"})],
+    "dtype not allowed": [_header(op="open", tensors=[{"dtype": "complex64", "shape": [1], "nbytes": 8}]), b"\0" * 8],
+    "object dtype": [_header(op="open", tensors=[{"dtype": "object", "shape": [1], "nbytes": 8}]), b"\0" * 8],
+    "nbytes != shape": [_header(op="open", tensors=[{"dtype": "int64", "shape": [1, 4], "nbytes": 16}]), b"\0" * 16],
+    "frame != nbytes": [_header(op="open", tensors=[{"dtype": "int64", "shape": [1, 2], "nbytes": 16}]), b"\0" * 8],
+    "missing frame": [_header(op="open", tensors=[{"dtype": "int64", "shape": [1, 2], "nbytes": 16}])],
+    "extra frame": [_header(), b"\0" * 8],
+    "negative shape": [_header(op="open", tensors=[{"dtype": "int64", "shape": [-1], "nbytes": -8}]), b""],
+    "header too large": [_header(pad="x" * (70 << 10))],
+}
+
+
+@pytest.mark.parametrize("what", list(MALFORMED))
+def test_malformed_messages_get_a_protocol_error(server, client, what):
+    reply = _raw(server.address, MALFORMED[what])
+    assert reply["ok"] is False and reply["error"]["type"] == "ProtocolError", reply
+    assert reply["error"]["message"]
+    client.ping()  # and the server keeps serving others
+
+
+def test_wrong_or_missing_token_is_refused(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, token="s3cret")
+    try:
+        for token in (None, "wrong", "s3cret-but-longer"):
+            with Client(srv.address, token=token, timeout_s=20) as c:
+                with pytest.raises(AuthenticationFailed) as ei:
+                    c.ping()
+                assert isinstance(ei.value, (RemoteError, PermissionError))
+        with Client(srv.address, token="s3cret", timeout_s=20) as c:
+            c.ping()
+            s = c.open(_ids(9), max_new_tokens=1)
+            s.run_to(1)
+            s.close()
+    finally:
+        srv.stop()
+
+
+def test_binding_beyond_loopback_needs_a_token():
+    with pytest.raises(ConfigError, match="token"):
+        ServerConfig(host="0.0.0.0")
+    with pytest.raises(ConfigError, match="token"):
+        ServerConfig(host="10.1.2.3")
+    assert ServerConfig(host="0.0.0.0", token="t").token == "t"
+    assert ServerConfig(host="::1").endpoint == "tcp://[::1]:5556"
+    for bad in ({"max_sessions": 0}, {"port": 70000}, {"idle_timeout_s": 0}, {"max_request_bytes": True}):
+        with pytest.raises(ConfigError):
+            ServerConfig(**bad)
+    with pytest.raises(ConfigError, match="neither"):
+        load_model("no-such-model")
+
+
+def test_idle_sessions_are_freed(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, idle_timeout_s=0.3)
+    try:
+        with Client(srv.address, timeout_s=20) as c:
+            s = c.open(_ids(10), max_new_tokens=1)
+            s.run_to(3)
+            s.pause()
+            keep = c.open(_ids(10), max_new_tokens=1)
+            deadline = time.monotonic() + 10
+            while c.stats()["sessions"] > 1 and time.monotonic() < deadline:
+                keep.info()  # used: stays
+                time.sleep(0.05)
+            st = c.stats()
+            assert st["sessions"] == 1 and st["host_pool"]["used"] == 0, st
+            with pytest.raises(UnknownSession, match="idle"):
+                s.resume()
+            keep.close()
+    finally:
+        srv.stop()
+
+
+def test_shutdown_completes_the_running_request_and_refuses_the_queued_one(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, drain_s=0.5)
+    entered, release = threading.Event(), threading.Event()
+    ping = srv.ops["ping"]
+
+    def slow_ping(req):
+        entered.set()
+        assert release.wait(10)
+        return ping(req)
+
+    srv.ops["ping"] = slow_ping
+    outcome: dict[str, object] = {}
+
+    def call(name: str, fn) -> None:
+        try:
+            outcome[name] = fn()
+        except Exception as e:  # noqa: BLE001 - recorded and checked below
+            outcome[name] = e
+
+    with Client(srv.address, timeout_s=20) as a, Client(srv.address, timeout_s=20) as b:
+        s = b.open(_ids(11), max_new_tokens=1)
+        ta = threading.Thread(target=call, args=("a", a.ping))
+        ta.start()
+        assert entered.wait(10)
+        tb = threading.Thread(target=call, args=("b", lambda: s.run_to(2)))
+        tb.start()
+        time.sleep(0.3)  # b's request reaches the server's queue while a's runs
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        time.sleep(0.1)
+        release.set()
+        for t in (ta, tb, stopper):
+            t.join(30)
+            assert not t.is_alive()
+    assert outcome["a"] is None, outcome  # completed
+    assert isinstance(outcome["b"], ServerUnavailable) and "shutting down" in str(outcome["b"]), outcome
+    assert not srv.running
+    t0 = time.monotonic()
+    with Client(srv.address, timeout_s=0.5) as late:
+        with pytest.raises(ServerUnavailable, match="no reply"):
+            late.ping()
+    assert time.monotonic() - t0 < 5
+
+
+def test_no_server_means_a_timeout_error_not_a_hang():
+    t0 = time.monotonic()
+    with Client("tcp://127.0.0.1:9", timeout_s=0.3) as c:
+        with pytest.raises(ServerUnavailable):
+            c.ping()
+    with pytest.raises(ServerUnavailable, match="closed"):
+        c.ping()
+    assert time.monotonic() - t0 < 5
+
+
+def test_wire_round_trips_every_allowed_dtype():
+    ts = [torch.arange(6, dtype=d).view(2, 3) for d in (torch.float16, torch.bfloat16, torch.float32,
+                                                         torch.int64, torch.uint8)]
+    ts.append(torch.empty(0, 4))
+    ts.append(torch.arange(12.0).view(3, 4).t())  # non-contiguous
+    msg = decode(encode({"op": "x"}, ts), max_bytes=1 << 20)
+    assert msg.header["op"] == "x"
+    for a, b in zip(ts, msg.tensors):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+        b.add_(1)  # decoded tensors are writable memory of their own
+
+
+def test_djinn_serve_cli_serves_until_sigterm():
+    args = ["--model", "llama-tiny", "--device", "cpu", "--slab-bytes", "16MiB", "--stats-interval-s", "0"]
+    srv = ServerProcess(args, start_timeout_s=120, stop_timeout_s=30)
+    try:
+        with Client(srv.address, timeout_s=20) as c:
+            s = c.open(_ids(12), max_new_tokens=2)
+            s.run_to(3)
+            assert s.resume(logits="last").shape == (1, 512)
+            assert c.stats()["sessions"] == 1
+    finally:
+        rc = srv.stop()
+    out = "".join(srv.output)
+    assert rc == 0, out
+    assert "stopped (1 sessions freed" in out, out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end on a real model: SmolLM2-135M-Instruct, a chat prompt, a steering edit, remote == in process
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_cpu):
+    """SmolLM2 (shared, session-scoped), a chat prompt, and a server over the model."""
+    model, tok = smollm2_cpu
+    text = tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue? One sentence."}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(text, return_tensors="pt").input_ids
+    srv = Server(BreakpointRuntime(model, budget_bytes=64 << 20), ServerConfig(port=0, stats_interval_s=0, tick_s=0.02))
+    srv.start()
+    yield model, tok, ids, srv
+    srv.stop()
+
+
+class TestSmolLM2EndToEnd:
+    def test_steered_continuation_is_bitwise_the_in_process_one(self, smollm2_server):
+        model, tok, ids, srv = smollm2_server
+        layer, n = model.config.num_hidden_layers // 2, 12
+        v = 4.0 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        ref = plain_run(model, ids, n, layer=layer, edit=lambda h: h + v)
+        plain = plain_run(model, ids, n)
+        with Client(srv.address, timeout_s=60) as c:
+            s = c.open(ids, max_new_tokens=n)
+            ck = s.run_to(layer)
+            (twin,) = s.fork(1)
+            ck.edit(lambda h: h + v)  # runs here, on a CPU copy; the model is on the CPU too, so bitwise equal
+            s.pause()
+            twin.pause()
+            got = (s.resume(), *s.generate(n, return_logits=True))
+            _assert_equal(got, ref)
+            assert torch.equal(twin.resume(logits="last"), plain[0][:, -1])
+            assert torch.equal(twin.generate(n), plain[1])
+            assert tok.decode(got[1][0]) != tok.decode(plain[1][0])
+            s.close()
+            twin.close()
