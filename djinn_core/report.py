@@ -256,6 +256,45 @@ def _plot_layer_timeline(test: str, rows: list[dict[str, Any]], out_dir: Path, n
     return p
 
 
+# method label -> key of its median latency in a resume benchmark's info (tests_exp3/test_resume_latency.py)
+CROSSOVER_METHODS = {"djinn resume": "djinn_ms", "manual pinned offload": "manual_ms", "recompute": "recompute_ms",
+                     "eager (all held)": "eager_ms"}
+
+
+def _plot_crossover(data: dict[str, Any], out_dir: Path, name: str) -> Path | None:
+    """Latency to continue from layer L, every method against depth, from the resume benchmarks' info."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, list[tuple[int, float]]] = {}
+    for bench in data.get("benchmarks", []):
+        extra = bench.get("extra_info") or {}
+        info, layer = extra.get("info") or {}, extra.get("L")
+        if layer is None or not all(k in info for k in CROSSOVER_METHODS.values()):
+            continue
+        for label, key in CROSSOVER_METHODS.items():
+            points.setdefault(label, []).append((int(layer), float(info[key])))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, pts in points.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer L the session continues from")
+    ax.set_ylabel("ms until layer L can compute (median)")
+    ax.set_title("resume latency vs depth")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / f"{name}_crossover.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 def write_report(json_path: str | Path, out_dir: str | Path | None = None, name: str | None = None) -> Path:
     """Write ``<out_dir>/<name>.md`` (and its PNG plots) for a pytest-benchmark JSON file. Returns the .md path."""
     json_path = Path(json_path)
@@ -266,6 +305,9 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
     rows = claim_rows(data)
     prov = provenance(data)
     plots = _plot_claims(rows, out_dir, name)
+    crossover = _plot_crossover(data, out_dir, name)
+    if crossover:
+        plots.append(crossover)
     for bench in data.get("benchmarks", []):
         info = (bench.get("extra_info") or {}).get("info") or {}
         test = bench.get("name", "?")

@@ -66,3 +66,15 @@ def test_report_refuses_files_that_are_not_benchmark_json(tmp_path):
     bad.write_text(json.dumps({"hello": 1}))
     with pytest.raises(ConfigError, match="pytest-benchmark"):
         load_benchmark_json(bad)
+
+
+def test_resume_benchmarks_get_a_crossover_plot_of_every_method(tmp_path):
+    p = _bench_json(tmp_path, [_ratio(1, (0.5,), (0.4,))])
+    data = json.loads(p.read_text())
+    data["benchmarks"] = [{"name": f"t[L={L}]", "fullname": f"t[L={L}]",
+                           "extra_info": {"L": L, "claims": [], "info": {"djinn_ms": 0.5, "manual_ms": 0.4,
+                                                                         "recompute_ms": 3.0 * L, "eager_ms": 0.01}}}
+                          for L in (1, 10, 40)]
+    p.write_text(json.dumps(data))
+    text = write_report(p, out_dir=tmp_path / "rep", name="exp3").read_text()
+    assert "(exp3_crossover.png)" in text and (tmp_path / "rep" / "exp3_crossover.png").is_file()
