@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -503,15 +504,20 @@ class BreakpointSession:
         # the least host work before the hidden state's copy is issued: room for what comes back (bookkeeping
         # only, unless an idle session must be evicted); the continuation's empty KV blocks are allocated by
         # resume() after ``ready_event`` (a compaction then waits on these copies' fences)
+        rt.trace_point("restore.start")
         rt._make_room(self.id, state.slab_bytes())
+        rt.trace_point("restore.room")
         head_rs = rt.swap.swap_in(state, names=head_names, order=[HIDDEN])
+        rt.trace_point("restore.head_issued")
         for name in head_names:
             head_rs.wait(name)
         self.ready_event = rt._record_event()
+        rt.trace_point("restore.ready")
         if head_rs.pending is not None:
             kv_names = [f"kv.{i}" for i in range(self.layer)]
             kv_rs = rt.swap.swap_in(head_rs.pending, order=kv_names)
             self._attach_kv(kv_rs)
+            rt.trace_point("restore.kv_issued")
         self._head = dict(head_rs.tensors)
         self._swapped = None
         self.state = SessionState.CHECKPOINT
@@ -650,8 +656,10 @@ class BreakpointRuntime:
     """
 
     def __init__(self, model: nn.Module, *, slab: Slab | None = None, host_pool: HostPool | None = None,
-                 budget_bytes: int | None = None, swap: SwapEngine | None = None):
+                 budget_bytes: int | None = None, swap: SwapEngine | None = None, trace: bool = False):
         model_layers(model)
+        self.trace = bool(trace)
+        self.trace_log: list[tuple[str, float, Any]] = []
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -708,6 +716,12 @@ class BreakpointRuntime:
         return iter(list(self.sessions.values()))
 
     # -- internal ------------------------------------------------------------------------------------------------
+    def trace_point(self, label: str) -> None:
+        """With ``trace`` on, record (label, host time, a timing event on the current stream) into ``trace_log``:
+        where a restore spends its time, on the host and on the device. Off by default (no cost)."""
+        if self.trace:
+            self.trace_log.append((label, time.perf_counter(), self._record_event()))
+
     def _record_event(self) -> Any:
         if self.device.type != "cuda":
             return None

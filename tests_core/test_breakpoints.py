@@ -255,3 +255,20 @@ def test_restore_then_edit_a_paused_checkpoint_and_generate_in_pieces(tiny, rt):
     s.pause()
     s.resume()
     assert torch.equal(torch.cat([s.generate(2), s.generate(0), s.generate(NEW - 2)], 1), ref[1])
+
+
+@pytest.mark.cpu
+def test_restore_phase_trace_is_recorded_only_when_asked():
+    model = build_model("llama-tiny", dtype=torch.float32, seed=0)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    quiet = BreakpointRuntime(model, budget_bytes=64 << 20)
+    traced = BreakpointRuntime(model, budget_bytes=64 << 20, trace=True)
+    for rt in (quiet, traced):
+        s = rt.open(ids, max_new_tokens=4)
+        s.run_to(3)
+        s.pause()
+        s.restore()
+        s.close()
+    assert quiet.trace_log == []
+    assert [label for label, _, _ in traced.trace_log] == ["restore.start", "restore.room", "restore.head_issued",
+                                                           "restore.ready", "restore.kv_issued"]
