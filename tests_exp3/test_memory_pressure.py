@@ -252,16 +252,21 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
 
 # ---------------------------------------------------------------------------------------------------------- CPU
 
-@pytest.mark.cpu
-def test_sessions_over_a_small_budget_all_complete_bitwise_and_the_budget_holds():
+def tiny_rig(n_prompts: int, slab_sessions: float, pool_sessions: int):
+    """A tiny Llama, its prompts and a runtime whose slab holds ``slab_sessions`` fully decoded sessions."""
     model = build_model("llama-tiny", dtype=torch.float32, seed=0)
-    ps = prompts(6, 40, model.config.vocab_size, "cpu")
+    ps = prompts(n_prompts, 40, model.config.vocab_size, "cpu")
     geo = KVGeometry.for_model(model.config, batch=1, capacity=40 + NEW_TOKENS, dtype=torch.float32)
     per_session = geo.block_bytes * geo.num_layers
-    slab = Slab(int(per_session * 2.5), "cpu")  # room for two and a half sessions: six must swap
-    pool = HostPool(per_session * 8, chunk_bytes=per_session)
-    rt = BreakpointRuntime(model, slab=slab, host_pool=pool)
-    solo = {i: solo_tokens(rt, p, layer=3) for i, p in enumerate(ps)}
+    slab = Slab(int(per_session * slab_sessions), "cpu")
+    rt = BreakpointRuntime(model, slab=slab, host_pool=HostPool(per_session * pool_sessions, chunk_bytes=per_session))
+    return rt, ps, {i: solo_tokens(rt, p, layer=3) for i, p in enumerate(ps)}
+
+
+@pytest.mark.cpu
+def test_sessions_over_a_small_budget_all_complete_bitwise_and_the_budget_holds():
+    rt, ps, solo = tiny_rig(6, slab_sessions=2.5, pool_sessions=8)  # room for two and a half: six must swap
+    slab = rt.slab
     used: list[int] = []
     result = run_workload(rt, ps, layer=3, mark=lambda event, **rec: used.append(rec["slab_used"]))
     assert len(result.tokens) == len(ps)
@@ -273,13 +278,7 @@ def test_sessions_over_a_small_budget_all_complete_bitwise_and_the_budget_holds(
 
 @pytest.mark.cpu
 def test_a_session_larger_than_the_whole_budget_fails_clearly_while_others_complete():
-    model = build_model("llama-tiny", dtype=torch.float32, seed=0)
-    ps = prompts(3, 40, model.config.vocab_size, "cpu")
-    geo = KVGeometry.for_model(model.config, batch=1, capacity=40 + NEW_TOKENS, dtype=torch.float32)
-    per_session = geo.block_bytes * geo.num_layers
-    slab = Slab(int(per_session * 1.5), "cpu")
-    rt = BreakpointRuntime(model, slab=slab, host_pool=HostPool(per_session * 6, chunk_bytes=per_session))
-    solo = {i: solo_tokens(rt, p, layer=3) for i, p in enumerate(ps)}
+    rt, ps, solo = tiny_rig(3, slab_sessions=1.5, pool_sessions=6)
     others = [rt.open(p, max_new_tokens=NEW_TOKENS) for p in ps[:2]]
     for s in others:
         s.run_to(3)
