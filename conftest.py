@@ -33,11 +33,23 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     """Add GPU, driver, CUDA, torch, transformers, host RAM and PCIe link to pytest-benchmark's machine_info."""
     from djinn_core.provenance import machine_facts
 
+    import os
+
     machine_info["djinn"] = machine_facts()
+    machine_info["djinn"]["deterministic_algorithms"] = os.environ.get("DJINN_DETERMINISTIC") == "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import os
+
     logging.getLogger("djinn_core").setLevel(logging.INFO)
+    if os.environ.get("DJINN_DETERMINISTIC") == "1":
+        # opt-in deterministic kernels for the bitwise claims' references (scripts/probe_determinism.py tells
+        # whether this GPU needs it); cuBLAS reads its workspace setting when the CUDA context starts, i.e. later
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        import torch
+
+        torch.use_deterministic_algorithms(True)
 
 
 def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
