@@ -30,6 +30,7 @@ On a CPU model the same code runs with synchronous copies.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -541,21 +542,13 @@ class BreakpointSession:
         events, and returns None; ``generate`` then continues where it stopped.
         """
         if self.state is SessionState.SWAPPED:
-            self.runtime._busy.add(self.id)
-            try:
+            with self.runtime._in_call(self):
                 self._swap_in_decoding()
-            finally:
-                self.runtime._busy.discard(self.id)
-            self.runtime._touch(self)
             return None
         self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "resume")
-        self.runtime._busy.add(self.id)
-        try:
+        with self.runtime._in_call(self):
             self.restore()
             return self._continue()
-        finally:
-            self.runtime._busy.discard(self.id)
-            self.runtime._touch(self)
 
     def _continue(self) -> torch.Tensor:
         self.state = SessionState.RUNNING  # not evictable from here on
@@ -600,12 +593,8 @@ class BreakpointSession:
         if self.generated:  # the last token chosen earlier has not been fed yet
             logits = self.runtime.model(self.generated[-1][:, -1:], past_key_values=self.cache,
                                         use_cache=True).logits[:, -1]
-        self.runtime._busy.add(self.id)
-        try:
+        with self.runtime._in_call(self):
             tokens, steps = _greedy(self.runtime.model, self.cache, logits, n)
-        finally:
-            self.runtime._busy.discard(self.id)
-            self.runtime._touch(self)
         self.generated.append(tokens)
         self._next_logits = None
         return (tokens, steps) if return_logits else tokens
@@ -765,6 +754,16 @@ class BreakpointRuntime:
                 return True
             except SlabExhausted:  # its shared KV would need copies first; try the next one
                 continue
+
+    @contextlib.contextmanager
+    def _in_call(self, session: BreakpointSession) -> Iterator[None]:
+        """While a call runs on ``session`` it is never evicted; afterwards it is the most recently used."""
+        self._busy.add(session.id)
+        try:
+            yield
+        finally:
+            self._busy.discard(session.id)
+            self._touch(session)
 
     def _touch(self, session: BreakpointSession) -> None:
         """Record a use: a resident checkpoint or decoding session becomes the most recently used idle one."""

@@ -320,8 +320,8 @@ class SwapEngine:
                     for ev in block.fences:  # an earlier H2D may still read this host range
                         out.wait_event(ev)
                 block.fences = []
-                if start is None:
-                    start = self._timing_event(out) or False
+                if self.record_timing and start is None:
+                    start = self._timing_event(out)
                 src = t.view()
                 cs = checksum(src) if self.checksums else None
                 block.view().copy_(src, non_blocking=out is not None)
@@ -332,7 +332,7 @@ class SwapEngine:
                 else:
                     self.slab.fence(t, ev)
         nbytes = sum(t.nbytes for t in items.values())
-        if start:
+        if start is not None:
             self.records.append(SwapRecord("out", nbytes, len(items), start, self._timing_event(out)))
         self._bytes_out += nbytes
         self._items_out += len(items)
@@ -379,8 +379,8 @@ class SwapEngine:
                     epoch = self.slab.stream_epoch
                 if it.event is not None:
                     inn.wait_event(it.event)  # its D2H has landed
-            if start is None:
-                start = self._timing_event(inn) or False
+            if self.record_timing and start is None:
+                start = self._timing_event(inn)
             with self._stream_ctx(inn):
                 dst = t.view()
                 dst.copy_(it.block.view(), non_blocking=inn is not None)
@@ -393,7 +393,7 @@ class SwapEngine:
             if cs is not None:
                 checks[name] = (it.checksum, it.event, cs, ev)
         nbytes = sum(t.nbytes for t in tensors.values())
-        if start:
+        if start is not None:
             self.records.append(SwapRecord("in", nbytes, len(selected), start, self._timing_event(inn)))
         self._bytes_in += nbytes
         self._items_in += len(selected)
