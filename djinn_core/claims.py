@@ -21,7 +21,8 @@ from typing import Any, Callable
 from .errors import ConfigError
 from .timing import TimingStats
 
-OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
+OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, "==": operator.eq,
+                                                  ">": operator.gt, "<": operator.lt}
 KINDS = ("bandwidth", "ratio", "check")
 REL_TOL = 1e-9
 

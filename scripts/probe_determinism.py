@@ -19,6 +19,9 @@ import sys
 
 SETTINGS = {
     "default": {},
+    "cublas_workspace": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
+    "no_reduced_precision_reduction": {"DJINN_PROBE_NO_REDUCED": "1"},
+    "no_cudnn_sdpa": {"DJINN_PROBE_NO_CUDNN_SDPA": "1"},
     "deterministic": {"DJINN_PROBE_DETERMINISTIC": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
     "sdpa_math": {"DJINN_PROBE_SDPA": "math"},
     "sdpa_flash": {"DJINN_PROBE_SDPA": "flash"},
@@ -36,6 +39,10 @@ def child(arch: str, tokens: int, steps: int) -> dict:
 
     if os.environ.get("DJINN_PROBE_DETERMINISTIC"):
         torch.use_deterministic_algorithms(True)
+    if os.environ.get("DJINN_PROBE_NO_REDUCED"):
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    if os.environ.get("DJINN_PROBE_NO_CUDNN_SDPA"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_model(arch, device="cuda", dtype=torch.float16, seed=0)
     model.config._attn_implementation = os.environ.get("DJINN_PROBE_ATTN", "sdpa")
     g = torch.Generator(device="cuda").manual_seed(1)
