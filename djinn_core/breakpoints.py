@@ -52,13 +52,15 @@ from .errors import (
 )
 from .host_pool import HostPool
 from .kv_cache import KVBlock, KVGeometry, KVHandle, SlabKVCache
-from .models import decoder_layers
+from .models import decoder_layers, exact_attention
 from .slab import Slab, SlabTensor
 from .swap import ResidentState, SwapEngine, SwappedState
 
 log = logging.getLogger(__name__)
 
 HIDDEN = "hidden"
+HEAD = "head"  # the swap item holding the packed hidden state and layer kwargs
+_HEAD_ALIGN = 256  # bytes: every packed tensor starts on this boundary
 DEFAULT_HEADROOM_BYTES = 4 << 30  # device memory left outside the slab for activations (default sizing only)
 
 
@@ -253,6 +255,44 @@ def _rebuild_kwargs(template: dict[str, Any], tensors: dict[str, torch.Tensor], 
 # Sessions
 
 
+class _PackedHead:
+    """A checkpoint's head -- the hidden state first, then the captured layer kwargs tensors -- in one slab
+    allocation (uint8), so a pause moves it as one item and a restore brings it back with one copy, before anything
+    else. ``layout``: name -> (byte offset, shape, dtype)."""
+
+    def __init__(self, buf: SlabTensor, layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]]):
+        self.buf = buf
+        self.layout = layout
+
+    @staticmethod
+    def plan(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, tuple[int, ...], torch.dtype]], int]:
+        """(layout, total bytes) packing ``tensors`` in order, each aligned to ``_HEAD_ALIGN`` bytes."""
+        layout, off = {}, 0
+        for name, t in tensors.items():
+            off = -(-off // _HEAD_ALIGN) * _HEAD_ALIGN
+            layout[name] = (off, tuple(t.shape), t.dtype)
+            off += t.numel() * t.element_size()
+        return layout, max(off, 1)
+
+    def _slice(self, raw: torch.Tensor, name: str) -> torch.Tensor:
+        off, shape, dtype = self.layout[name]
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        return raw[off: off + n].view(dtype).view(shape)
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._slice(self.buf.view(), name)
+
+    def views(self) -> dict[str, torch.Tensor]:
+        raw = self.buf.view()
+        return {name: self._slice(raw, name) for name in self.layout}
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.nbytes
+
+
 class _SlabKVAllocator:
     """KV blocks of one session, from the runtime's slab."""
 
@@ -285,7 +325,7 @@ class Checkpoint:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._session._head_shapes[HIDDEN])
+        return tuple(self._session._head_layout[HIDDEN][1])
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -294,7 +334,7 @@ class Checkpoint:
         s._require(SessionState.CHECKPOINT, "read the checkpoint's hidden state")
         if s._checkpoint is not self:
             raise CheckpointStateError("this checkpoint has been superseded")
-        return s._head[HIDDEN].view()
+        return s._head.view(HIDDEN)
 
     def edit(self, edit: torch.Tensor | Callable[[torch.Tensor], torch.Tensor | None]) -> None:
         """Replace the hidden state by a tensor of the same shape, dtype and device, or by ``edit(copy)``.
@@ -347,8 +387,9 @@ class BreakpointSession:
         self.geometry = KVGeometry.for_model(runtime.model.config, batch=b, capacity=s + max_new_tokens,
                                              dtype=runtime.dtype)
         self.cache = SlabKVCache(self.geometry, _SlabKVAllocator(runtime, session_id))
-        self._head: dict[str, SlabTensor] = {}
-        self._head_shapes: dict[str, tuple[int, ...]] = {}
+        self._head: _PackedHead | None = None  # resident checkpoint head (hidden state + layer kwargs)
+        self._head_layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        self._restore_bytes = 0  # slab bytes a restore of the paused state needs (computed at pause)
         self._template: dict[str, Any] = {}
         self._swapped: SwappedState | None = None
         self._checkpoint: Checkpoint | None = None
@@ -368,7 +409,7 @@ class BreakpointSession:
         return self.geometry.num_layers
 
     def _head_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: t.view() for name, t in self._head.items()}
+        return self._head.views()
 
     def _replay_kwargs(self) -> dict[str, Any]:
         return _rebuild_kwargs(self._template, self._head_tensors(), self.cache)
@@ -390,23 +431,24 @@ class BreakpointSession:
                                    f"{self.runtime.slab.capacity} bytes; it can never be admitted")
         self.cache.allocate(range(layer))
         try:
-            cap = capture_at(self.runtime.model, self.input_ids, self.cache, layer)
+            with exact_attention():
+                cap = capture_at(self.runtime.model, self.input_ids, self.cache, layer)
             tensors, template = _flatten_kwargs(cap.kwargs)
             tensors = {HIDDEN: cap.hidden, **tensors}
-            head: dict[str, SlabTensor] = {}
-            for name, t in tensors.items():  # allocate all first: an allocation may move earlier ones
-                head[name] = self.runtime._allocate(self.id, name, tuple(t.shape), t.dtype)
+            layout, nbytes = _PackedHead.plan(tensors)
+            head = _PackedHead(self.runtime._allocate(self.id, HEAD, (nbytes,), torch.uint8), layout)
+            views = head.views()
             for name, t in tensors.items():
-                head[name].view().copy_(t)  # current stream
+                views[name].copy_(t)  # current stream
         except BaseException:
             self.cache.reset()
             raise
-        self._head, self._template = head, template
-        self._head_shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+        self._head, self._template, self._head_layout = head, template, layout
         self.layer = layer
         self.state = SessionState.CHECKPOINT
         self._checkpoint = Checkpoint(self)
         self.runtime._touch(self)
+        self.runtime._replenish(self.id)
         log.debug("session %d: checkpoint before layer %d", self.id, layer)
         return self._checkpoint
 
@@ -425,8 +467,7 @@ class BreakpointSession:
             return self._swapped.nbytes
         if self.state is SessionState.RUNNING:
             return self.cache.resident_bytes()
-        head = sum(t.nbytes for t in self._head.values())
-        return head + self.layer * self.geometry.block_bytes
+        return self._head.nbytes + self.layer * self.geometry.block_bytes
 
     def pause(self) -> None:
         """Move the session's state to the host pool (async, on the swap engine's out stream); free its slab memory.
@@ -442,14 +483,15 @@ class BreakpointSession:
         self._require(SessionState.CHECKPOINT, "pause")
         self.cache.wait_ready()  # a restored-but-unused KV block may still be arriving
         self._unshare()
-        items: dict[str, SlabTensor] = dict(self._head)
+        items: dict[str, SlabTensor] = {HEAD: self._head.buf}
         for i in range(self.layer):
             items[f"kv.{i}"] = self.cache.layers[i].block.handle
         self._swapped = self.runtime.swap.swap_out(items, free_source=True)
+        self._restore_bytes = self._swapped.slab_bytes()
         self.cache.release(range(self.layer, self.num_layers))  # empty blocks of a restored checkpoint
         for i in range(self.layer):
             self.cache.detach(i)  # freed by the swap engine, fenced by its copy
-        self._head = {}
+        self._head = None
         self.state = SessionState.PAUSED
         self.runtime._touch(self)
         log.debug("session %d: paused (%d bytes to host)", self.id, self._swapped.nbytes)
@@ -490,40 +532,47 @@ class BreakpointSession:
         log.debug("session %d: swapped back in (%d bytes)", self.id, need)
 
     def restore(self) -> Checkpoint:
-        """Bring a paused checkpoint back: the hidden state first, then the KV of layers ``0..L-1`` in layer order.
+        """Bring a paused checkpoint back: the packed head (hidden state and layer kwargs) first, with one copy, then
+        the KV of layers ``0..L-1`` in layer order.
 
-        Returns once the current stream waits for the head items (hidden state and layer kwargs); ``ready_event`` is
-        recorded there. The KV copies stay in flight on the swap engine's in stream; each cache layer waits for its
-        own copy just before its first use. No-op on a resident checkpoint.
+        Returns once the current stream waits for the head; ``ready_event`` is recorded there. The KV copies stay in
+        flight on the swap engine's in stream; each cache layer waits for its own copy just before its first use.
+        Only O(1) host work precedes the head's copy (the room needed was computed at pause). No-op on a resident
+        checkpoint.
         """
         if self.state is SessionState.CHECKPOINT:
             return self._checkpoint
         self._require(SessionState.PAUSED, "restore")
+        self._restore_head()
+        self._restore_kv()
+        return self._checkpoint
+
+    def _restore_head(self) -> None:
+        """PAUSED -> CHECKPOINT with only the head resident; the KV of layers ``0..L-1`` stays in ``_swapped``
+        until :meth:`_restore_kv` (layers ``>= L`` never read it, so a resume runs them first)."""
         rt = self.runtime
         state = self._swapped
-        head_names = [n for n in state.names if not n.startswith("kv.")]
-        # the least host work before the hidden state's copy is issued: room for what comes back (bookkeeping
-        # only, unless an idle session must be evicted); the continuation's empty KV blocks are allocated by
-        # resume() after ``ready_event`` (a compaction then waits on these copies' fences)
         rt.trace_point("restore.start")
-        rt._make_room(self.id, state.slab_bytes())
+        rt._make_room(self.id, self._restore_bytes)  # bookkeeping only, unless an idle session must be evicted
         rt.trace_point("restore.room")
-        head_rs = rt.swap.swap_in(state, names=head_names, order=[HIDDEN])
+        head_rs = rt.swap.swap_in(state, names=(HEAD,))
         rt.trace_point("restore.head_issued")
-        for name in head_names:
-            head_rs.wait(name)
+        head_rs.wait(HEAD)
         self.ready_event = rt._record_event()
         rt.trace_point("restore.ready")
-        if head_rs.pending is not None:
-            kv_names = [f"kv.{i}" for i in range(self.layer)]
-            kv_rs = rt.swap.swap_in(head_rs.pending, order=kv_names)
-            self._attach_kv(kv_rs)
-            rt.trace_point("restore.kv_issued")
-        self._head = dict(head_rs.tensors)
-        self._swapped = None
+        self._head = _PackedHead(head_rs.tensors[HEAD], self._head_layout)
+        self._swapped = head_rs.pending
         self.state = SessionState.CHECKPOINT
         rt._touch(self)
-        return self._checkpoint
+
+    def _restore_kv(self) -> None:
+        """Issue the copies of the KV still on the host (kv.0 .. kv.L-1, in the order they went out); each layer
+        waits for its own copy at first use."""
+        if self._swapped is not None:
+            self.runtime._make_room(self.id, self._swapped.slab_bytes())  # the continuation may have taken it
+            self._attach_kv(self.runtime.swap.swap_in(self._swapped))
+            self._swapped = None
+            self.runtime.trace_point("restore.kv_issued")
 
     def _attach_kv(self, rs: ResidentState) -> None:
         alloc = self.cache.allocator
@@ -547,14 +596,20 @@ class BreakpointSession:
             return None
         self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "resume")
         with self.runtime._in_call(self):
-            self.restore()
-            return self._continue()
+            if self.state is SessionState.PAUSED:
+                self._restore_head()
+            # layers L.. first: they never read the KV of layers < L, so the host issues those copies (one per
+            # layer) while the GPU already computes, and the first decode step waits only for what it uses
+            logits = self._continue()
+            self._restore_kv()
+            return logits
 
     def _continue(self) -> torch.Tensor:
         self.state = SessionState.RUNNING  # not evictable from here on
         self.runtime._touch(self)
         self.cache.allocate(range(self.layer, self.num_layers))
-        logits = replay_from(self.runtime.model, self.layer, self._head[HIDDEN].view(), self._replay_kwargs())
+        with exact_attention():
+            logits = replay_from(self.runtime.model, self.layer, self._head.view(HIDDEN), self._replay_kwargs())
         self._free_head()
         self.state = SessionState.RUNNING
         self._checkpoint = None
@@ -562,10 +617,8 @@ class BreakpointSession:
         return logits
 
     def _free_head(self) -> None:
-        ev = self.runtime._record_event()
-        for t in self._head.values():
-            self.runtime.slab.free(t, after=ev)
-        self._head = {}
+        self.runtime.slab.free(self._head.buf, after=self.runtime._record_event())
+        self._head = None
 
     @torch.no_grad()
     def generate(self, n: int, *, return_logits: bool = False):
@@ -590,10 +643,10 @@ class BreakpointSession:
             vocab = self.runtime.model.config.vocab_size
             return (empty, torch.empty(*empty.shape, vocab, device=self.runtime.device)) if return_logits else empty
         logits = self._next_logits
-        if self.generated:  # the last token chosen earlier has not been fed yet
-            logits = self.runtime.model(self.generated[-1][:, -1:], past_key_values=self.cache,
-                                        use_cache=True).logits[:, -1]
-        with self.runtime._in_call(self):
+        with self.runtime._in_call(self), exact_attention():
+            if self.generated:  # the last token chosen earlier has not been fed yet
+                logits = self.runtime.model(self.generated[-1][:, -1:], past_key_values=self.cache,
+                                            use_cache=True).logits[:, -1]
             tokens, steps = _greedy(self.runtime.model, self.cache, logits, n)
         self.generated.append(tokens)
         self._next_logits = None
@@ -606,9 +659,10 @@ class BreakpointSession:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"fork needs n >= 1, got {n!r}")
         self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "fork")
-        self.restore()
-        self.cache.wait_ready()  # the children read these blocks on the current stream
-        return [self.runtime._fork_from(self) for _ in range(n)]
+        with self.runtime._in_call(self):  # the children's allocations never evict their parent
+            self.restore()
+            self.cache.wait_ready()  # the children read these blocks on the current stream
+            return [self.runtime._fork_from(self) for _ in range(n)]
 
     def close(self) -> None:
         """Release everything the session holds (slab blocks, host blocks). Idempotent."""
@@ -617,7 +671,7 @@ class BreakpointSession:
         if self._swapped is not None:
             self.runtime.swap.release(self._swapped)
             self._swapped = None
-        if self._head:
+        if self._head is not None:
             self._free_head()
         self.cache.release()
         self.state = SessionState.CLOSED
@@ -642,11 +696,20 @@ class BreakpointRuntime:
         host_pool: the host pool paused sessions live in; default as large as the slab (pinned on CUDA).
         budget_bytes: slab size when ``slab`` is not given.
         swap: a SwapEngine over ``slab`` and ``host_pool`` (default: a new one).
+        reserve_bytes: eviction policy. 0 (default): evict idle sessions (least recently used first) only when an
+            allocation or a restore does not fit. > 0: also, after every call on a session, evict idle sessions
+            until this many slab bytes are free, with the eviction's copies ordered after the restores already in
+            flight -- so the next restore of up to ``reserve_bytes`` finds its room ready, shares the host link with
+            no eviction, and no eviction sits on its critical path. One session's state is the natural value.
     """
 
     def __init__(self, model: nn.Module, *, slab: Slab | None = None, host_pool: HostPool | None = None,
-                 budget_bytes: int | None = None, swap: SwapEngine | None = None, trace: bool = False):
+                 budget_bytes: int | None = None, swap: SwapEngine | None = None, trace: bool = False,
+                 reserve_bytes: int = 0):
         model_layers(model)
+        if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
+            raise ConfigError(f"reserve_bytes must be an int >= 0, got {reserve_bytes!r}")
+        self.reserve_bytes = reserve_bytes
         self.trace = bool(trace)
         self.trace_log: list[tuple[str, float, Any]] = []
         self.model = model
@@ -735,7 +798,7 @@ class BreakpointRuntime:
     def _make_room(self, session_id: int, nbytes: int) -> None:
         """Evict idle sessions (LRU) until ``nbytes`` fit in the slab's free total (compaction does the rest)."""
         tried: set[int] = {session_id}
-        while nbytes > self.slab.stats.free:
+        while nbytes > self.slab.free_bytes:
             if not self._evict_one(session_id, tried):
                 st = self.slab.stats
                 raise SlabExhausted(nbytes, st.free, st.capacity)
@@ -764,6 +827,18 @@ class BreakpointRuntime:
         finally:
             self._busy.discard(session.id)
             self._touch(session)
+        self._replenish(session.id)
+
+    def _replenish(self, session_id: int) -> None:
+        """With ``reserve_bytes``: evict idle sessions other than ``session_id`` (LRU first) until that much of the
+        slab is free, each eviction's copies ordered after every restore copy already issued."""
+        if self.reserve_bytes <= 0 or self.slab.free_bytes >= self.reserve_bytes:
+            return
+        tried = {session_id}
+        while self.slab.free_bytes < min(self.reserve_bytes, self.slab.capacity):
+            self.swap.order_out_after_in()
+            if not self._evict_one(session_id, tried):
+                return
 
     def _touch(self, session: BreakpointSession) -> None:
         """Record a use: a resident checkpoint or decoding session becomes the most recently used idle one."""
@@ -778,15 +853,14 @@ class BreakpointRuntime:
     def _fork_from(self, parent: BreakpointSession) -> BreakpointSession:
         child = self.open(parent.input_ids, max_new_tokens=parent.max_new_tokens)
         try:
-            head = {n: self._allocate(child.id, n, tuple(t.shape), t.dtype) for n, t in parent._head.items()}
-            for n, t in head.items():
-                t.view().copy_(parent._head[n].view())  # current stream
+            buf = self._allocate(child.id, HEAD, (parent._head.nbytes,), torch.uint8)
+            buf.view().copy_(parent._head.buf.view())  # current stream
+            head = _PackedHead(buf, parent._head_layout)
             child.cache.share_prefix(parent.cache, range(parent.layer))
         except BaseException:
             child.close()
             raise
-        child._head, child._template = head, dict(parent._template)
-        child._head_shapes = dict(parent._head_shapes)
+        child._head, child._template, child._head_layout = head, dict(parent._template), parent._head_layout
         child.layer = parent.layer
         child.state = SessionState.CHECKPOINT
         child._checkpoint = Checkpoint(child)

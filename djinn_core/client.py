@@ -119,6 +119,9 @@ class Client:
         self.max_reply_bytes = max_reply_bytes
         self._ids = itertools.count(1)
         self.last_server_ms: float | None = None  # server time of the last call: its op and the copies of its reply
+        # the last call's round trip split on the host monotonic clock (meaningful with the server on this host):
+        # request (send -> server receipt), dispatch (receipt -> op start), op, reply (op end -> reply decoded)
+        self.last_phases_ms: dict[str, float] | None = None
         self._lock = threading.Lock()
         self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -142,6 +145,7 @@ class Client:
                 size = sum(memoryview(f).nbytes for f in frames)
                 if size > self.max_request_bytes:
                     raise ProtocolError(f"request of {size} bytes exceeds max_request_bytes={self.max_request_bytes}")
+            t_send = time.perf_counter()
             self._sock.send_multipart(frames, copy=not tensors or all(memoryview(f).nbytes < 1 << 16 for f in frames))
             timeout = self.timeout_s if timeout_s is None else timeout_s
             deadline = time.monotonic() + timeout
@@ -159,7 +163,14 @@ class Client:
                 if got == rid or (got is None and not reply.header.get("ok")):  # None: our header was unreadable
                     break
                 log.debug("discarding a stale reply (id %r, waiting for %d)", reply.header.get("id"), rid)
+        t_reply = time.perf_counter()
         self.last_server_ms = reply.header.get("server_ms")
+        st = reply.header.get("server_t")
+        if isinstance(st, list) and len(st) == 3 and all(isinstance(x, (int, float)) for x in st):
+            self.last_phases_ms = {"request": (st[0] - t_send) * 1e3, "dispatch": (st[1] - st[0]) * 1e3,
+                                   "op": (st[2] - st[1]) * 1e3, "reply": (t_reply - st[2]) * 1e3}
+        else:
+            self.last_phases_ms = None
         if not reply.header.get("ok"):
             err = reply.header.get("error") or {}
             raise remote_error(str(err.get("type", "RemoteError")), str(err.get("message", "")))

@@ -240,3 +240,18 @@ def load_smollm2(dtype: torch.dtype | str = torch.float32, device: torch.device 
     model.config._attn_implementation = "sdpa"
     log.info("loaded SmolLM2-135M-Instruct from %s in %.1f s", path.name, time.perf_counter() - t0)
     return model, tok
+
+
+def exact_attention():
+    """A context in which scaled-dot-product attention never uses cuDNN's fused kernel.
+
+    Measured on the lent H100 (torch 2.11 + CUDA 13.0, 2026-11-27, ``scripts/probe_determinism.py``): two identical
+    greedy runs of the Llama-2-13B architecture gave equal prefill logits but decode logits differing by up to 0.039
+    with the default SDPA dispatch; with cuDNN attention off -- or forced to flash, memory-efficient or math kernels,
+    or with eager attention -- both runs were bitwise equal. Breakpoint sessions promise bitwise equality with an
+    uninterrupted run, so they compute under this context; a reference run must exclude cuDNN attention too (the
+    claims suite does so for the whole session). Harmless where cuDNN attention is absent (the CPU).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -377,6 +377,7 @@ class Server:
         self._sock.send_multipart(frames, copy=_all_small(frames))
 
     def _handle(self, frames: list[Any]) -> None:
+        t_recv = time.perf_counter()
         route, body = self._split_route(frames)
         self.counters["requests"] += 1
         rid: Any = None
@@ -391,8 +392,11 @@ class Server:
             t0 = time.perf_counter()
             result, tensors = fn(req)
             descs, bufs = encode_tensors(tensors)  # device -> host copies: the op's work is done after this
-            server_ms = (time.perf_counter() - t0) * 1e3
-            head = encode_header({"id": rid, "ok": True, "result": result, "server_ms": server_ms}, descs)
+            t1 = time.perf_counter()
+            # server_t: host monotonic clock (system-wide on Linux) at receipt, op start and op end, so a client on
+            # the same host can split its round trip into request transit, dispatch, op and reply
+            head = encode_header({"id": rid, "ok": True, "result": result, "server_ms": (t1 - t0) * 1e3,
+                                  "server_t": [t_recv, t0, t1]}, descs)
             self._send_frames(route, [head, *bufs])
             self.counters["ok"] += 1
         except Exception as e:  # one bad request never stops the server

@@ -293,6 +293,11 @@ class SlabBookkeeper:
         return self._free.holes()
 
     @property
+    def free_bytes(self) -> int:
+        """Free total (O(1); :attr:`stats` also finds the largest hole)."""
+        return self._free.total
+
+    @property
     def stats(self) -> SlabStats:
         return SlabStats(
             capacity=self.capacity,
@@ -500,6 +505,11 @@ class Slab:
     @property
     def stats(self) -> SlabStats:
         return self._book.stats
+
+    @property
+    def free_bytes(self) -> int:
+        """Free total in bytes, O(1) (with compaction, any allocation up to it succeeds)."""
+        return self._book.free_bytes
 
     def aligned_size(self, nbytes: int) -> int:
         return self._book.aligned_size(nbytes)

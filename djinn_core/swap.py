@@ -281,6 +281,16 @@ class SwapEngine:
     def _stream_ctx(self, stream: Any) -> Any:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
+    def order_out_after_in(self) -> None:
+        """Make the next swap-out's copies start only after every copy already issued on the in stream.
+
+        For an eviction issued behind a restore: the restore is on someone's critical path and the eviction is not,
+        so the eviction waits rather than share the link with it (each direction then runs at the one-way pinned
+        rate instead of splitting the bidirectional one).
+        """
+        if self.out_stream is not None:
+            self.out_stream.wait_stream(self.in_stream)
+
     # -- out ---------------------------------------------------------------------------------------------------------
     def swap_out(self, items: Mapping[str, SlabTensor], *, free_source: bool = True) -> SwappedState:
         """Copy ``items`` to the host pool on the out stream; one event per item; returns immediately (CUDA).
@@ -358,8 +368,8 @@ class SwapEngine:
         selected = self._issue_order(state, order, names)
 
         need = state.slab_bytes(selected)
-        sst = self.slab.stats
-        if need > sst.free:  # with compaction, every allocation below succeeds when the total fits
+        if need > self.slab.free_bytes:  # with compaction, every allocation below succeeds when the total fits
+            sst = self.slab.stats
             raise SlabExhausted(need, sst.free, sst.capacity)
 
         inn = self.in_stream
@@ -406,6 +416,10 @@ class SwapEngine:
         if isinstance(names, str) or isinstance(order, str):
             raise ConfigError("names and order must be sequences of item names, not a str")
         chosen = list(state.items) if names is None else list(names)
+        if order is None and len(chosen) == 1:  # one item (a restore's packed head): no ordering to do
+            if chosen[0] not in state.items:
+                raise UnknownAllocation(f"no item {chosen[0]!r} in this swapped state (has {state.names})")
+            return chosen
         order = [] if order is None else list(order)
         for n in (*chosen, *order):
             if n not in state.items:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from djinn_core.breakpoints import BreakpointRuntime, SessionState
-from djinn_core.errors import AdmissionRefused
+from djinn_core.errors import AdmissionRefused, ConfigError
 from djinn_core.host_pool import HostPool
 from djinn_core.kv_cache import KVGeometry
 from djinn_core.models import build_model
@@ -41,6 +41,7 @@ NEW_TOKENS = GEN_PER_ROUND * ROUNDS
 SESSION_COUNTS = [8, 32, 50, 64]
 BUDGET_HEADROOM = 3 * GiB  # the default VRAM budget leaves this much of the card unused
 ACTIVATION_HEADROOM = 3 * GiB  # inside the budget, outside the slab: activations and the torch allocator
+RESERVE_HEAD_BYTES = 64 << 20  # a checkpoint head (hidden state + layer kwargs: ~21 MiB at 2048 tokens), rounded up
 
 
 def prompts(n: int, seq: int, vocab: int, device: torch.device | str) -> list[torch.Tensor]:
@@ -186,7 +187,10 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
     ps = rig.prompts[:sessions]
     params = {"sessions": sessions, "model": "llama2-13b", "prompt_tokens": PROMPT_TOKENS, "layer": PAUSE_LAYER}
     swap = SwapEngine(rig.slab, rig.pool, record_timing=True)
-    rt = BreakpointRuntime(rig.model, slab=rig.slab, swap=swap)
+    # policy: keep one whole session's state (its KV plus a checkpoint head) free, evicting behind each call, so a
+    # resume finds its room ready and never shares the link with an eviction
+    reserve = rig.session_bytes + RESERVE_HEAD_BYTES
+    rt = BreakpointRuntime(rig.model, slab=rig.slab, swap=swap, reserve_bytes=reserve)
     ceil_before = {d: copy_ceilings.measure(rig.session_bytes, d) for d in ("h2d", "d2h")}
     sampler = vram_sampler(period_s=0.01)
 
@@ -215,7 +219,7 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
                swaps=[{"direction": d, "nbytes": n, "ms": ms} for d, n, ms in swaps], evictions=result.evictions,
                marks=result.marks, ceilings={"before": {d: c.to_dict() for d, c in ceil_before.items()},
                                              "after": {d: c.to_dict() for d, c in ceil_after.items()}},
-               oversubscription=demand / rig.budget_bytes)
+               oversubscription=demand / rig.budget_bytes, reserve_bytes=reserve)
     claim.check("sessions_with_tokens_unequal_to_solo_run", method="djinn", value=len(bad), bound=0, op="==",
                 unit="sessions", params=params, check=False)
     claim.check("sessions_completed_fraction", method="djinn", value=len(result.tokens) / sessions, bound=1.0,
@@ -225,12 +229,13 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
     claim.check("peak_torch_reserved_over_budget", method="djinn", value=peak_reserved / rig.budget_bytes,
                 bound=1.0, op="<=", unit="x budget", params=params, check=False)
     if result.evictions:
-        # plateau: once the first eviction happened, the slab stays full to within one session's state
+        # plateau: once the first eviction happened, the slab stays full to within the reserve the policy keeps free
+        # plus one session's state (evictions free whole sessions)
         first = next(k for k, m in enumerate(result.marks) if m["evictions"] > 0)
         low = min(m["slab_used"] for m in result.marks[first:])
         claim.check("slab_fill_after_first_eviction", method="djinn", value=low / rig.slab.capacity,
-                    bound=1.0 - rig.session_bytes / rig.slab.capacity, op=">=", unit="x slab", params=params,
-                    check=False)
+                    bound=1.0 - (reserve + rig.session_bytes) / rig.slab.capacity, op=">=", unit="x slab",
+                    params=params, check=False)
     for direction, ceiling_key in (("out", "d2h"), ("in", "h2d")):
         evs = [ms for d, _, ms in full if d == direction]
         if not evs:
@@ -292,3 +297,19 @@ def test_a_session_larger_than_the_whole_budget_fails_clearly_while_others_compl
         toks = torch.cat([s.generate(GEN_PER_ROUND) for _ in range(ROUNDS)], dim=1)
         assert torch.equal(toks, solo[i])
         s.close()
+
+
+@pytest.mark.cpu
+def test_a_reserve_keeps_a_session_of_room_free_after_every_call_and_changes_no_token():
+    base, ps, solo = tiny_rig(6, slab_sessions=3.5, pool_sessions=10)
+    geo = KVGeometry.for_model(base.model.config, batch=1, capacity=40 + NEW_TOKENS, dtype=torch.float32)
+    reserve = geo.block_bytes * geo.num_layers + (64 << 10)  # a whole decoded session plus a tiny checkpoint head
+    rt = BreakpointRuntime(base.model, slab=base.slab, swap=base.swap, reserve_bytes=reserve)
+    free_after_call: list[int] = []
+    result = run_workload(rt, ps, layer=3, mark=lambda event, **rec: free_after_call.append(rt.slab.free_bytes))
+    assert unequal_sessions(result, solo) == []
+    assert result.evictions > 0
+    assert min(free_after_call) >= reserve, "an eviction behind each call keeps the reserve free"
+    assert rt.slab.stats.used == 0 and rt.host_pool.stats.used == 0
+    with pytest.raises(ConfigError, match="reserve_bytes"):
+        BreakpointRuntime(base.model, slab=base.slab, swap=base.swap, reserve_bytes=-1)

@@ -61,10 +61,13 @@ def time_djinn_restore(session, warmup: int = WARMUP, repeats: int = REPEATS) ->
     return TimingStats(tuple(ready)), TimingStats(tuple(returned))
 
 
-def time_resume_to_next_token(rt, ids, layer, *, pause: bool, repeats: int = 10, warmup: int = 2) -> TimingStats:
-    """From resume() to the first decode step's logits (event-timed); a fresh checkpoint per repeat."""
+def time_resume_to_next_token(rt, ids, layer, *, pause: bool, repeats: int = 10,
+                               warmup: int = 2) -> dict[str, TimingStats]:
+    """From resume() to the first decode step's logits (event-timed), a fresh checkpoint per repeat; with its phases
+    from the same start: ``head_ready`` (layer L may compute), ``continuation`` (layers L.. and the LM head done),
+    ``kv_restored`` (every restored KV copy landed), ``host_return`` (resume() returned, host clock) and ``total``."""
     stream = torch.cuda.current_stream()
-    out = []
+    out: dict[str, list[float]] = {}
     for i in range(warmup + repeats):
         s = rt.open(ids, max_new_tokens=NEW_TOKENS)
         s.run_to(layer)
@@ -72,16 +75,25 @@ def time_resume_to_next_token(rt, ids, layer, *, pause: bool, repeats: int = 10,
             s.pause()
         stream.synchronize()
         rt.swap.out_stream.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
+        ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "continuation", "kv_restored", "total")}
+        ev["start"].record(stream)
+        t0 = time.perf_counter()
         s.resume()
+        host = (time.perf_counter() - t0) * 1e3
+        ev["continuation"].record(stream)
+        ev["kv_restored"].record(rt.swap.in_stream)
         s.generate(2)  # token 1 from the resumed logits, token 2 from the first decode step (all KV used)
-        end.record(stream)
-        ms = _event_ms(start, end)
+        ev["total"].record(stream)
+        ev["total"].synchronize()
+        if pause:
+            ev["head_ready"] = s.ready_event
         if i >= warmup:
-            out.append(ms)
+            for k, e in ev.items():
+                if k != "start":
+                    out.setdefault(k, []).append(_event_ms(ev["start"], e))
+            out.setdefault("host_return", []).append(host)
         s.close()
-    return TimingStats(tuple(out))
+    return {k: TimingStats(tuple(v), "host" if k == "host_return" else "cuda_event") for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +148,9 @@ def test_resume_latency_against_baselines(layer, llama2_13b_fp16, runtime_13b, p
     del eager_cache, eager_cap
 
     # resume-to-next-token against max(copy at the ceiling, continuation compute)
-    to_next = time_resume_to_next_token(rt, ids, layer, pause=True)
-    compute = time_resume_to_next_token(rt, ids, layer, pause=False)
+    to_next_phases = time_resume_to_next_token(rt, ids, layer, pause=True)
+    compute_phases = time_resume_to_next_token(rt, ids, layer, pause=False)
+    to_next, compute = to_next_phases["total"], compute_phases["total"]
     ceiling = copy_ceilings.measure(state_bytes, "h2d")
     copy_ms = state_bytes / (ceiling.GBps * 1e9) * 1e3
     bound_ms = max(copy_ms, compute.median_ms)
@@ -149,6 +162,8 @@ def test_resume_latency_against_baselines(layer, llama2_13b_fp16, runtime_13b, p
                        "eager_held_bytes": held}
     claim.info(**_RESULTS[layer], djinn_timing=djinn.to_dict(), djinn_host_timing=djinn_host.to_dict(),
                recompute_timing=recomp.to_dict(), eager_timing=eager.to_dict(), ceiling=ceiling.to_dict(),
+               resume_to_next_token_phases={k: t.to_dict() for k, t in to_next_phases.items()},
+               continuation_compute_phases={k: t.to_dict() for k, t in compute_phases.items()},
                eager_vram_during_pause=vs.to_dict())
     claim.measure(lambda: None)
     claim.ratio("resume_vs_manual_pinned_offload", method="djinn",

@@ -98,7 +98,8 @@ def host_timed(fn, rounds: int, warmup: int, before=None) -> TimingStats:
 
 
 def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torch.Tensor, layer: int, rounds: int,
-                           warmup: int, block: int = 10) -> tuple[TimingStats, TimingStats, bool, TimingStats]:
+                           warmup: int, block: int = 10
+                           ) -> tuple[TimingStats, TimingStats, bool, TimingStats, dict[str, TimingStats]]:
     """A resume RPC (last-position logits back) against the same resume in process (last-position logits to the
     host), in alternating blocks of ``block`` timed repeats per side, each block after ``warmup`` untimed ones.
 
@@ -108,12 +109,13 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
     spread drift over both sides. Each repeat resumes a fresh fork of one checkpoint per side (forked untimed).
     Also returns whether every remote logits row equals the in-process one bitwise, and the server's own time for
     each resume (the op and the copy of its reply to the host: ``server_ms``), which splits remote - in-process into
-    execution and transport."""
+    execution and transport, and the remote round trip's phases (``Client.last_phases_ms``)."""
     rbase = client.open(ids.cpu(), max_new_tokens=1)
     rbase.run_to(layer)
     lbase = runtime.open(ids, max_new_tokens=1)
     lbase.run_to(layer)
     remote, local, server, equal = [], [], [], True
+    phases: dict[str, list[float]] = {}  # the remote round trip split on the host clock (client.last_phases_ms)
     r_logits: list[torch.Tensor] = []
     l_logits: list[torch.Tensor] = []
 
@@ -123,11 +125,15 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
         logits = rc.resume(logits="last")
         dt = (time.perf_counter() - t0) * 1e3
         dt_s = client.last_server_ms  # this resume's, before the next call replaces it
+        ph = client.last_phases_ms
         rc.close()
         r_logits.append(logits)
         if timed:
             remote.append(dt)
             server.append(dt_s)
+            if ph is not None:
+                for k, v in ph.items():
+                    phases.setdefault(k, []).append(v)
 
     def local_once(timed: bool) -> None:
         (lc,) = lbase.fork(1)
@@ -150,7 +156,7 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
         lbase.close()
     equal = all(torch.equal(r, l_logits[0]) for r in r_logits) and all(torch.equal(x, l_logits[0]) for x in l_logits)
     return (TimingStats(tuple(remote), "host"), TimingStats(tuple(local), "host"), equal,
-            TimingStats(tuple(server), "host"))
+            TimingStats(tuple(server), "host"), {k: TimingStats(tuple(v), "host") for k, v in phases.items()})
 
 
 @dataclass
@@ -289,12 +295,13 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
                resume={f"L={L}": {"remote": got[L][0].to_dict(), "in_process": got[L][1].to_dict(),
                                   "server_ms": got[L][3].to_dict(), "logits_bitwise_equal": got[L][2],
                                   "execution_ms": got[L][3].median_ms - got[L][1].median_ms,
+                                  "remote_phases": {k: t.to_dict() for k, t in got[L][4].items()},
                                   "transport_ms": got[L][0].median_ms - got[L][3].median_ms} for L in LAYERS_13B})
     claim.check("framework_overhead_noop_rpc_minus_raw_tcp_rtt", method="djinn-rpc-zmq",
                 value=noop.median_ms - raw.median_ms, bound=0.2, op="<=", unit="ms",
                 params={"msg_bytes": MSG_BYTES, "rounds": noop.n, "busy_poll_s": BUSY_POLL_S})
     for layer in LAYERS_13B:
-        remote, local, equal, server = got[layer]
+        remote, local, equal, server, _ = got[layer]
         claim.check("remote_resume_minus_in_process_resume", method="djinn-rpc-zmq",
                     value=remote.median_ms - local.median_ms, bound=0.3, op="<=", unit="ms", check=False,
                     params={"model": "llama2-13b", "L": layer, "prompt_tokens": prompt_2048_ids.shape[1],
@@ -357,7 +364,8 @@ def test_rpc_decomposition_and_load_plumbing_on_cpu(llama_tiny_fp32, claim):
         local_rt.close_all()
     v = load_verdict(*got["load"], cycles=5)
     v.pop("_timings")
-    remote, local, equal, _ = got["resume"]
+    remote, local, equal, _, phases = got["resume"]
+    assert set(phases) == {"request", "dispatch", "op", "reply"}
     claim.info(raw_tcp_rtt=got["raw"].to_dict(), noop_rpc=got["noop"].to_dict(), remote_resume=remote.to_dict(),
                in_process_resume=local.to_dict(), load=v)
     assert equal, "remote resume logits differ from in-process ones"
