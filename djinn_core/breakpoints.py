@@ -565,12 +565,12 @@ class BreakpointSession:
         self.state = SessionState.CHECKPOINT
         rt._touch(self)
 
-    def _restore_kv(self) -> None:
+    def _restore_kv(self, after: Any = None) -> None:
         """Issue the copies of the KV still on the host (kv.0 .. kv.L-1, in the order they went out); each layer
         waits for its own copy at first use."""
         if self._swapped is not None:
             self.runtime._make_room(self.id, self._swapped.slab_bytes())  # the continuation may have taken it
-            self._attach_kv(self.runtime.swap.swap_in(self._swapped))
+            self._attach_kv(self.runtime.swap.swap_in(self._swapped, after=after))
             self._swapped = None
             self.runtime.trace_point("restore.kv_issued")
 
@@ -599,18 +599,22 @@ class BreakpointSession:
             if self.state is SessionState.PAUSED:
                 self._restore_head()
             # layers L.. first: they never read the KV of layers < L, so the host issues those copies (one per
-            # layer) while the GPU already computes, and the first decode step waits only for what it uses
-            logits = self._continue()
-            self._restore_kv()
+            # layer) while the GPU already computes; the copies wait only for the work queued before the
+            # continuation (``before``), and the first decode step waits only for what it uses
+            before = self.runtime._record_event()
+            logits = self._continue(free_head=False)
+            self._restore_kv(after=before)
+            self._free_head()
             return logits
 
-    def _continue(self) -> torch.Tensor:
+    def _continue(self, free_head: bool = True) -> torch.Tensor:
         self.state = SessionState.RUNNING  # not evictable from here on
         self.runtime._touch(self)
         self.cache.allocate(range(self.layer, self.num_layers))
         with exact_attention():
             logits = replay_from(self.runtime.model, self.layer, self._head.view(HIDDEN), self._replay_kwargs())
-        self._free_head()
+        if free_head:
+            self._free_head()
         self.state = SessionState.RUNNING
         self._checkpoint = None
         self._next_logits = logits[:, -1]

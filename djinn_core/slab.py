@@ -560,7 +560,11 @@ class Slab:
             fences.append(after)
         for ev in fences:
             if event_pending(ev):
-                self._free_fences.append((offset, size, ev))
+                last = self._free_fences[-1] if self._free_fences else None
+                if last is not None and last[2] is ev and last[0] + last[1] == offset:  # one swap's adjacent ranges
+                    self._free_fences[-1] = (last[0], last[1] + size, ev)
+                else:
+                    self._free_fences.append((offset, size, ev))
         if len(self._free_fences) > self._prune_at:
             self._prune_free_fences()
 

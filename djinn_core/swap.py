@@ -337,10 +337,14 @@ class SwapEngine:
                 block.view().copy_(src, non_blocking=out is not None)
                 ev = self._record(out)
                 swapped[name] = SwappedItem(name, block, t.shape, t.dtype, t.nbytes, t.tag, ev, cs)
-                if free_source:
-                    self.slab.free(t, after=ev)
-                else:
+                if not free_source:
                     self.slab.fence(t, ev)
+        if free_source and items:
+            # freed behind the swap's last copy: one fence for all its ranges (adjacent ones merge into one entry,
+            # so later allocations check a few fences, not one per item)
+            last = ev
+            for t in items.values():
+                self.slab.free(t, after=last)
         nbytes = sum(t.nbytes for t in items.values())
         if start is not None:
             self.records.append(SwapRecord("out", nbytes, len(items), start, self._timing_event(out)))
@@ -352,7 +356,7 @@ class SwapEngine:
 
     # -- in ----------------------------------------------------------------------------------------------------------
     def swap_in(self, state: SwappedState, *, order: Sequence[str] | None = None,
-                names: Iterable[str] | None = None) -> ResidentState:
+                names: Iterable[str] | None = None, after: Any = None) -> ResidentState:
         """Copy items of ``state`` back into the slab on the in stream, in ``order``; returns immediately (CUDA).
 
         ``names``: which items (default all); ``order``: issue order for some or all of them, the rest follow in the
@@ -360,6 +364,12 @@ class SwapEngine:
         the rest stay in it and are returned as ``ResidentState.pending``. Call ``ResidentState.wait(name)`` on the
         consuming stream before using ``tensors[name].view()``. Raises :class:`~djinn_core.errors.SlabExhausted`
         (nothing changed) when the items do not fit in the slab.
+
+        Destinations are allocated first (on the current stream), then every copy is issued on the in stream, which
+        by default waits for all work queued on the current stream. ``after``: an event on the current stream
+        covering every earlier use of the memory being allocated -- the in stream then waits for it instead, so
+        work queued after it (a resume's continuation) does not delay the copies; if the allocations themselves
+        queue work on the current stream, the in stream still waits for all of it.
         """
         if not isinstance(state, SwappedState) or state._engine is not self:
             raise ConfigError("state was not produced by this swap engine")
@@ -374,34 +384,47 @@ class SwapEngine:
 
         inn = self.in_stream
         cur = torch.cuda.current_stream(self.device) if inn is not None else None
-        epoch = None
+        epoch = self.slab.stream_epoch
         tensors: dict[str, SlabTensor] = {}
         events: dict[str, Any] = {}
         checks: dict[str, tuple[torch.Tensor, Any, torch.Tensor, Any]] = {}
+        # 1. destinations, on the *current* stream (an allocation may queue compaction moves or fence waits there)
+        try:
+            for name in selected:
+                it = state.items[name]
+                tensors[name] = self.slab.allocate(it.shape, it.dtype, tag=it.tag)
+        except BaseException:
+            for t in tensors.values():  # nothing issued yet: give the destinations back, the state is unchanged
+                self.slab.free(t)
+            raise
+        # 2. the copies, on the in stream, in order. It waits for the current stream's work when the allocations
+        # queued some, or when no ``after`` event says which earlier work the destinations depend on.
+        if inn is not None:
+            if after is None or epoch != self.slab.stream_epoch:
+                inn.wait_stream(cur)
+            else:
+                inn.wait_event(after)
         start = None
-        for name in selected:  # allocate and issue item by item: the first copy starts at once
-            it = state.items[name]
-            # on the *current* stream (outside the in-stream context): compaction moves and fence waits
-            t = self.slab.allocate(it.shape, it.dtype, tag=it.tag)
-            if inn is not None:
-                if epoch != self.slab.stream_epoch:  # first item, or the slab queued work on the current stream
-                    inn.wait_stream(cur)
-                    epoch = self.slab.stream_epoch
-                if it.event is not None:
+        with self._stream_ctx(inn):
+            for name in selected:
+                it = state.items[name]
+                t = tensors[name]
+                if inn is not None and it.event is not None:
                     inn.wait_event(it.event)  # its D2H has landed
-            if self.record_timing and start is None:
-                start = self._timing_event(inn)
-            with self._stream_ctx(inn):
+                if self.record_timing and start is None:
+                    start = self._timing_event(inn)
                 dst = t.view()
                 dst.copy_(it.block.view(), non_blocking=inn is not None)
                 cs = checksum(dst) if it.checksum is not None else None
                 ev = self._record(inn)
-            self.slab.fence(t, ev)  # a compaction issued before the consumer waits must wait for this copy
+                events[name] = ev
+                if cs is not None:
+                    checks[name] = (it.checksum, it.event, cs, ev)
+        for name in selected:  # bookkeeping after the copies are issued
+            it = state.items.pop(name)
+            ev = events[name]
+            self.slab.fence(tensors[name], ev)  # a compaction issued before the consumer waits must wait for it
             self.host_pool.free(it.block, after=ev)
-            del state.items[name]
-            tensors[name], events[name] = t, ev
-            if cs is not None:
-                checks[name] = (it.checksum, it.event, cs, ev)
         nbytes = sum(t.nbytes for t in tensors.values())
         if start is not None:
             self.records.append(SwapRecord("in", nbytes, len(selected), start, self._timing_event(inn)))
