@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import itertools
 import logging
 import time
@@ -253,6 +254,18 @@ def _rebuild_kwargs(template: dict[str, Any], tensors: dict[str, torch.Tensor], 
 
 # -------------------------------------------------------------------------------------------------------------------
 # Sessions
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic collector off for a short critical section (restored as it was, also on error)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class _PackedHead:
@@ -552,14 +565,15 @@ class BreakpointSession:
         until :meth:`_restore_kv` (layers ``>= L`` never read it, so a resume runs them first)."""
         rt = self.runtime
         state = self._swapped
-        rt.trace_point("restore.start")
-        rt._make_room(self.id, self._restore_bytes)  # bookkeeping only, unless an idle session must be evicted
-        rt.trace_point("restore.room")
-        head_rs = rt.swap.swap_in(state, names=(HEAD,))
-        rt.trace_point("restore.head_issued")
-        head_rs.wait(HEAD)
-        self.ready_event = rt._record_event()
-        rt.trace_point("restore.ready")
+        with _gc_paused():  # no collection between the call and the head's copy: it would sit on the critical path
+            rt.trace_point("restore.start")
+            rt._make_room(self.id, self._restore_bytes)  # bookkeeping only, unless an idle session must be evicted
+            rt.trace_point("restore.room")
+            head_rs = rt.swap.swap_in(state, names=(HEAD,))
+            rt.trace_point("restore.head_issued")
+            head_rs.wait(HEAD)
+            self.ready_event = rt._record_event()
+            rt.trace_point("restore.ready")
         self._head = _PackedHead(head_rs.tensors[HEAD], self._head_layout)
         self._swapped = head_rs.pending
         self.state = SessionState.CHECKPOINT
