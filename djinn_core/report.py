@@ -295,6 +295,51 @@ def _plot_crossover(data: dict[str, Any], out_dir: Path, name: str) -> Path | No
     return p
 
 
+PRESSURE_JSON = "exp3_memory_pressure.json"  # read beside a resume JSON for the capabilities table's session counts
+
+
+def capabilities_table(resume: dict[str, Any], pressure: dict[str, Any] | None = None, layer: int = 40) -> str | None:
+    """Method, resume latency at ``layer``, concurrent 2048-token sessions, state editing: every figure from the
+    resume benchmarks' info (and, when given, the memory-pressure run's); what no run measured says so."""
+    at_l = next(((b.get("extra_info") or {}).get("info") or {} for b in resume.get("benchmarks", [])
+                 if (b.get("extra_info") or {}).get("L") == layer
+                 and "djinn_ms" in ((b.get("extra_info") or {}).get("info") or {})), None)
+    if at_l is None:
+        return None
+    edit_ok = [r.passed for r in claim_rows(resume) if r.claim == "edit_bitwise_equal_to_plain_forward_hook"]
+    djinn_sessions = eager_sessions = "not measured"
+    if pressure is not None:
+        done, eager = [], None
+        for b in pressure.get("benchmarks", []):
+            extra = b.get("extra_info") or {}
+            info = extra.get("info") or {}
+            eager = info.get("eager", eager)
+            verdicts = {r["claim"]: r["passed"] for r in extra.get("claims", [])}
+            if extra.get("sessions") and verdicts.get("sessions_completed_fraction") and \
+                    verdicts.get("sessions_with_tokens_unequal_to_solo_run"):
+                done.append((int(extra["sessions"]), info.get("oversubscription")))
+        if done:
+            n, over = max(done)
+            djinn_sessions = (f"{n} of {n}, all bitwise equal to solo runs (the largest N run; demand "
+                              f"{_fmt(over)}x the VRAM budget)")
+        if eager:
+            eager_sessions = (f"{eager['sessions_held']} (out of memory at {eager['oom_at_session']}; "
+                              f"{eager['predicted_sessions']} predicted from free memory)")
+    editing = ("yes: edit at the checkpoint, bitwise equal to a forward hook" if edit_ok and all(edit_ok)
+               else "edit claim failing" if edit_ok else "not measured")
+    rows = [("Djinn (pause, swap, resume from L)", f"{_fmt(at_l['djinn_ms'])} ms", djinn_sessions, editing),
+            ("eager PyTorch (everything kept on the GPU)", f"{_fmt(at_l['eager_ms'])} ms (nothing moves)",
+             eager_sessions, "only by a hook inside a whole forward"),
+            ("recompute (forward 0..L again)", f"{_fmt(at_l['recompute_ms'])} ms", "not measured",
+             "only by a hook inside the recompute"),
+            ("manual pinned offload (hidden state only)", f"{_fmt(at_l['manual_ms'])} ms", "not measured",
+             "by hand; its KV is not restored")]
+    lines = [f"| method | resume latency at L={layer} (median) | concurrent 2048-token sessions | state editing |",
+             "|---|---|---|---|"]
+    lines += [f"| {m} | {lat} | {n} | {e} |" for m, lat, n, e in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(json_path: str | Path, out_dir: str | Path | None = None, name: str | None = None) -> Path:
     """Write ``<out_dir>/<name>.md`` (and its PNG plots) for a pytest-benchmark JSON file. Returns the .md path."""
     json_path = Path(json_path)
@@ -328,6 +373,11 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
              "## Claims", "", claims_table(rows) if rows else "No claims recorded.\n",
              "## Provenance", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in prov.items()]
+    pressure_path = json_path.parent / PRESSURE_JSON
+    caps = capabilities_table(data, load_benchmark_json(pressure_path) if pressure_path.exists() else None)
+    if caps:
+        lines += ["", "## Capabilities", "",
+                  f"Latencies from this run; session counts from `{PRESSURE_JSON}` beside it when present.", "", caps]
     if n_fail:
         lines += ["", "## Failing claims", ""]
         lines += [f"- {describe(r.record)}" for r in rows if not r.passed]

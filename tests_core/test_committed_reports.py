@@ -24,16 +24,22 @@ FOLDER_GPU = {"h100": "H100", "h200x2": "H200"}
 _RESUME = "exp3_resume::tests_exp3/test_resume_latency.py::test_resume_latency_against_baselines"
 _MANUAL = "resume_vs_manual_pinned_offload[model=llama2-13b,L={L},prompt_tokens=2048]"
 KNOWN_SHORTFALLS: dict[str, str] = {
-    # H100, 2026-11-27, commit c532aef: Djinn's restore-until-layer-L-can-compute against one manual 20 MiB pinned
-    # copy (bound <= 1.25x). The restore issues the continuation's slab allocations (and any compaction copies) on
-    # the compute stream before the hidden state's copy; see the issue's closing note.
-    f"{_RESUME}[L=1]::{_MANUAL.format(L=1)}": "measured 0.769 ms vs manual 0.429 ms: 1.79x > 1.25x",
-    f"{_RESUME}[L=10]::{_MANUAL.format(L=10)}": "measured 1.571 ms vs manual 0.401 ms: 3.92x > 1.25x",
-    f"{_RESUME}[L=20]::{_MANUAL.format(L=20)}": "measured 1.328 ms vs manual 0.402 ms: 3.31x > 1.25x",
-    f"{_RESUME}[L=30]::{_MANUAL.format(L=30)}": "measured 1.891 ms vs manual 0.408 ms: 4.64x > 1.25x",
-    f"{_RESUME}[L=40]::{_MANUAL.format(L=40)}": "measured 1.011 ms vs manual 0.398 ms: 2.54x > 1.25x",
-    f"{_RESUME}[L=30]::resume_to_next_token_vs_max_copy_compute[model=llama2-13b,L=30,prompt_tokens=2048]":
-        "measured 75.8 ms vs max(copy 24.3 ms, compute 53.0 ms): 1.43x > 1.1x",
+    # H100, 2026-11-27, commit 5699c20: Djinn's restore-until-layer-L-can-compute against one manual 20 MiB pinned
+    # copy (bound <= 1.25x). L=1 passes (0.478 vs 0.435 ms, 1.10x); deeper checkpoints pay host work that grows with
+    # the session's item count before the head's copy lands (see the issue's closing note).
+    f"{_RESUME}[L=10]::{_MANUAL.format(L=10)}": "measured 0.641 ms vs manual 0.409 ms: 1.57x > 1.25x",
+    f"{_RESUME}[L=20]::{_MANUAL.format(L=20)}": "measured 0.874 ms vs manual 0.409 ms: 2.14x > 1.25x",
+    f"{_RESUME}[L=30]::{_MANUAL.format(L=30)}": "measured 0.763 ms vs manual 0.405 ms: 1.88x > 1.25x",
+    f"{_RESUME}[L=40]::{_MANUAL.format(L=40)}": "measured 0.767 ms vs manual 0.436 ms: 1.76x > 1.25x",
+    "exp3_resume::tests_exp3/test_resume_latency.py::test_resume_latency_is_flat_in_depth::"
+    "djinn_resume_max_over_min_across_depth[layers=[1, 10, 20, 30, 40]]":
+        "measured max/min 0.874/0.478 ms = 1.83 > 1.3",
+    # H100, 2026-11-27, commit 53a8b14: remote resume at L=40 (last-position logits back) 1.776 ms against 1.316 ms
+    # in process; the reply leg (op end -> logits decoded on the client) is 0.285 ms where a no-op's whole round
+    # trip is 0.137 ms. L=20 passes (-0.13 ms); framework overhead passes (0.113 ms).
+    "exp3_rpc::tests_exp3/test_rpc_overhead.py::test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within"
+    "_0_3_ms::remote_resume_minus_in_process_resume[model=llama2-13b,L=40,prompt_tokens=2048,logits=last,repeats=30,"
+    "busy_poll_s=0.2]": "measured remote - in-process = 0.460 ms > 0.3 ms",
 }
 
 

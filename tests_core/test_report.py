@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,21 @@ def test_resume_benchmarks_get_a_crossover_plot_of_every_method(tmp_path):
     p.write_text(json.dumps(data))
     text = write_report(p, out_dir=tmp_path / "rep", name="exp3").read_text()
     assert "(exp3_crossover.png)" in text and (tmp_path / "rep" / "exp3_crossover.png").is_file()
+
+
+@pytest.mark.cpu
+def test_capabilities_table_takes_every_figure_from_the_runs():
+    from djinn_core.report import capabilities_table, load_benchmark_json
+
+    h100 = Path(__file__).resolve().parent.parent / "reports" / "h100"
+    resume = load_benchmark_json(h100 / "exp3_resume.json")
+    pressure = load_benchmark_json(h100 / "exp3_memory_pressure.json")
+    table = capabilities_table(resume, pressure)
+    at40 = next(b["extra_info"]["info"] for b in resume["benchmarks"]
+                if b["extra_info"].get("L") == 40 and "djinn_ms" in b["extra_info"].get("info", {}))
+    assert f"{at40['recompute_ms']:.4g} ms" in table and f"{at40['djinn_ms']:.4g} ms" in table
+    eager = pressure["benchmarks"][0]["extra_info"]["info"]["eager"]
+    assert f"{eager['sessions_held']} (out of memory at {eager['oom_at_session']}" in table
+    assert "64 of 64" in table
+    assert "not measured" in capabilities_table(resume, None)  # no pressure run: session counts say so
+    assert capabilities_table({"benchmarks": []}) is None
