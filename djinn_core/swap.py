@@ -295,7 +295,8 @@ class SwapEngine:
     def swap_out(self, items: Mapping[str, SlabTensor], *, free_source: bool = True) -> SwappedState:
         """Copy ``items`` to the host pool on the out stream; one event per item; returns immediately (CUDA).
 
-        With ``free_source`` the slab tensors are freed at once, fenced by their copy's event. Without it they stay
+        With ``free_source`` the slab tensors are freed at once, fenced by the swap's last copy event (one merged
+        fence per swap). Without it they stay
         allocated and fenced; do not write them until ``state.wait(name)`` has been called on the writing stream.
         Raises :class:`~djinn_core.errors.HostPoolExhausted` (nothing copied, nothing freed) when the host blocks do
         not fit.
