@@ -58,11 +58,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
-    """Where the suite runs on a copy of the tree without .git (the lent GPU machine), take the commit from the
-    environment (DJINN_GIT_COMMIT, DJINN_GIT_DIRTY) as the caller recorded it before sending the tree."""
+    """Where the suite runs on a copy of the tree (the lent GPU machine), take the commit from the environment
+    (DJINN_GIT_COMMIT, DJINN_GIT_DIRTY) as the caller recorded it before sending the tree. It overrides whatever git
+    says there: the copy may carry a stale .git (on 2026-11-27 it reported the session's first commit, dirty, for
+    trees sent later in the session)."""
     import os
 
-    if commit_info.get("id") in (None, "", "unknown") and os.environ.get("DJINN_GIT_COMMIT"):
+    if os.environ.get("DJINN_GIT_COMMIT"):
+        if commit_info.get("id") not in (None, "", "unknown"):
+            commit_info["git_on_device"] = {"id": commit_info.get("id"), "dirty": commit_info.get("dirty")}
         commit_info["id"] = os.environ["DJINN_GIT_COMMIT"]
         commit_info["dirty"] = os.environ.get("DJINN_GIT_DIRTY", "unknown") == "1"
         commit_info["source"] = "DJINN_GIT_COMMIT"
