@@ -268,30 +268,31 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+_Layout = dict[str, tuple[int, int, tuple[int, ...], torch.dtype]]  # name -> (byte offset, nbytes, shape, dtype)
+
+
 class _PackedHead:
     """A checkpoint's head -- the hidden state first, then the captured layer kwargs tensors -- in one slab
     allocation (uint8), so a pause moves it as one item and a restore brings it back with one copy, before anything
-    else. ``layout``: name -> (byte offset, shape, dtype)."""
+    else."""
 
-    def __init__(self, buf: SlabTensor, layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]]):
+    def __init__(self, buf: SlabTensor, layout: _Layout):
         self.buf = buf
         self.layout = layout
 
     @staticmethod
-    def plan(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, tuple[int, ...], torch.dtype]], int]:
+    def plan(tensors: dict[str, torch.Tensor]) -> tuple[_Layout, int]:
         """(layout, total bytes) packing ``tensors`` in order, each aligned to ``_HEAD_ALIGN`` bytes."""
         layout, off = {}, 0
         for name, t in tensors.items():
             off = -(-off // _HEAD_ALIGN) * _HEAD_ALIGN
-            layout[name] = (off, tuple(t.shape), t.dtype)
-            off += t.numel() * t.element_size()
+            nbytes = t.numel() * t.element_size()
+            layout[name] = (off, nbytes, tuple(t.shape), t.dtype)
+            off += nbytes
         return layout, max(off, 1)
 
     def _slice(self, raw: torch.Tensor, name: str) -> torch.Tensor:
-        off, shape, dtype = self.layout[name]
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
+        off, n, shape, dtype = self.layout[name]
         return raw[off: off + n].view(dtype).view(shape)
 
     def view(self, name: str) -> torch.Tensor:
@@ -338,7 +339,7 @@ class Checkpoint:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._session._head_layout[HIDDEN][1])
+        return self._session._head_layout[HIDDEN][2]
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -401,7 +402,7 @@ class BreakpointSession:
                                              dtype=runtime.dtype)
         self.cache = SlabKVCache(self.geometry, _SlabKVAllocator(runtime, session_id))
         self._head: _PackedHead | None = None  # resident checkpoint head (hidden state + layer kwargs)
-        self._head_layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        self._head_layout: _Layout = {}
         self._restore_bytes = 0  # slab bytes a restore of the paused state needs (computed at pause)
         self._template: dict[str, Any] = {}
         self._swapped: SwappedState | None = None

@@ -343,9 +343,8 @@ class SwapEngine:
         if free_source and items:
             # freed behind the swap's last copy: one fence for all its ranges (adjacent ones merge into one entry,
             # so later allocations check a few fences, not one per item)
-            last = ev
             for t in items.values():
-                self.slab.free(t, after=last)
+                self.slab.free(t, after=ev)
         nbytes = sum(t.nbytes for t in items.values())
         if start is not None:
             self.records.append(SwapRecord("out", nbytes, len(items), start, self._timing_event(out)))

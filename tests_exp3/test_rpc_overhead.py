@@ -114,7 +114,7 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
     rbase.run_to(layer)
     lbase = runtime.open(ids, max_new_tokens=1)
     lbase.run_to(layer)
-    remote, local, server, equal = [], [], [], True
+    remote, local, server = [], [], []
     phases: dict[str, list[float]] = {}  # the remote round trip split on the host clock (client.last_phases_ms)
     r_logits: list[torch.Tensor] = []
     l_logits: list[torch.Tensor] = []
