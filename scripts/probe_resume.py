@@ -2,24 +2,104 @@
 
 Runs the resume-latency experiment's restore loop (pause, drain, restore) on the Llama-2-13B architecture with the
 runtime's phase tracing on, and prints, per L, the median host and device milliseconds from the restore call to each
-phase (room made, head copies issued, layer L ready, KV copies issued), next to one manual 20 MiB pinned copy.
+phase (room made, head copy issued, layer L ready, KV copies issued) and the head copy's own start and duration on
+the in stream. Next to it, the same bytes copied by hand under four conditions, to separate Djinn's overhead from the
+machine's state:
 
-    PYTHONPATH=. python3 scripts/probe_resume.py [--layers 1 10 20 30 40] [--repeats 20]
+* ``manual``: a fresh pinned buffer copied in a tight loop (the experiment's baseline);
+* ``manual_after_pause``: the same copy, each time right after the session's pause (its D2H traffic) drained;
+* ``pool_after_pause``: the head's own host-pool block copied by hand right after the pause;
+* ``pool_hot``: that block copied in a tight loop.
+
+    PYTHONPATH=. python3 scripts/probe_resume.py [--layers 1 10 20 30 40] [--repeats 20] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 
 import torch
 
-from djinn_core.breakpoints import BreakpointRuntime
+from djinn_core.breakpoints import HEAD, BreakpointRuntime
 from djinn_core.host_pool import HostPool
 from djinn_core.models import build_model
 from djinn_core.slab import Slab
 from djinn_core.timing import time_cuda
+
+WARMUP = 3
+
+
+def _timed(fn) -> float:
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e)
+
+
+def probe_layer(rt, s, repeats: int) -> dict[str, float]:
+    stream = torch.cuda.current_stream()
+    phases: dict[str, list[float]] = {}
+
+    def add(k, v):
+        phases.setdefault(k, []).append(v)
+
+    def paused():
+        s.pause()
+        stream.synchronize()
+        rt.swap.out_stream.synchronize()
+
+    def back():
+        s.restore()
+        s.cache.wait_ready()
+        stream.synchronize()
+        rt.swap.in_stream.synchronize()
+
+    rt.swap.record_timing = True
+    for i in range(repeats + WARMUP):
+        paused()
+        rt.trace_log.clear()
+        rt.swap.records.clear()
+        s.restore()
+        s.cache.wait_ready()
+        stream.synchronize()
+        rt.swap.in_stream.synchronize()
+        (_, h0, e0), rest = rt.trace_log[0], rt.trace_log[1:]
+        if i < WARMUP:
+            continue
+        for label, h, e in rest:
+            add(f"{label.split('.')[1]}_host", (h - h0) * 1e3)
+            add(f"{label.split('.')[1]}_gpu", e0.elapsed_time(e))
+        head = rt.swap.records[0]  # the restore's first swap-in: the packed head alone
+        add("head_copy_start", e0.elapsed_time(head.start))
+        add("head_copy", head.start.elapsed_time(head.end))
+    rt.swap.record_timing = False
+
+    nbytes = s._head.buf.nbytes
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    copy = lambda src: target.copy_(src, non_blocking=True)  # noqa: E731
+    phases["manual"] = list(time_cuda(lambda: copy(pinned), warmup=WARMUP, repeats=repeats).samples_ms)
+    for i in range(repeats + WARMUP):
+        paused()
+        a = _timed(lambda: copy(pinned))
+        src = s._swapped.items[HEAD].block.view().view(torch.uint8).reshape(-1)
+        b = _timed(lambda: copy(src))
+        if i >= WARMUP:
+            add("manual_after_pause", a)
+            add("pool_after_pause", b)
+        back()
+    paused()
+    src = s._swapped.items[HEAD].block.view().view(torch.uint8).reshape(-1)
+    phases["pool_hot"] = list(time_cuda(lambda: copy(src), warmup=WARMUP, repeats=repeats).samples_ms)
+    back()
+    out = {k: statistics.median(v) for k, v in phases.items()}
+    out["head_bytes"] = nbytes
+    return out
 
 
 def main() -> int:
@@ -28,34 +108,23 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--layers", type=int, nargs="+", default=[1, 10, 20, 30, 40])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", help="write the medians per L here")
     args = p.parse_args()
     model = build_model(args.arch, device="cuda", dtype=torch.float16, seed=0)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
     rt = BreakpointRuntime(model, slab=Slab(8 << 30, "cuda"), host_pool=HostPool(4 << 30), trace=True)
-    stream = torch.cuda.current_stream()
+    results = {}
     for layer in args.layers:
         s = rt.open(ids, max_new_tokens=64)
-        hidden = s.run_to(layer).hidden.clone()
-        phases: dict[str, list[tuple[float, float]]] = {}
-        for i in range(args.repeats + 3):
-            s.pause()
-            stream.synchronize()
-            rt.swap.out_stream.synchronize()
-            rt.trace_log.clear()
-            s.restore()
-            s.cache.wait_ready()
-            stream.synchronize()
-            (_, h0, e0), rest = rt.trace_log[0], rt.trace_log[1:]
-            if i >= 3:
-                for label, h, e in rest:
-                    phases.setdefault(label, []).append(((h - h0) * 1e3, e0.elapsed_time(e)))
-        pinned = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True).copy_(hidden.cpu())
-        manual = time_cuda(lambda: hidden.copy_(pinned, non_blocking=True), warmup=3, repeats=args.repeats)
-        cells = ", ".join(f"{k.split('.')[1]} host {statistics.median(h for h, _ in v):.3f} / gpu "
-                          f"{statistics.median(d for _, d in v):.3f}" for k, v in phases.items())
-        print(f"L={layer:2d} manual {manual.median_ms:.3f} ms | {cells}", flush=True)
+        s.run_to(layer)
+        r = results[layer] = probe_layer(rt, s, args.repeats)
         s.close()
+        print(f"L={layer:2d} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k != "head_bytes")
+              + f" head_MiB={r['head_bytes'] / 2**20:.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     return 0
 
 
