@@ -563,20 +563,20 @@ class BreakpointSession:
 
     def _restore_head(self) -> None:
         """PAUSED -> CHECKPOINT with only the head resident; the KV of layers ``0..L-1`` stays in ``_swapped``
-        until :meth:`_restore_kv` (layers ``>= L`` never read it, so a resume runs them first)."""
+        until :meth:`_restore_kv` (layers ``>= L`` never read it, so a resume runs them first).
+
+        The head is copied on the current stream -- the stream that computes layer L next -- with only an allocation
+        and a wait for its D2H before the copy, and ``ready_event`` recorded right after it."""
         rt = self.runtime
         state = self._swapped
         with _gc_paused():  # no collection between the call and the head's copy: it would sit on the critical path
             rt.trace_point("restore.start")
             rt._make_room(self.id, self._restore_bytes)  # bookkeeping only, unless an idle session must be evicted
             rt.trace_point("restore.room")
-            head_rs = rt.swap.swap_in(state, names=(HEAD,))
-            rt.trace_point("restore.head_issued")
-            head_rs.wait(HEAD)
-            self.ready_event = rt._record_event()
+            head, self.ready_event = rt.swap.swap_in_now(state, HEAD, timing=True)
             rt.trace_point("restore.ready")
-        self._head = _PackedHead(head_rs.tensors[HEAD], self._head_layout)
-        self._swapped = head_rs.pending
+        self._head = _PackedHead(head, self._head_layout)
+        self._swapped = state if state.items else None
         self.state = SessionState.CHECKPOINT
         rt._touch(self)
 

@@ -592,15 +592,20 @@ class Slab:
         Overlap is tested first (arithmetic), so only overlapping fences cost an event query; completed fences are
         dropped here and, amortised, in :meth:`free`.
         """
-        ranges = list(ranges)
+        spans = [(r_off, r_off + r_size) for r_off, r_size in ranges]
         done: list[int] = []
         for k, (off, size, ev) in enumerate(self._free_fences):
-            if any(off < r_off + r_size and r_off < off + size for r_off, r_size in ranges):
-                if event_pending(ev):
-                    self._current_stream().wait_event(ev)
-                    self.stream_epoch += 1
-                else:
-                    done.append(k)
+            end = off + size
+            for lo, hi in spans:  # a plain loop: this runs on a restore's critical path, before the head's copy
+                if off < hi and lo < end:
+                    break
+            else:
+                continue
+            if event_pending(ev):
+                self._current_stream().wait_event(ev)
+                self.stream_epoch += 1
+            else:
+                done.append(k)
         for k in reversed(done):
             del self._free_fences[k]
 

@@ -270,5 +270,5 @@ def test_restore_phase_trace_is_recorded_only_when_asked():
         s.restore()
         s.close()
     assert quiet.trace_log == []
-    assert [label for label, _, _ in traced.trace_log] == ["restore.start", "restore.room", "restore.head_issued",
-                                                           "restore.ready", "restore.kv_issued"]
+    assert [label for label, _, _ in traced.trace_log] == ["restore.start", "restore.room", "restore.ready",
+                                                           "restore.kv_issued"]
