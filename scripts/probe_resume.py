@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 
@@ -39,6 +40,12 @@ def _timed(fn) -> float:
     e.record()
     e.synchronize()
     return s.elapsed_time(e)
+
+
+def _spin_us(us: float) -> None:
+    end = time.perf_counter() + us * 1e-6
+    while time.perf_counter() < end:
+        pass
 
 
 def probe_layer(rt, s, repeats: int) -> dict[str, float]:
@@ -79,6 +86,45 @@ def probe_layer(rt, s, repeats: int) -> dict[str, float]:
         add("head_copy", head.start.elapsed_time(head.end))
     rt.swap.record_timing = False
 
+    # the head alone (no KV copies issued behind it), then the KV
+    for i in range(repeats + WARMUP):
+        paused()
+        rt.swap.record_timing = True
+        rt.swap.records.clear()
+        rt.trace_log.clear()
+        t0 = time.perf_counter()
+        s._restore_head()
+        host = (time.perf_counter() - t0) * 1e3
+        s.ready_event.synchronize()
+        rt.swap.record_timing = False
+        e0 = rt.trace_log[0][2]
+        if i >= WARMUP:
+            add("headonly_ready", e0.elapsed_time(s.ready_event))
+            add("headonly_copy_start", e0.elapsed_time(rt.swap.records[0].start))
+            add("headonly_copy", rt.swap.records[0].start.elapsed_time(rt.swap.records[0].end))
+            add("headonly_host", host)
+        s._restore_kv()
+        s.cache.wait_ready()
+        stream.synchronize()
+        rt.swap.in_stream.synchronize()
+
+    # host costs right after a drained pause: an event record, the room check, one allocation and free
+    for i in range(repeats + WARMUP):
+        paused()
+        t0 = time.perf_counter()
+        torch.cuda.Event(enable_timing=True).record(stream)
+        t1 = time.perf_counter()
+        rt._make_room(s.id, s._restore_bytes)
+        t2 = time.perf_counter()
+        t = rt.slab.allocate((s._swapped.items[HEAD].nbytes,), torch.uint8)
+        t3 = time.perf_counter()
+        rt.slab.free(t)
+        if i >= WARMUP:
+            add("host_event_record", (t1 - t0) * 1e3)
+            add("host_make_room", (t2 - t1) * 1e3)
+            add("host_allocate", (t3 - t2) * 1e3)
+        back()
+
     nbytes = s._head.buf.nbytes
     pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     target = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -89,7 +135,9 @@ def probe_layer(rt, s, repeats: int) -> dict[str, float]:
         a = _timed(lambda: copy(pinned))
         src = s._swapped.items[HEAD].block.view().view(torch.uint8).reshape(-1)
         b = _timed(lambda: copy(src))
+        c = _timed(lambda: (_spin_us(100), copy(pinned)))
         if i >= WARMUP:
+            add("manual_after_100us_host", c)
             add("manual_after_pause", a)
             add("pool_after_pause", b)
         back()
