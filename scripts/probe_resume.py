@@ -130,17 +130,29 @@ def probe_layer(rt, s, repeats: int) -> dict[str, float]:
     target = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     copy = lambda src: target.copy_(src, non_blocking=True)  # noqa: E731
     phases["manual"] = list(time_cuda(lambda: copy(pinned), warmup=WARMUP, repeats=repeats).samples_ms)
-    for i in range(repeats + WARMUP):
-        paused()
-        a = _timed(lambda: copy(pinned))
-        src = s._swapped.items[HEAD].block.view().view(torch.uint8).reshape(-1)
-        b = _timed(lambda: copy(src))
-        c = _timed(lambda: (_spin_us(100), copy(pinned)))
-        if i >= WARMUP:
-            add("manual_after_100us_host", c)
-            add("manual_after_pause", a)
-            add("pool_after_pause", b)
-        back()
+    # each variant as the first thing after a drained pause: (source, destination) of the same bytes
+    def slab_dst():
+        return rt.slab.allocate((nbytes,), torch.uint8)
+
+    for variant in ("fresh_to_tensor", "pool_to_tensor", "fresh_to_slab", "pool_to_slab"):
+        for i in range(repeats + WARMUP):
+            paused()
+            src = pinned if variant.startswith("fresh") else \
+                s._swapped.items[HEAD].block.view().view(torch.uint8).reshape(-1)
+            dst_h = slab_dst() if variant.endswith("slab") else None
+            dst = target if dst_h is None else dst_h.view()
+            a, b, c = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            a.record(stream)
+            b.record(stream)
+            dst.copy_(src, non_blocking=True)
+            c.record(stream)
+            c.synchronize()
+            if dst_h is not None:
+                rt.slab.free(dst_h)
+            if i >= WARMUP:
+                add(f"first_{variant}", a.elapsed_time(c))
+                add(f"first_{variant}_copy", b.elapsed_time(c))
+            back()
     paused()
     src = s._swapped.items[HEAD].block.view().view(torch.uint8).reshape(-1)
     phases["pool_hot"] = list(time_cuda(lambda: copy(src), warmup=WARMUP, repeats=repeats).samples_ms)
