@@ -10,12 +10,13 @@ The model is wrapped from outside; no model code is copied.
   cache substituted), then ``model.model.norm`` and ``model.lm_head`` -- what the Llama/Mistral/Qwen2 causal-LM
   forward does after its layer loop, with full logits (``logits_to_keep=0``). ``generate(n)`` then decodes greedily
   with ordinary ``model(token, past_key_values=cache)`` calls.
-* ``pause()`` swaps the checkpoint to the host pool through the :class:`~djinn_core.swap.SwapEngine`: the hidden
-  state and the captured kwargs tensors ("head" items ``hidden``, ``arg.*``) and the KV of layers ``0..L-1``
-  (``kv.<i>``, one slab allocation per layer holding K and V). Their slab memory returns to the slab, fenced by the
-  copies' events.
-* A resume brings back the head items first, makes the current (compute) stream wait for them only, and then issues
-  the KV copies in layer order. Each restored cache layer carries a one-shot wait on its own copy's event, run inside
+* ``pause()`` swaps the checkpoint to the host pool through the :class:`~djinn_core.swap.SwapEngine`: the KV of
+  layers ``0..L-1`` (``kv.<i>``, one slab allocation per layer holding K and V), then the "head" (one allocation
+  packing the hidden state and the captured kwargs tensors). Their slab memory returns to the slab, fenced by the
+  swap's last copy -- the head's -- so a restore's head copy depends on that one event.
+* A resume brings back the head first, with one copy on the current (compute) stream itself (so layer L's work
+  follows it without a cross-stream wait, and the host does only an allocation and one stream wait before it),
+  and then issues the KV copies in layer order on the swap engine's in stream. Each restored cache layer carries a one-shot wait on its own copy's event, run inside
   ``SlabKVLayer.update`` just before that layer's K/V are first used (the first decode step), so the KV restore
   overlaps the continuation's compute and a layer waits for nothing but its own bytes. (This wait is per cache,
   not a hook on the shared model, so two resumed sessions never consume each other's waits.)
@@ -410,6 +411,7 @@ class BreakpointSession:
         self._next_logits: torch.Tensor | None = None  # (batch, vocab) of the last position, not yet consumed
         self.generated: list[torch.Tensor] = []
         self.ready_event: Any = None  # CUDA event: the resumed state is usable by layer L on the current stream
+        self._ready_next: Any = None  # the event a restore records as ready_event (created at pause)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _require(self, state: SessionState | tuple[SessionState, ...], what: str) -> None:
@@ -497,10 +499,12 @@ class BreakpointSession:
         self._require(SessionState.CHECKPOINT, "pause")
         self.cache.wait_ready()  # a restored-but-unused KV block may still be arriving
         self._unshare()
-        items: dict[str, SlabTensor] = {HEAD: self._head.buf}
-        for i in range(self.layer):
-            items[f"kv.{i}"] = self.cache.layers[i].block.handle
+        # the head goes out last: its D2H event is then also the fence of every range this pause frees, so a
+        # restore's head copy depends on one event (one stream wait on the critical path)
+        items: dict[str, SlabTensor] = {f"kv.{i}": self.cache.layers[i].block.handle for i in range(self.layer)}
+        items[HEAD] = self._head.buf
         self._swapped = self.runtime.swap.swap_out(items, free_source=True)
+        self._ready_next = self.runtime._spare_event()
         self._restore_bytes = self._swapped.slab_bytes()
         self.cache.release(range(self.layer, self.num_layers))  # empty blocks of a restored checkpoint
         for i in range(self.layer):
@@ -573,7 +577,8 @@ class BreakpointSession:
             rt.trace_point("restore.start")
             rt._make_room(self.id, self._restore_bytes)  # bookkeeping only, unless an idle session must be evicted
             rt.trace_point("restore.room")
-            head, self.ready_event = rt.swap.swap_in_now(state, HEAD, timing=True)
+            head, self.ready_event = rt.swap.swap_in_now(state, HEAD, event=self._ready_next)
+            self._ready_next = None
             rt.trace_point("restore.ready")
         self._head = _PackedHead(head, self._head_layout)
         self._swapped = state if state.items else None
@@ -792,6 +797,15 @@ class BreakpointRuntime:
         where a restore spends its time, on the host and on the device. Off by default (no cost)."""
         if self.trace:
             self.trace_log.append((label, time.perf_counter(), self._record_event()))
+
+    def _spare_event(self) -> Any:
+        """A timing-enabled CUDA event whose driver object already exists (recorded once on the swap engine's out
+        stream), to be recorded again on a critical path without creating it there; None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event(enable_timing=True)  # ready_event is timed by the resume-latency experiment
+        ev.record(self.swap.out_stream)
+        return ev
 
     def _record_event(self) -> Any:
         if self.device.type != "cuda":

@@ -521,12 +521,18 @@ class Slab:
         return self._book.admit(tensor_nbytes(shape, dtype)[1])
 
     # -- allocation --------------------------------------------------------------------------------------------------
-    def allocate(self, shape: Sequence[int] | int, dtype: torch.dtype, *, tag: str | None = None) -> SlabTensor:
+    def allocate(self, shape: Sequence[int] | int, dtype: torch.dtype, *, tag: str | None = None,
+                 fences: list[Any] | None = None) -> SlabTensor:
         """Allocate a contiguous ``dtype`` tensor of ``shape`` (contents undefined).
 
         Stream: any compaction copies and fence waits are issued on the current stream of the slab's device; the
         range is usable by work issued on that stream afterwards. Raises :class:`SlabExhausted` (slab unchanged) when
         the aligned size exceeds the free total.
+
+        ``fences``: a list that receives the fence events of freed ranges the new one overlaps, instead of the
+        current stream waiting for the pending ones. No event is queried (no driver call); the caller makes the
+        stream that first writes the range wait for each of them (a restore does so with the one wait it needs
+        anyway). Compaction, if any, still runs on the current stream.
         """
         shape_t, nbytes = tensor_nbytes(shape, dtype)
         if tag is not None and not isinstance(tag, str):
@@ -535,7 +541,11 @@ class Slab:
         if moves:
             self._execute_moves(moves)
         if self._free_fences:
-            self._wait_free_fences(((offset, self._book.size(alloc_id)),))
+            if fences is None:
+                self._wait_free_fences(((offset, self._book.size(alloc_id)),))
+            else:
+                end = offset + self._book.size(alloc_id)
+                fences.extend(ev for off, size, ev in self._free_fences if off < end and offset < off + size)
         handle = SlabTensor(self, alloc_id, nbytes, shape_t, dtype, tag)
         self._handles[alloc_id] = handle
         return handle

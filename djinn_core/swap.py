@@ -434,53 +434,53 @@ class SwapEngine:
         log.debug("swap-in: %d items, %d bytes, %d left on host", len(selected), nbytes, len(state.items))
         return ResidentState(tensors, events, state if state.items else None, self.device, checks)
 
-    def swap_in_now(self, state: SwappedState, name: str, *, timing: bool = False) -> tuple[SlabTensor, Any]:
+    def swap_in_now(self, state: SwappedState, name: str, *, event: Any = None) -> tuple[SlabTensor, Any]:
         """Bring one item back with its copy on the *current* stream; return ``(tensor, event)``.
 
         For what the current stream needs next (a restore's packed head): no hand-off through the in stream, so the
-        copy starts as soon as the host issues it and the work queued after it sees the data without a wait. The
-        host does only what must precede the copy (one allocation, one wait for the item's D2H), then the copy,
-        then the bookkeeping. ``event`` is recorded on the current stream right after the copy (timing-enabled with
-        ``timing``; None on the CPU). The item leaves ``state``; the rest stays in it. Raises
-        :class:`~djinn_core.errors.SlabExhausted` (nothing changed) when it does not fit. In checksum mode the copy
-        goes through :meth:`swap_in` and is verified before returning.
+        copy starts as soon as the host issues it and the work queued after it sees the data without a wait. Before
+        the copy the host does one allocation (no event queries) and one stream wait per distinct event the copy
+        depends on (the item's D2H and the fences of the range it lands in: one event when the item was the last
+        of its swap-out, as a pause makes its head). ``event``: a CUDA event to record right after the copy (pass
+        one created earlier to keep its creation off this path); a new one otherwise. The item leaves ``state``;
+        the rest stays in it. Raises :class:`~djinn_core.errors.SlabExhausted` (nothing changed) when it does not
+        fit. In checksum mode the copy goes through :meth:`swap_in` and is verified before returning.
         """
         if not isinstance(state, SwappedState) or state._engine is not self:
             raise ConfigError("state was not produced by this swap engine")
         it = state.items.get(name)
         if it is None:
             raise UnknownAllocation(f"no item {name!r} in this swapped state (has {state.names})")
-        if it.checksum is not None:
+        if it.checksum is not None or not self._cuda:
             rs = self.swap_in(state, names=(name,))
             rs.wait(name)
-            return rs.tensors[name], self._timed_or_plain(timing)
-        t = self.slab.allocate(it.shape, it.dtype, tag=it.tag)  # fence waits, if any, are queued on this stream
-        if not self._cuda:
-            t.view().copy_(it.block.view())
-            ev = None
-        else:
-            cur = torch.cuda.current_stream(self.device)
-            if it.event is not None:
-                cur.wait_event(it.event)  # its D2H has landed
-            start = self._timing_event(cur)
-            t.view().copy_(it.block.view(), non_blocking=True)
-            ev = torch.cuda.Event(enable_timing=timing)
-            ev.record(cur)
-            if start is not None:
-                self.records.append(SwapRecord("in", t.nbytes, 1, start, self._timing_event(cur)))
+            if self._cuda:
+                event = event if event is not None else torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+            return rs.tensors[name], event
+        deps: list[Any] = []
+        t = self.slab.allocate(it.shape, it.dtype, tag=it.tag, fences=deps)
+        cur = torch.cuda.current_stream(self.device)
+        if it.event is not None and all(ev is not it.event for ev in deps):
+            deps.append(it.event)
+        waited: list[Any] = []
+        for ev in deps:
+            if all(ev is not w for w in waited):
+                cur.wait_event(ev)
+                waited.append(ev)
+        start = self._timing_event(cur)
+        t.view().copy_(it.block.view(), non_blocking=True)
+        if event is None:
+            event = torch.cuda.Event()
+        event.record(cur)
+        if start is not None:
+            self.records.append(SwapRecord("in", t.nbytes, 1, start, self._timing_event(cur)))
         del state.items[name]
-        self.host_pool.free(it.block, after=ev)
+        self.host_pool.free(it.block, after=event)
         self._bytes_in += t.nbytes
         self._items_in += 1
         self._swaps_in += 1
-        return t, ev
-
-    def _timed_or_plain(self, timing: bool) -> Any:
-        if not self._cuda:
-            return None
-        ev = torch.cuda.Event(enable_timing=timing)
-        ev.record(torch.cuda.current_stream(self.device))
-        return ev
+        return t, event
 
     def _issue_order(self, state: SwappedState, order: Sequence[str] | None,
                      names: Iterable[str] | None) -> list[str]:

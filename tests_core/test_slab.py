@@ -323,6 +323,25 @@ def test_reusing_a_fenced_freed_range_waits_on_its_event(monkeypatch):
     assert stream.waited == [ev]  # completed fences are dropped, not waited again
 
 
+def test_allocate_can_hand_the_fences_to_the_caller_instead_of_waiting(monkeypatch):
+    s = Slab(8 * A, "cpu")
+    stream = FakeStream()
+    monkeypatch.setattr(s, "_current_stream", lambda: stream)
+    t, far = s.allocate((2 * A,), torch.uint8), s.allocate((A,), torch.uint8)
+    ev, ev_far = FakeEvent(), FakeEvent()
+    s.free(t, after=ev)
+    s.free(far, after=ev_far)
+    queried: list[FakeEvent] = []
+    monkeypatch.setattr(FakeEvent, "query", lambda self: queried.append(self) or self.done)
+    deps: list[FakeEvent] = []
+    u = s.allocate((A,), torch.uint8, fences=deps)  # lands in t's old range only
+    assert u.offset == 0 and deps == [ev]
+    assert stream.waited == [] and queried == []  # no wait queued, no event queried: the caller waits
+    deps2: list[FakeEvent] = []
+    s.allocate((2 * A,), torch.uint8, fences=deps2)  # spans t's rest and far's range
+    assert deps2 == [ev, ev_far]
+
+
 def test_compaction_waits_for_fences_of_moved_allocations(monkeypatch):
     s = Slab(4 * A, "cpu")
     stream = FakeStream()
