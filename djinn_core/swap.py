@@ -442,7 +442,7 @@ class SwapEngine:
         the copy the host does one allocation (no event queries) and one stream wait per distinct event the copy
         depends on (the item's D2H and the fences of the range it lands in: one event when the item was the last
         of its swap-out, as a pause makes its head). ``event``: a CUDA event to record right after the copy (pass
-        one created earlier to keep its creation off this path); a new one otherwise. The item leaves ``state``;
+        one created earlier to keep its creation off this path); a new timing-enabled one otherwise. The item leaves ``state``;
         the rest stays in it. Raises :class:`~djinn_core.errors.SlabExhausted` (nothing changed) when it does not
         fit. In checksum mode the copy goes through :meth:`swap_in` and is verified before returning.
         """
@@ -455,7 +455,7 @@ class SwapEngine:
             rs = self.swap_in(state, names=(name,))
             rs.wait(name)
             if self._cuda:
-                event = event if event is not None else torch.cuda.Event()
+                event = event if event is not None else torch.cuda.Event(enable_timing=True)
                 event.record(torch.cuda.current_stream(self.device))
             return rs.tensors[name], event
         deps: list[Any] = []
@@ -471,7 +471,7 @@ class SwapEngine:
         start = self._timing_event(cur)
         t.view().copy_(it.block.view(), non_blocking=True)
         if event is None:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
         event.record(cur)
         if start is not None:
             self.records.append(SwapRecord("in", t.nbytes, 1, start, self._timing_event(cur)))
