@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -257,6 +258,8 @@ class SwapEngine:
         # record_timing: keep a SwapRecord (start/end timing events on the side stream) per swap in `records`
         self.record_timing = bool(record_timing) and self._cuda
         self.records: list[SwapRecord] = []
+        # diagnostics: when a list, swap_in_now appends (label, time.perf_counter()) at each step (host time only)
+        self.host_marks: list[tuple[str, float]] | None = None
 
     @property
     def stats(self) -> SwapStats:
@@ -458,8 +461,11 @@ class SwapEngine:
                 event = event if event is not None else torch.cuda.Event(enable_timing=True)
                 event.record(torch.cuda.current_stream(self.device))
             return rs.tensors[name], event
+        marks = self.host_marks
         deps: list[Any] = []
         t = self.slab.allocate(it.shape, it.dtype, tag=it.tag, fences=deps)
+        if marks is not None:
+            marks.append(("allocated", time.perf_counter()))
         cur = torch.cuda.current_stream(self.device)
         if it.event is not None and all(ev is not it.event for ev in deps):
             deps.append(it.event)
@@ -468,11 +474,20 @@ class SwapEngine:
             if all(ev is not w for w in waited):
                 cur.wait_event(ev)
                 waited.append(ev)
+        if marks is not None:
+            marks.append((f"waited_{len(waited)}_of_{len(deps)}", time.perf_counter()))
         start = self._timing_event(cur)
-        t.view().copy_(it.block.view(), non_blocking=True)
+        dst, src = t.view(), it.block.view()
+        if marks is not None:
+            marks.append(("views", time.perf_counter()))
+        dst.copy_(src, non_blocking=True)
+        if marks is not None:
+            marks.append(("copy_issued", time.perf_counter()))
         if event is None:
             event = torch.cuda.Event(enable_timing=True)
         event.record(cur)
+        if marks is not None:
+            marks.append(("event_recorded", time.perf_counter()))
         if start is not None:
             self.records.append(SwapRecord("in", t.nbytes, 1, start, self._timing_event(cur)))
         del state.items[name]
@@ -480,6 +495,8 @@ class SwapEngine:
         self._bytes_in += t.nbytes
         self._items_in += 1
         self._swaps_in += 1
+        if marks is not None:
+            marks.append(("bookkept", time.perf_counter()))
         return t, event
 
     def _issue_order(self, state: SwappedState, order: Sequence[str] | None,

@@ -86,27 +86,31 @@ def probe_layer(rt, s, repeats: int) -> dict[str, float]:
         add("head_copy", head.start.elapsed_time(head.end))
     rt.swap.record_timing = False
 
-    # the head alone (no KV copies issued behind it), then the KV
+    # the head alone (no KV copies issued behind it, no trace events), host marks inside the swap engine
+    rt.trace = False
     for i in range(repeats + WARMUP):
         paused()
         rt.swap.record_timing = True
         rt.swap.records.clear()
-        rt.trace_log.clear()
+        rt.swap.host_marks = []
+        e0 = torch.cuda.Event(enable_timing=True)
+        e0.record(stream)
         t0 = time.perf_counter()
         s._restore_head()
         host = (time.perf_counter() - t0) * 1e3
         s.ready_event.synchronize()
         rt.swap.record_timing = False
-        e0 = rt.trace_log[0][2]
         if i >= WARMUP:
             add("headonly_ready", e0.elapsed_time(s.ready_event))
-            add("headonly_copy_start", e0.elapsed_time(rt.swap.records[0].start))
-            add("headonly_copy", rt.swap.records[0].start.elapsed_time(rt.swap.records[0].end))
             add("headonly_host", host)
+            for label, t in rt.swap.host_marks:
+                add(f"mark_{label}", (t - t0) * 1e3)
+        rt.swap.host_marks = None
         s._restore_kv()
         s.cache.wait_ready()
         stream.synchronize()
         rt.swap.in_stream.synchronize()
+    rt.trace = True
 
     # host costs right after a drained pause: an event record, the room check, one allocation and free
     for i in range(repeats + WARMUP):
