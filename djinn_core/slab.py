@@ -369,7 +369,10 @@ def tensor_nbytes(shape: Sequence[int] | int, dtype: torch.dtype) -> tuple[tuple
 
 def typed_view(buffer: torch.Tensor, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``buffer[offset:offset+nbytes]`` (a uint8 tensor) reinterpreted as a contiguous ``dtype`` tensor of ``shape``."""
-    return buffer[offset : offset + nbytes].view(dtype).view(shape)
+    t = buffer[offset : offset + nbytes]
+    if dtype != torch.uint8:
+        t = t.view(dtype)
+    return t if len(shape) == 1 and shape[0] == t.shape[0] else t.view(shape)
 
 
 def event_pending(event: Any) -> bool:
@@ -544,8 +547,7 @@ class Slab:
             if fences is None:
                 self._wait_free_fences(((offset, self._book.size(alloc_id)),))
             else:
-                end = offset + self._book.size(alloc_id)
-                fences.extend(ev for off, size, ev in self._free_fences if off < end and offset < off + size)
+                fences.extend(self._take_fences(((offset, self._book.size(alloc_id)),)))
         handle = SlabTensor(self, alloc_id, nbytes, shape_t, dtype, tag)
         self._handles[alloc_id] = handle
         return handle
@@ -597,27 +599,38 @@ class Slab:
         return torch.cuda.current_stream(self.device)
 
     def _wait_free_fences(self, ranges: Iterable[tuple[int, int]]) -> None:
-        """Make the current stream wait for every pending fence of a freed range overlapping ``ranges``.
-
-        Overlap is tested first (arithmetic), so only overlapping fences cost an event query; completed fences are
-        dropped here and, amortised, in :meth:`free`.
-        """
-        spans = [(r_off, r_off + r_size) for r_off, r_size in ranges]
-        done: list[int] = []
-        for k, (off, size, ev) in enumerate(self._free_fences):
-            end = off + size
-            for lo, hi in spans:  # a plain loop: this runs on a restore's critical path, before the head's copy
-                if off < hi and lo < end:
-                    break
-            else:
-                continue
+        """Make the current stream wait for every pending fence of a freed range overlapping ``ranges``; those
+        fences are consumed for the overlapping bytes (see :meth:`_take_fences`)."""
+        for ev in self._take_fences(ranges):
             if event_pending(ev):
                 self._current_stream().wait_event(ev)
                 self.stream_epoch += 1
-            else:
-                done.append(k)
-        for k in reversed(done):
-            del self._free_fences[k]
+
+    def _take_fences(self, ranges: Iterable[tuple[int, int]]) -> list[Any]:
+        """Remove the parts of freed-range fences that overlap ``ranges``; return their events (each once).
+
+        The caller makes the stream that uses those bytes wait for the events, so a fence is needed only once: when
+        the bytes are freed again, their new fence is recorded after that stream's use. Without consuming them,
+        repeated pause/restore of one session would stack a fence per cycle on the same bytes. No event is queried.
+        """
+        events: list[Any] = []
+        for lo, n in ranges:
+            hi = lo + n
+            kept: list[tuple[int, int, Any]] = []
+            for entry in self._free_fences:
+                off, size, ev = entry
+                end = off + size
+                if off >= hi or lo >= end:  # a plain loop: this runs on a restore's critical path
+                    kept.append(entry)
+                    continue
+                if all(ev is not e for e in events):
+                    events.append(ev)
+                if off < lo:
+                    kept.append((off, lo - off, ev))
+                if hi < end:
+                    kept.append((hi, end - hi, ev))
+            self._free_fences = kept
+        return events
 
     def _prune_free_fences(self) -> None:
         self._free_fences = [f for f in self._free_fences if event_pending(f[2])]

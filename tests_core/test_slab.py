@@ -342,6 +342,26 @@ def test_allocate_can_hand_the_fences_to_the_caller_instead_of_waiting(monkeypat
     assert deps2 == [ev, ev_far]
 
 
+def test_a_fence_is_consumed_by_the_allocation_that_waits_for_it(monkeypatch):
+    """Pause/restore cycles free and re-take the same bytes: each cycle's allocation depends on that cycle's fence
+    only, not on every fence the range ever had."""
+    s = Slab(8 * A, "cpu")
+    stream = FakeStream()
+    monkeypatch.setattr(s, "_current_stream", lambda: stream)
+    t = s.allocate((3 * A,), torch.uint8)
+    for cycle in range(50):
+        ev = FakeEvent()
+        s.free(t, after=ev)
+        deps: list[FakeEvent] = []
+        t = s.allocate((3 * A,), torch.uint8, fences=deps)
+        assert deps == [ev], cycle
+        assert s._free_fences == []
+    ev = FakeEvent()
+    s.free(t, after=ev)
+    s.allocate((A,), torch.uint8)  # the default path waits, and keeps the fence of the bytes it did not take
+    assert stream.waited == [ev] and s._free_fences == [(A, 2 * A, ev)]
+
+
 def test_compaction_waits_for_fences_of_moved_allocations(monkeypatch):
     s = Slab(4 * A, "cpu")
     stream = FakeStream()
