@@ -92,6 +92,13 @@ def time_restore_against_manual(session, hidden: torch.Tensor, warmup: int = WAR
     return {k: TimingStats(tuple(v)) for k, v in out.items()}
 
 
+def _allocator_counters() -> dict[str, int]:
+    """torch caching-allocator events that synchronize the device (a cudaFree serializes side-stream copies with
+    compute): out-of-memory retries, device frees, all-stream syncs."""
+    st = torch.cuda.memory_stats()
+    return {k: int(st.get(k, 0)) for k in ("num_alloc_retries", "num_device_free", "num_sync_all_streams")}
+
+
 def time_resume_to_next_token(rt, ids, layer, *, pause: bool, repeats: int = 10,
                                warmup: int = 2) -> dict[str, TimingStats]:
     """From resume() to the first decode step's logits (event-timed), a fresh checkpoint per repeat; with its phases
@@ -180,7 +187,9 @@ def test_resume_latency_against_baselines(layer, llama2_13b_fp16, runtime_13b, p
     del eager_cache, eager_cap
 
     # resume-to-next-token against max(copy at the ceiling, continuation compute)
+    alloc0 = _allocator_counters()
     to_next_phases = time_resume_to_next_token(rt, ids, layer, pause=True)
+    allocator_during_to_next = {k: v - alloc0[k] for k, v in _allocator_counters().items()}
     compute_phases = time_resume_to_next_token(rt, ids, layer, pause=False)
     to_next, compute = to_next_phases["total"], compute_phases["total"]
     ceiling = copy_ceilings.measure(state_bytes, "h2d")
@@ -197,7 +206,8 @@ def test_resume_latency_against_baselines(layer, llama2_13b_fp16, runtime_13b, p
                recompute_timing=recomp.to_dict(), eager_timing=eager.to_dict(), ceiling=ceiling.to_dict(),
                resume_to_next_token_phases={k: t.to_dict() for k, t in to_next_phases.items()},
                continuation_compute_phases={k: t.to_dict() for k, t in compute_phases.items()},
-               eager_vram_during_pause=vs.to_dict())
+               eager_vram_during_pause=vs.to_dict(),
+               torch_allocator_during_resume_to_next_token=allocator_during_to_next)
     claim.measure(lambda: None)
     claim.ratio("resume_vs_manual_pinned_offload", method="djinn",
                 measured=djinn, reference=manual, bound=1.25, op="<=", params=params,
