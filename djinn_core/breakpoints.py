@@ -14,9 +14,9 @@ The model is wrapped from outside; no model code is copied.
   layers ``0..L-1`` (``kv.<i>``, one slab allocation per layer holding K and V), then the "head" (one allocation
   packing the hidden state and the captured kwargs tensors). Their slab memory returns to the slab, fenced by the
   swap's last copy -- the head's -- so a restore's head copy depends on that one event.
-* A resume brings back the head first, with one copy on the current (compute) stream itself (so layer L's work
-  follows it without a cross-stream wait, and the host does only an allocation and one stream wait before it),
-  and then issues the KV copies in layer order on the swap engine's in stream. Each restored cache layer carries a one-shot wait on its own copy's event, run inside
+* A resume brings back the head first, with one copy on the swap engine's in stream before which the host does
+  only an allocation and (usually) one stream wait (:meth:`~djinn_core.swap.SwapEngine.swap_in_now`); the current
+  (compute) stream waits for that copy alone, and the KV copies follow in layer order on the in stream. Each restored cache layer carries a one-shot wait on its own copy's event, run inside
   ``SlabKVLayer.update`` just before that layer's K/V are first used (the first decode step), so the KV restore
   overlaps the continuation's compute and a layer waits for nothing but its own bytes. (This wait is per cache,
   not a hook on the shared model, so two resumed sessions never consume each other's waits.)
@@ -569,8 +569,9 @@ class BreakpointSession:
         """PAUSED -> CHECKPOINT with only the head resident; the KV of layers ``0..L-1`` stays in ``_swapped``
         until :meth:`_restore_kv` (layers ``>= L`` never read it, so a resume runs them first).
 
-        The head is copied on the current stream -- the stream that computes layer L next -- with only an allocation
-        and a wait for its D2H before the copy, and ``ready_event`` recorded right after it."""
+        The head's copy is issued after only an allocation and its dependencies' waits
+        (:meth:`~djinn_core.swap.SwapEngine.swap_in_now`); ``ready_event`` is recorded on the current stream behind
+        it."""
         rt = self.runtime
         state = self._swapped
         with _gc_paused():  # no collection between the call and the head's copy: it would sit on the critical path

@@ -454,6 +454,9 @@ class Slab:
         # bumped whenever the slab issues work on the current stream (compaction copies, fence waits): a side stream
         # that writes slab memory must wait_stream(current) again after it changes
         self.stream_epoch = 0
+        # frees without an ``after`` event (CUDA): a side stream writing freed bytes must first wait for the current
+        # stream unless it did so since the count it last saw
+        self.unfenced_frees = 0
         log.info("slab: %.3f GiB on %s (alignment %d B)", self._book.capacity / 2**30, self.device, alignment)
 
     @classmethod
@@ -570,6 +573,8 @@ class Slab:
         fences = self._alloc_fences.pop(t.alloc_id, [])
         if after is not None:
             fences.append(after)
+        elif self.device.type == "cuda":
+            self.unfenced_frees += 1  # its last users may still be queued on the current stream
         for ev in fences:
             if event_pending(ev):
                 last = self._free_fences[-1] if self._free_fences else None

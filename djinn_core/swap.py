@@ -17,6 +17,11 @@ Ordering, all by events and ``wait_event`` / ``wait_stream`` (never a device-wid
   host block is freed with ``after=event``. A consumer calls
   :meth:`ResidentState.wait` ``(name)`` to make the *current* stream wait for that item only, so layer 0 can be used
   while later layers are still in flight.
+* one item for the current stream's next work (``swap_in_now``, a restore's packed head): the allocation hands its
+  fences to the caller instead of querying them, the in stream waits for each distinct one and the item's D2H event
+  (one event for a pause's head, its last item), and for the whole current stream only when the allocation queued
+  work there or slab memory was freed without a fence since it last did (``Slab.unfenced_frees``); then the copy,
+  and the current stream waits for it. The fewest host calls before the copy.
 * Slab and host memory are owned by long-lived buffers (the slab buffer, the pinned chunks), so no caching-allocator
   block crosses streams; lifetimes of reused ranges are governed by the fences above.
 
@@ -258,6 +263,7 @@ class SwapEngine:
         # record_timing: keep a SwapRecord (start/end timing events on the side stream) per swap in `records`
         self.record_timing = bool(record_timing) and self._cuda
         self.records: list[SwapRecord] = []
+        self._in_saw_unfenced = -1  # slab.unfenced_frees when the in stream last waited for the current stream
         # diagnostics: when a list, swap_in_now appends (label, time.perf_counter()) at each step (host time only)
         self.host_marks: list[tuple[str, float]] | None = None
 
@@ -404,7 +410,7 @@ class SwapEngine:
         # queued some, or when no ``after`` event says which earlier work the destinations depend on.
         if inn is not None:
             if after is None or epoch != self.slab.stream_epoch:
-                inn.wait_stream(cur)
+                self._in_waits_for(cur)
             else:
                 inn.wait_event(after)
         start = None
@@ -438,16 +444,22 @@ class SwapEngine:
         return ResidentState(tensors, events, state if state.items else None, self.device, checks)
 
     def swap_in_now(self, state: SwappedState, name: str, *, event: Any = None) -> tuple[SlabTensor, Any]:
-        """Bring one item back with its copy on the *current* stream; return ``(tensor, event)``.
+        """Bring one item back for the current stream's next work (a restore's packed head); return
+        ``(tensor, event)`` with ``event`` recorded on the current stream once the bytes are there.
 
-        For what the current stream needs next (a restore's packed head): no hand-off through the in stream, so the
-        copy starts as soon as the host issues it and the work queued after it sees the data without a wait. Before
-        the copy the host does one allocation (no event queries) and one stream wait per distinct event the copy
-        depends on (the item's D2H and the fences of the range it lands in: one event when the item was the last
-        of its swap-out, as a pause makes its head). ``event``: a CUDA event to record right after the copy (pass
-        one created earlier to keep its creation off this path); a new timing-enabled one otherwise. The item leaves ``state``;
-        the rest stays in it. Raises :class:`~djinn_core.errors.SlabExhausted` (nothing changed) when it does not
-        fit. In checksum mode the copy goes through :meth:`swap_in` and is verified before returning.
+        Built for the latency from the call to the copy's start, which is all host work: after a large swap-out
+        the host's first CUDA calls are several times slower than in a loop, so each call before the copy counts.
+        Before the copy the host does one allocation (no event queries) and one in-stream wait per distinct event
+        the copy depends on: the item's D2H and the fences of the range it lands in -- one event when the item was
+        the last of its swap-out, as a pause sends its head. The in stream waits for the whole current stream only
+        when the allocation queued work there or some slab memory was freed without a fence since it last did.
+        The current stream's wait and ``event`` follow the copy (they overlap it). The copy runs on the in stream,
+        ahead of any copies issued after it, so the current stream never waits for those.
+
+        ``event``: a timing-enabled CUDA event to record (pass one created earlier to keep its creation off this
+        path); a new one otherwise. The item leaves ``state``; the rest stays in it. Raises
+        :class:`~djinn_core.errors.SlabExhausted` (nothing changed) when it does not fit. In checksum mode, and on
+        the CPU, it goes through :meth:`swap_in` (verified before returning).
         """
         if not isinstance(state, SwappedState) or state._engine is not self:
             raise ConfigError("state was not produced by this swap engine")
@@ -462,42 +474,53 @@ class SwapEngine:
                 event.record(torch.cuda.current_stream(self.device))
             return rs.tensors[name], event
         marks = self.host_marks
+        slab, inn = self.slab, self.in_stream
+        epoch = slab.stream_epoch
         deps: list[Any] = []
-        t = self.slab.allocate(it.shape, it.dtype, tag=it.tag, fences=deps)
+        t = slab.allocate(it.shape, it.dtype, tag=it.tag, fences=deps)
         if marks is not None:
             marks.append(("allocated", time.perf_counter()))
         cur = torch.cuda.current_stream(self.device)
+        if epoch != slab.stream_epoch or slab.unfenced_frees != self._in_saw_unfenced:
+            self._in_waits_for(cur)
         if it.event is not None and all(ev is not it.event for ev in deps):
             deps.append(it.event)
         waited: list[Any] = []
         for ev in deps:
             if all(ev is not w for w in waited):
-                cur.wait_event(ev)
+                inn.wait_event(ev)
                 waited.append(ev)
         if marks is not None:
-            marks.append((f"waited_{len(waited)}_of_{len(deps)}", time.perf_counter()))
-        start = self._timing_event(cur)
+            marks.append((f"waited_{len(waited)}", time.perf_counter()))
         dst, src = t.view(), it.block.view()
-        if marks is not None:
-            marks.append(("views", time.perf_counter()))
-        dst.copy_(src, non_blocking=True)
+        with torch.cuda.stream(inn):
+            start = self._timing_event(inn)
+            dst.copy_(src, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(inn)
         if marks is not None:
             marks.append(("copy_issued", time.perf_counter()))
+        cur.wait_event(copied)
         if event is None:
             event = torch.cuda.Event(enable_timing=True)
         event.record(cur)
         if marks is not None:
             marks.append(("event_recorded", time.perf_counter()))
         if start is not None:
-            self.records.append(SwapRecord("in", t.nbytes, 1, start, self._timing_event(cur)))
+            self.records.append(SwapRecord("in", t.nbytes, 1, start, self._timing_event(inn)))
         del state.items[name]
-        self.host_pool.free(it.block, after=event)
+        self.host_pool.free(it.block, after=copied)
         self._bytes_in += t.nbytes
         self._items_in += 1
         self._swaps_in += 1
         if marks is not None:
             marks.append(("bookkept", time.perf_counter()))
         return t, event
+
+    def _in_waits_for(self, cur: Any) -> None:
+        """The in stream waits for all work queued on ``cur`` so far (which covers every unfenced free so far)."""
+        self.in_stream.wait_stream(cur)
+        self._in_saw_unfenced = self.slab.unfenced_frees
 
     def _issue_order(self, state: SwappedState, order: Sequence[str] | None,
                      names: Iterable[str] | None) -> list[str]:
