@@ -499,10 +499,10 @@ class BreakpointSession:
         self._require(SessionState.CHECKPOINT, "pause")
         self.cache.wait_ready()  # a restored-but-unused KV block may still be arriving
         self._unshare()
-        # the head goes out last: its D2H event is then also the fence of every range this pause frees, so a
-        # restore's head copy depends on one event (one stream wait on the critical path)
-        items: dict[str, SlabTensor] = {f"kv.{i}": self.cache.layers[i].block.handle for i in range(self.layer)}
-        items[HEAD] = self._head.buf
+        self.runtime._prepare_spare_head(self._head.nbytes)  # before this pause frees anything (no fence on it)
+        items: dict[str, SlabTensor] = {HEAD: self._head.buf}
+        for i in range(self.layer):
+            items[f"kv.{i}"] = self.cache.layers[i].block.handle
         self._swapped = self.runtime.swap.swap_out(items, free_source=True)
         self._ready_next = self.runtime._spare_event()
         self._restore_bytes = self._swapped.slab_bytes()
@@ -576,9 +576,14 @@ class BreakpointSession:
         state = self._swapped
         with _gc_paused():  # no collection between the call and the head's copy: it would sit on the critical path
             rt.trace_point("restore.start")
-            rt._make_room(self.id, self._restore_bytes)  # bookkeeping only, unless an idle session must be evicted
-            rt.trace_point("restore.room")
-            head, self.ready_event = rt.swap.swap_in_now(state, HEAD, event=self._ready_next)
+            spare = rt._take_spare_head(state.items[HEAD].nbytes)
+            if spare is not None:  # the head lands in the runtime's spare buffer: no allocation before the copy
+                head, deps = spare
+                self.ready_event = rt.swap.swap_in_into(state, HEAD, head, deps, event=self._ready_next)
+            else:
+                rt._make_room(self.id, state.slab_bytes((HEAD,)))  # bookkeeping, unless a session must be evicted
+                rt.trace_point("restore.room")
+                head, self.ready_event = rt.swap.swap_in_now(state, HEAD, event=self._ready_next)
             self._ready_next = None
             rt.trace_point("restore.ready")
         self._head = _PackedHead(head, self._head_layout)
@@ -737,6 +742,8 @@ class BreakpointRuntime:
         self.reserve_bytes = reserve_bytes
         self.trace = bool(trace)
         self.trace_log: list[tuple[str, float, Any]] = []
+        # one spare slab buffer (and its fences) where the next restore's head lands without an allocation
+        self._spare_head: tuple[SlabTensor, list[Any]] | None = None
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -788,6 +795,7 @@ class BreakpointRuntime:
     def close_all(self) -> None:
         for s in list(self.sessions.values()):
             s.close()
+        self._drop_spare_head()
 
     def __iter__(self) -> Iterator[BreakpointSession]:
         return iter(list(self.sessions.values()))
@@ -798,6 +806,50 @@ class BreakpointRuntime:
         where a restore spends its time, on the host and on the device. Off by default (no cost)."""
         if self.trace:
             self.trace_log.append((label, time.perf_counter(), self._record_event()))
+
+    @property
+    def spare_bytes(self) -> int:
+        """Slab bytes held by the runtime's spare head buffer (0 or one paused head's size), not by any session."""
+        return 0 if self._spare_head is None else self.slab.aligned_size(self._spare_head[0].nbytes)
+
+    def _prepare_spare_head(self, nbytes: int) -> None:
+        """Keep one spare slab buffer of ``nbytes`` for the next restore's head (policy: one, sized like the last
+        head paused). Called at pause, off the critical path; takes only memory that is free now (never evicts),
+        and hands its fences to the restore that uses it (no wait here). Not in checksum mode (its restores go
+        through the verified path)."""
+        if self.swap.checksums:
+            return
+        spare = self._spare_head
+        if spare is not None:
+            if spare[0].nbytes == nbytes:
+                return
+            self._drop_spare_head()
+        if self.slab.free_bytes < self.slab.aligned_size(nbytes) + self.reserve_bytes:
+            return
+        deps: list[Any] = []
+        self._spare_head = (self.slab.allocate((nbytes,), torch.uint8, tag="spare-head", fences=deps), deps)
+        self._spare_head[0].view()  # the view is cached until the slab compacts: a restore just reuses it
+
+    def _take_spare_head(self, nbytes: int) -> tuple[SlabTensor, list[Any]] | None:
+        """The spare head buffer and the events it must wait for, if it has exactly ``nbytes``; it then belongs
+        to the caller (a slab allocation like any other)."""
+        spare = self._spare_head
+        if spare is None or spare[0].nbytes != nbytes:
+            return None
+        self._spare_head = None
+        return spare
+
+    def _drop_spare_head(self) -> bool:
+        """Free the spare head buffer (slab memory is needed elsewhere); False when there was none."""
+        spare, self._spare_head = self._spare_head, None
+        if spare is None:
+            return False
+        buf, deps = spare
+        # never used by any stream; its fences were never waited for: free it behind them again
+        for ev in deps[:-1]:
+            self.slab.fence(buf, ev)
+        self.slab.free(buf, after=deps[-1] if deps else self._record_event())
+        return True
 
     def _spare_event(self) -> Any:
         """A timing-enabled CUDA event whose driver object already exists (recorded once on the swap engine's out
@@ -826,12 +878,14 @@ class BreakpointRuntime:
             try:
                 return self.slab.allocate(shape, dtype, tag=f"s{session_id}.{name}")
             except SlabExhausted:
-                if not self._evict_one(session_id, tried):
+                if not self._drop_spare_head() and not self._evict_one(session_id, tried):
                     raise
 
     def _make_room(self, session_id: int, nbytes: int) -> None:
         """Evict idle sessions (LRU) until ``nbytes`` fit in the slab's free total (compaction does the rest)."""
         tried: set[int] = {session_id}
+        if nbytes > self.slab.free_bytes:
+            self._drop_spare_head()
         while nbytes > self.slab.free_bytes:
             if not self._evict_one(session_id, tried):
                 st = self.slab.stats
@@ -868,6 +922,7 @@ class BreakpointRuntime:
         slab is free, each eviction's copies ordered after every restore copy already issued."""
         if self.reserve_bytes <= 0 or self.slab.free_bytes >= self.reserve_bytes:
             return
+        self._drop_spare_head()  # the reserve comes first
         tried = {session_id}
         while self.slab.free_bytes < min(self.reserve_bytes, self.slab.capacity):
             self.swap.order_out_after_in()

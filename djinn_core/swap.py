@@ -517,6 +517,58 @@ class SwapEngine:
             marks.append(("bookkept", time.perf_counter()))
         return t, event
 
+    def swap_in_into(self, state: SwappedState, name: str, dst: SlabTensor, deps: Sequence[Any] = (), *,
+                     event: Any = None) -> Any:
+        """Copy item ``name`` into ``dst``, a slab allocation the caller prepared beforehand, on the *current*
+        stream; return ``event`` (recorded there after the copy; a new timing-enabled one when None; None on the
+        CPU).
+
+        The shortest restore path -- what a hand-made offload into a pre-allocated tensor does: one stream wait per
+        distinct event among ``deps`` (the fences ``Slab.allocate(fences=...)`` handed over for ``dst``) and the
+        item's D2H, then the copy. ``dst`` must have the item's shape and dtype and must not be in use (ConfigError
+        otherwise, and in checksum mode). The item leaves ``state``; ``dst`` belongs to the caller as before.
+        """
+        if not isinstance(state, SwappedState) or state._engine is not self:
+            raise ConfigError("state was not produced by this swap engine")
+        it = state.items.get(name)
+        if it is None:
+            raise UnknownAllocation(f"no item {name!r} in this swapped state (has {state.names})")
+        if not isinstance(dst, SlabTensor) or dst.slab is not self.slab or not dst.alive:
+            raise UnknownAllocation(f"{dst!r} is not a live tensor of this engine's slab")
+        if (tuple(dst.shape), dst.dtype) != (tuple(it.shape), it.dtype):
+            raise ConfigError(f"destination is {tuple(dst.shape)} {dst.dtype}, item {name!r} is {tuple(it.shape)} "
+                              f"{it.dtype}")
+        if it.checksum is not None:
+            raise ConfigError("swap_in_into does not verify checksums: use swap_in in checksum mode")
+        marks = self.host_marks
+        if not self._cuda:
+            dst.view().copy_(it.block.view())
+            event = None
+        else:
+            cur = torch.cuda.current_stream(self.device)
+            waited: list[Any] = []
+            for ev in (*deps, it.event):
+                if ev is not None and all(ev is not w for w in waited):
+                    cur.wait_event(ev)
+                    waited.append(ev)
+            if marks is not None:
+                marks.append((f"waited_{len(waited)}", time.perf_counter()))
+            start = self._timing_event(cur)
+            dst.view().copy_(it.block.view(), non_blocking=True)  # both views are cached (same dtype and shape)
+            if marks is not None:
+                marks.append(("copy_issued", time.perf_counter()))
+            if event is None:
+                event = torch.cuda.Event(enable_timing=True)
+            event.record(cur)
+            if start is not None:
+                self.records.append(SwapRecord("in", dst.nbytes, 1, start, self._timing_event(cur)))
+        del state.items[name]
+        self.host_pool.free(it.block, after=event)
+        self._bytes_in += dst.nbytes
+        self._items_in += 1
+        self._swaps_in += 1
+        return event
+
     def _in_waits_for(self, cur: Any) -> None:
         """The in stream waits for all work queued on ``cur`` so far (which covers every unfenced free so far)."""
         self.in_stream.wait_stream(cur)

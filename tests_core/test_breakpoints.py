@@ -138,7 +138,7 @@ def test_pause_returns_memory_and_lru_eviction_pauses_idle_checkpoints(tiny):
     s.run_to(model.config.num_hidden_layers)
     one = probe.slab.stats.used
     s.pause()
-    assert probe.slab.stats.used == 0 and probe.host_pool.stats.used > 0
+    assert probe.slab.stats.used == probe.spare_bytes > 0 and probe.host_pool.stats.used > 0
     probe.close_all()
     # a slab for about two checkpoints: the third evicts the least recently used idle one
     rt = BreakpointRuntime(model, budget_bytes=int(one * 2.5), host_pool=HostPool(8 << 20, chunk_bytes=1 << 20))
@@ -270,5 +270,5 @@ def test_restore_phase_trace_is_recorded_only_when_asked():
         s.restore()
         s.close()
     assert quiet.trace_log == []
-    assert [label for label, _, _ in traced.trace_log] == ["restore.start", "restore.room", "restore.ready",
-                                                           "restore.kv_issued"]
+    # the first pause prepared the spare head buffer: the restore lands there, with no room to make
+    assert [label for label, _, _ in traced.trace_log] == ["restore.start", "restore.ready", "restore.kv_issued"]

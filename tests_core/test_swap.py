@@ -320,3 +320,31 @@ def test_swap_timing_records_need_cuda_events():
     rec = SwapRecord("out", 10, 1, None, None)
     with pytest.raises(DeviceUnavailable):
         rec.elapsed_ms()
+
+
+@pytest.mark.cpu
+def test_swap_in_into_a_prepared_buffer_keeps_the_bytes_and_rejects_a_mismatch():
+    eng = _engine(checksums=False)
+    handles, originals = _put(eng, {"head": ((1000,), torch.uint8), "kv": ((4, 8), torch.float16)})
+    state = eng.swap_out(handles, free_source=True)
+    wrong = eng.slab.allocate((999,), torch.uint8)
+    with pytest.raises(ConfigError):
+        eng.swap_in_into(state, "head", wrong)
+    assert "head" in state  # nothing taken
+    eng.slab.free(wrong)
+    dst = eng.slab.allocate((1000,), torch.uint8)
+    assert eng.swap_in_into(state, "head", dst, []) is None  # CPU: no event
+    assert _same_bytes(dst.view(), originals["head"]) and state.names == ["kv"]
+    assert eng.stats.items_in == 1
+    with pytest.raises(UnknownAllocation):
+        eng.swap_in_into(state, "head", dst)  # already taken
+
+
+@pytest.mark.cpu
+def test_swap_in_into_refuses_checksum_mode():
+    eng = _engine(checksums=True)
+    handles, _ = _put(eng, {"head": ((64,), torch.uint8)})
+    state = eng.swap_out(handles, free_source=True)
+    dst = eng.slab.allocate((64,), torch.uint8)
+    with pytest.raises(ConfigError):
+        eng.swap_in_into(state, "head", dst)
