@@ -259,6 +259,8 @@ def _plot_layer_timeline(test: str, rows: list[dict[str, Any]], out_dir: Path, n
 # method label -> key of its median latency in a resume benchmark's info (tests_exp3/test_resume_latency.py)
 CROSSOVER_METHODS = {"djinn resume": "djinn_ms", "manual pinned offload": "manual_ms", "recompute": "recompute_ms",
                      "eager (all held)": "eager_ms"}
+# plotted when the run recorded them
+CROSSOVER_OPTIONAL = {"manual copy in a tight loop (warm host)": "manual_tight_loop_ms"}
 
 
 def _plot_crossover(data: dict[str, Any], out_dir: Path, name: str) -> Path | None:
@@ -274,8 +276,9 @@ def _plot_crossover(data: dict[str, Any], out_dir: Path, name: str) -> Path | No
         info, layer = extra.get("info") or {}, extra.get("L")
         if layer is None or not all(k in info for k in CROSSOVER_METHODS.values()):
             continue
-        for label, key in CROSSOVER_METHODS.items():
-            points.setdefault(label, []).append((int(layer), float(info[key])))
+        for label, key in (*CROSSOVER_METHODS.items(), *CROSSOVER_OPTIONAL.items()):
+            if key in info:
+                points.setdefault(label, []).append((int(layer), float(info[key])))
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
