@@ -55,7 +55,7 @@ from .errors import (
 from .host_pool import HostPool
 from .kv_cache import KVBlock, KVGeometry, KVHandle, SlabKVCache
 from .models import decoder_layers, exact_attention
-from .slab import Slab, SlabTensor
+from .slab import Slab, SlabTensor, event_pending
 from .swap import ResidentState, SwapEngine, SwappedState
 
 log = logging.getLogger(__name__)
@@ -827,7 +827,9 @@ class BreakpointRuntime:
         if self.slab.free_bytes < self.slab.aligned_size(nbytes) + self.reserve_bytes:
             return
         deps: list[Any] = []
-        self._spare_head = (self.slab.allocate((nbytes,), torch.uint8, tag="spare-head", fences=deps), deps)
+        buf = self.slab.allocate((nbytes,), torch.uint8, tag="spare-head", fences=deps)
+        # fences already passed cost nothing to drop now; each one kept is a stream wait on the restore's path
+        self._spare_head = (buf, [ev for ev in deps if event_pending(ev)])
         self._spare_head[0].view()  # the view is cached until the slab compacts: a restore just reuses it
 
     def _take_spare_head(self, nbytes: int) -> tuple[SlabTensor, list[Any]] | None:
