@@ -569,9 +569,10 @@ class BreakpointSession:
         """PAUSED -> CHECKPOINT with only the head resident; the KV of layers ``0..L-1`` stays in ``_swapped``
         until :meth:`_restore_kv` (layers ``>= L`` never read it, so a resume runs them first).
 
-        The head's copy is issued after only an allocation and its dependencies' waits
-        (:meth:`~djinn_core.swap.SwapEngine.swap_in_now`); ``ready_event`` is recorded on the current stream behind
-        it."""
+        The head lands in the runtime's spare head buffer when it has the right size -- one copy on the current
+        stream after its waits (:meth:`~djinn_core.swap.SwapEngine.swap_in_into`) -- else in a new allocation
+        (:meth:`~djinn_core.swap.SwapEngine.swap_in_now`); either way ``ready_event`` is recorded on the current
+        stream right behind the copy."""
         rt = self.runtime
         state = self._swapped
         with _gc_paused():  # no collection between the call and the head's copy: it would sit on the critical path
