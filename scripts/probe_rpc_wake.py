@@ -1,0 +1,96 @@
+"""Diagnostic: the reply leg of an RPC after the server was busy for a while, by ZeroMQ threading setup.
+
+Serves a tiny model's runtime in this process (server thread) with two extra ops: ``spin`` (the server thread busy
+for ``ms``, as it is while it waits for the GPU) and ``sleep`` (idle for ``ms``). A client with busy polling calls
+each op and records its phases (request, dispatch, op, reply; ``Client.last_phases_ms``). Variants: ``default``;
+``pinned``: each side's ZeroMQ I/O thread shares a core with the thread that waits on it (context option
+``THREAD_AFFINITY_CPU_ADD`` and ``os.sched_setaffinity``), so handing it a message needs no wake-up of an idle core.
+
+    PYTHONPATH=. python3 scripts/probe_rpc_wake.py [--rounds 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+import zmq
+
+from djinn_core.breakpoints import BreakpointRuntime
+from djinn_core.client import Client
+from djinn_core.models import build_model
+from djinn_core import server as server_mod
+from djinn_core.server import Server, ServerConfig
+
+zmq_context = zmq.Context
+
+
+def _spin(ms: float) -> None:
+    end = time.perf_counter() + ms * 1e-3
+    while time.perf_counter() < end:
+        pass
+
+
+def run(variant: str, rounds: int, cores: list[int]) -> dict[str, float]:
+    model = build_model("llama-tiny", dtype=torch.float32, seed=0)
+    rt = BreakpointRuntime(model, budget_bytes=64 << 20)
+    srv = Server(rt, ServerConfig(port=0, busy_poll_s=0.2, stats_interval_s=0))
+    srv.ops["spin"] = lambda req: (_spin(float(req.args.get("ms", 0))), ({}, []))[1]
+    srv.ops["sleep"] = lambda req: (time.sleep(float(req.args.get("ms", 0)) * 1e-3), ({}, []))[1]
+    ctx = zmq.Context()
+    if variant == "pinned":
+        srv_core, cli_core = cores[0], cores[-1]
+        ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cli_core)
+        os.sched_setaffinity(0, {cli_core})
+
+        def server_context() -> zmq.Context:
+            c = zmq_context()
+            c.set(zmq.THREAD_AFFINITY_CPU_ADD, srv_core)
+            return c
+        server_mod.zmq.Context = server_context
+    try:
+        srv.start()
+    finally:
+        server_mod.zmq.Context = zmq_context
+    if variant == "pinned":
+        os.sched_setaffinity(srv._thread.native_id, {srv_core})
+    out: dict[str, float] = {}
+    try:
+        with Client(srv.address, busy_poll_s=0.2, context=ctx) as c:
+            for op, ms in (("ping", 0), ("spin", 1.3), ("spin", 20), ("sleep", 1.3), ("sleep", 20), ("ping", 0)):
+                reply, total = [], []
+                for i in range(rounds + 10):
+                    t0 = time.perf_counter()
+                    c.call(op, args={"ms": ms})
+                    t1 = time.perf_counter()
+                    if i >= 10:
+                        reply.append(c.last_phases_ms["reply"])
+                        total.append((t1 - t0) * 1e3 - c.last_phases_ms["op"])
+                out[f"{op}{ms:g}_reply"] = statistics.median(reply)
+                out[f"{op}{ms:g}_total_minus_op"] = statistics.median(total)
+    finally:
+        srv.stop()
+        ctx.term()
+        os.sched_setaffinity(0, set(cores))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--variants", nargs="+", default=["default", "pinned", "default", "pinned"])
+    args = p.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    for v in args.variants:
+        r = run(v, args.rounds, cores)
+        print(f"{v:8s} " + " ".join(f"{k}={x:.3f}" for k, x in r.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
