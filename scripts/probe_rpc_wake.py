@@ -4,7 +4,9 @@ Serves a tiny model's runtime in this process (server thread) with two extra ops
 for ``ms``, as it is while it waits for the GPU) and ``sleep`` (idle for ``ms``). A client with busy polling calls
 each op and records its phases (request, dispatch, op, reply; ``Client.last_phases_ms``). Variants: ``default``;
 ``pinned``: each side's ZeroMQ I/O thread shares a core with the thread that waits on it (context option
-``THREAD_AFFINITY_CPU_ADD`` and ``os.sched_setaffinity``), so handing it a message needs no wake-up of an idle core.
+``THREAD_AFFINITY_CPU_ADD`` and ``os.sched_setaffinity``), so handing it a message needs no wake-up of an idle core;
+``warm``: a thread per side bounces a byte over a loopback pair of the same context every 100 us, so its I/O
+thread never idles long.
 
     PYTHONPATH=. python3 scripts/probe_rpc_wake.py [--rounds 200]
 """
@@ -36,6 +38,32 @@ def _spin(ms: float) -> None:
         pass
 
 
+class _KeepWarm:
+    """A thread bouncing one byte over a loopback TCP pair of ``ctx`` every ``period_s``: traffic for the context's
+    I/O thread, so it never sits idle long enough to sleep deeply."""
+
+    def __init__(self, ctx: zmq.Context, period_s: float = 100e-6):
+        self._a, self._b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        port = self._a.bind_to_random_port("tcp://127.0.0.1")
+        self._b.connect(f"tcp://127.0.0.1:{port}")
+        self._stop = threading.Event()
+        self._period = period_s
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._a.send(b"x")
+            self._b.recv()
+            time.sleep(self._period)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
+        self._a.close(0)
+        self._b.close(0)
+
+
 def run(variant: str, rounds: int, cores: list[int]) -> dict[str, float]:
     model = build_model("llama-tiny", dtype=torch.float32, seed=0)
     rt = BreakpointRuntime(model, budget_bytes=64 << 20)
@@ -57,6 +85,7 @@ def run(variant: str, rounds: int, cores: list[int]) -> dict[str, float]:
         srv.start()
     finally:
         server_mod.zmq.Context = zmq_context
+    warm = [_KeepWarm(srv._ctx), _KeepWarm(ctx)] if variant == "warm" else []
     if variant == "pinned":
         os.sched_setaffinity(srv._thread.native_id, {srv_core})
     out: dict[str, float] = {}
@@ -74,6 +103,8 @@ def run(variant: str, rounds: int, cores: list[int]) -> dict[str, float]:
                 out[f"{op}{ms:g}_reply"] = statistics.median(reply)
                 out[f"{op}{ms:g}_total_minus_op"] = statistics.median(total)
     finally:
+        for w in warm:
+            w.close()
         srv.stop()
         ctx.term()
         os.sched_setaffinity(0, set(cores))
@@ -83,7 +114,7 @@ def run(variant: str, rounds: int, cores: list[int]) -> dict[str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=200)
-    p.add_argument("--variants", nargs="+", default=["default", "pinned", "default", "pinned"])
+    p.add_argument("--variants", nargs="+", default=["default", "pinned", "warm", "default", "pinned", "warm"])
     args = p.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     for v in args.variants:
