@@ -461,11 +461,7 @@ class SwapEngine:
         :class:`~djinn_core.errors.SlabExhausted` (nothing changed) when it does not fit. In checksum mode, and on
         the CPU, it goes through :meth:`swap_in` (verified before returning).
         """
-        if not isinstance(state, SwappedState) or state._engine is not self:
-            raise ConfigError("state was not produced by this swap engine")
-        it = state.items.get(name)
-        if it is None:
-            raise UnknownAllocation(f"no item {name!r} in this swapped state (has {state.names})")
+        it = self._item(state, name)
         if it.checksum is not None or not self._cuda:
             rs = self.swap_in(state, names=(name,))
             rs.wait(name)
@@ -483,15 +479,9 @@ class SwapEngine:
         cur = torch.cuda.current_stream(self.device)
         if epoch != slab.stream_epoch or slab.unfenced_frees != self._in_saw_unfenced:
             self._in_waits_for(cur)
-        if it.event is not None and all(ev is not it.event for ev in deps):
-            deps.append(it.event)
-        waited: list[Any] = []
-        for ev in deps:
-            if all(ev is not w for w in waited):
-                inn.wait_event(ev)
-                waited.append(ev)
+        waited = self._wait_distinct(inn, (*deps, it.event))
         if marks is not None:
-            marks.append((f"waited_{len(waited)}", time.perf_counter()))
+            marks.append((f"waited_{waited}", time.perf_counter()))
         dst, src = t.view(), it.block.view()
         with torch.cuda.stream(inn):
             start = self._timing_event(inn)
@@ -506,13 +496,7 @@ class SwapEngine:
         event.record(cur)
         if marks is not None:
             marks.append(("event_recorded", time.perf_counter()))
-        if start is not None:
-            self.records.append(SwapRecord("in", t.nbytes, 1, start, self._timing_event(inn)))
-        del state.items[name]
-        self.host_pool.free(it.block, after=copied)
-        self._bytes_in += t.nbytes
-        self._items_in += 1
-        self._swaps_in += 1
+        self._took_one(state, name, t.nbytes, copied, start, inn)
         if marks is not None:
             marks.append(("bookkept", time.perf_counter()))
         return t, event
@@ -528,11 +512,7 @@ class SwapEngine:
         item's D2H, then the copy. ``dst`` must have the item's shape and dtype and must not be in use (ConfigError
         otherwise, and in checksum mode). The item leaves ``state``; ``dst`` belongs to the caller as before.
         """
-        if not isinstance(state, SwappedState) or state._engine is not self:
-            raise ConfigError("state was not produced by this swap engine")
-        it = state.items.get(name)
-        if it is None:
-            raise UnknownAllocation(f"no item {name!r} in this swapped state (has {state.names})")
+        it = self._item(state, name)
         if not isinstance(dst, SlabTensor) or dst.slab is not self.slab or not dst.alive:
             raise UnknownAllocation(f"{dst!r} is not a live tensor of this engine's slab")
         if (tuple(dst.shape), dst.dtype) != (tuple(it.shape), it.dtype):
@@ -543,16 +523,12 @@ class SwapEngine:
         marks = self.host_marks
         if not self._cuda:
             dst.view().copy_(it.block.view())
-            event = None
+            event = start = cur = None
         else:
             cur = torch.cuda.current_stream(self.device)
-            waited: list[Any] = []
-            for ev in (*deps, it.event):
-                if ev is not None and all(ev is not w for w in waited):
-                    cur.wait_event(ev)
-                    waited.append(ev)
+            waited = self._wait_distinct(cur, (*deps, it.event))
             if marks is not None:
-                marks.append((f"waited_{len(waited)}", time.perf_counter()))
+                marks.append((f"waited_{waited}", time.perf_counter()))
             start = self._timing_event(cur)
             dst.view().copy_(it.block.view(), non_blocking=True)  # both views are cached (same dtype and shape)
             if marks is not None:
@@ -560,14 +536,37 @@ class SwapEngine:
             if event is None:
                 event = torch.cuda.Event(enable_timing=True)
             event.record(cur)
-            if start is not None:
-                self.records.append(SwapRecord("in", dst.nbytes, 1, start, self._timing_event(cur)))
-        del state.items[name]
-        self.host_pool.free(it.block, after=event)
-        self._bytes_in += dst.nbytes
+        self._took_one(state, name, dst.nbytes, event, start, cur)
+        return event
+
+    def _item(self, state: SwappedState, name: str) -> SwappedItem:
+        if not isinstance(state, SwappedState) or state._engine is not self:
+            raise ConfigError("state was not produced by this swap engine")
+        it = state.items.get(name)
+        if it is None:
+            raise UnknownAllocation(f"no item {name!r} in this swapped state (has {state.names})")
+        return it
+
+    @staticmethod
+    def _wait_distinct(stream: Any, events: Iterable[Any]) -> int:
+        """``stream`` waits once for each distinct (by identity) event; returns how many waits were queued."""
+        waited: list[Any] = []
+        for ev in events:
+            if ev is not None and all(ev is not w for w in waited):
+                stream.wait_event(ev)
+                waited.append(ev)
+        return len(waited)
+
+    def _took_one(self, state: SwappedState, name: str, nbytes: int, copied: Any, start: Any, stream: Any) -> None:
+        """Bookkeeping after a one-item swap-in was issued: the item leaves ``state``, its host block is freed
+        behind ``copied``, counters and (with ``record_timing``) the swap record."""
+        if start is not None:
+            self.records.append(SwapRecord("in", nbytes, 1, start, self._timing_event(stream)))
+        it = state.items.pop(name)
+        self.host_pool.free(it.block, after=copied)
+        self._bytes_in += nbytes
         self._items_in += 1
         self._swaps_in += 1
-        return event
 
     def _in_waits_for(self, cur: Any) -> None:
         """The in stream waits for all work queued on ``cur`` so far (which covers every unfenced free so far)."""
