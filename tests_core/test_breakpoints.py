@@ -9,6 +9,7 @@ from djinn_core.breakpoints import BreakpointRuntime, SessionState, plain_run
 from djinn_core.errors import CacheCapacityExceeded, CheckpointStateError, ConfigError, InvalidEdit, InvalidLayer, UnknownSession
 from djinn_core.host_pool import HostPool
 from djinn_core.models import build_model
+from djinn_core.slab import Slab
 
 pytestmark = pytest.mark.cpu
 
@@ -272,3 +273,58 @@ def test_restore_phase_trace_is_recorded_only_when_asked():
     assert quiet.trace_log == []
     # the first pause prepared the spare head buffer: the restore lands there, with no room to make
     assert [label for label, _, _ in traced.trace_log] == ["restore.start", "restore.ready", "restore.kv_issued"]
+
+
+def test_spare_head_buffer_is_used_by_a_restore_and_given_up_under_pressure():
+    model = build_model("llama-tiny", dtype=torch.float32, seed=7)
+    ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(1))
+    other = torch.randint(0, model.config.vocab_size, (1, 31), generator=torch.Generator().manual_seed(2))
+    rt = BreakpointRuntime(model, budget_bytes=32 << 20)
+    a = rt.open(ids, max_new_tokens=NEW)
+    ck = a.run_to(2)
+    hidden = ck.hidden.clone()
+    a.pause()
+    spare = rt.spare_bytes
+    assert spare >= a._swapped.items["head"].nbytes > 0  # prepared at pause, before the pause freed anything
+    a.restore()
+    assert rt.spare_bytes == 0 and torch.equal(a.checkpoint.hidden, hidden)  # the head landed in it
+    b = rt.open(other, max_new_tokens=NEW)
+    b.run_to(2)
+    b.pause()  # another prompt length: a spare of its size replaces nothing (none was left)
+    assert rt.spare_bytes > 0 and rt.spare_bytes != spare
+    a.pause()  # a's head size differs from the spare: it is swapped for one of a's size
+    assert rt.spare_bytes == spare
+    b.restore()  # no spare of b's size: the ordinary path, same bytes
+    b.pause()
+    # a's restore lands in the spare (same size) and the session continues bitwise as an uninterrupted run
+    assert a.resume() is not None and torch.equal(a.generate(NEW), plain_run(model, ids, NEW)[1])
+    rt.close_all()
+    assert rt.spare_bytes == 0 and rt.slab.stats.used == 0
+
+
+def test_spare_head_never_evicts_and_is_dropped_before_any_session():
+    model = build_model("llama-tiny", dtype=torch.float32, seed=7)
+    ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(1))
+    probe = BreakpointRuntime(model, budget_bytes=32 << 20)
+    s = probe.open(ids, max_new_tokens=NEW)
+    s.run_to(model.config.num_hidden_layers)
+    one = probe.slab.stats.used  # one session at the last layer: all its KV and its head
+    probe.close_all()
+    rt = BreakpointRuntime(model, slab=Slab(one + 4096, "cpu"), host_pool=HostPool(8 << 20, chunk_bytes=1 << 20))
+    x, y = rt.open(ids, max_new_tokens=NEW), rt.open(ids, max_new_tokens=NEW)
+    x.run_to(1)
+    x.pause()  # made from memory free at that moment, beyond the reserve
+    assert rt.spare_bytes > 0
+    y.run_to(model.config.num_hidden_layers)  # fits only without the spare: the spare is dropped, x stays paused
+    assert rt.spare_bytes == 0 and rt.evictions == 0 and x.state is SessionState.PAUSED
+    y.pause()  # y still held all its memory when its pause began: no room for a spare then
+    assert rt.spare_bytes == 0
+    x.restore()  # the ordinary path
+    assert x.state is SessionState.CHECKPOINT
+    x.pause()  # now there is room: the spare is back, and the next restore lands in it
+    assert rt.spare_bytes > 0
+    y.restore()
+    assert rt.spare_bytes == 0 and y.state is SessionState.CHECKPOINT
+    assert y.resume() is not None and torch.equal(y.generate(NEW), plain_run(model, ids, NEW)[1])
+    rt.close_all()
+    assert rt.slab.stats.used == 0
