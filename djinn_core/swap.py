@@ -355,11 +355,7 @@ class SwapEngine:
             for t in items.values():
                 self.slab.free(t, after=ev)
         nbytes = sum(t.nbytes for t in items.values())
-        if start is not None:
-            self.records.append(SwapRecord("out", nbytes, len(items), start, self._timing_event(out)))
-        self._bytes_out += nbytes
-        self._items_out += len(items)
-        self._swaps_out += 1
+        self._account("out", nbytes, len(items), start, out)
         log.debug("swap-out: %d items, %d bytes", len(items), nbytes)
         return SwappedState(self, swapped)
 
@@ -435,11 +431,7 @@ class SwapEngine:
             self.slab.fence(tensors[name], ev)  # a compaction issued before the consumer waits must wait for it
             self.host_pool.free(it.block, after=ev)
         nbytes = sum(t.nbytes for t in tensors.values())
-        if start is not None:
-            self.records.append(SwapRecord("in", nbytes, len(selected), start, self._timing_event(inn)))
-        self._bytes_in += nbytes
-        self._items_in += len(selected)
-        self._swaps_in += 1
+        self._account("in", nbytes, len(selected), start, inn)
         log.debug("swap-in: %d items, %d bytes, %d left on host", len(selected), nbytes, len(state.items))
         return ResidentState(tensors, events, state if state.items else None, self.device, checks)
 
@@ -560,13 +552,23 @@ class SwapEngine:
     def _took_one(self, state: SwappedState, name: str, nbytes: int, copied: Any, start: Any, stream: Any) -> None:
         """Bookkeeping after a one-item swap-in was issued: the item leaves ``state``, its host block is freed
         behind ``copied``, counters and (with ``record_timing``) the swap record."""
-        if start is not None:
-            self.records.append(SwapRecord("in", nbytes, 1, start, self._timing_event(stream)))
         it = state.items.pop(name)
         self.host_pool.free(it.block, after=copied)
-        self._bytes_in += nbytes
-        self._items_in += 1
-        self._swaps_in += 1
+        self._account("in", nbytes, 1, start, stream)
+
+    def _account(self, direction: str, nbytes: int, items: int, start: Any, stream: Any) -> None:
+        """Count one swap in ``direction`` ("out" or "in"); with ``start`` (record_timing) keep its SwapRecord, ended
+        by an event on ``stream`` now."""
+        if start is not None:
+            self.records.append(SwapRecord(direction, nbytes, items, start, self._timing_event(stream)))
+        if direction == "out":
+            self._bytes_out += nbytes
+            self._items_out += items
+            self._swaps_out += 1
+        else:
+            self._bytes_in += nbytes
+            self._items_in += items
+            self._swaps_in += 1
 
     def _in_waits_for(self, cur: Any) -> None:
         """The in stream waits for all work queued on ``cur`` so far (which covers every unfenced free so far)."""
