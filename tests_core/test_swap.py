@@ -292,6 +292,32 @@ def test_gpu_concurrent_swap_out_and_swap_in_keep_their_bytes(cuda_device):
 
 
 @pytest.mark.gpu
+def test_gpu_one_item_swap_ins_keep_their_bytes_while_the_rest_is_in_flight(cuda_device):
+    """swap_in_now (in stream, fences handed over) and swap_in_into (a prepared buffer, current stream), each
+    issued right behind the swap-out that wrote the item (no host wait), the rest of the state following."""
+    eng = _engine(str(cuda_device), slab_bytes=512 << 20, pool_bytes=512 << 20, chunk_bytes=128 << 20,
+                  checksums=False)
+    handles, ref = _put(eng, {"head": ((20 << 20,), torch.uint8),
+                              **{f"kv.{i}": ((8 << 20,), torch.float16) for i in range(4)}}, seed=30)
+    for cycle in range(3):
+        state = eng.swap_out(handles)  # frees every source behind its copies
+        if cycle % 2 == 0:
+            head, ev = eng.swap_in_now(state, "head")
+        else:
+            deps: list = []
+            head = eng.slab.allocate((20 << 20,), torch.uint8, fences=deps)
+            ev = eng.swap_in_into(state, "head", head, deps)
+        rest = eng.swap_in(state)
+        torch.cuda.current_stream().wait_event(ev)
+        assert _same_bytes(head.view(), ref["head"]), cycle
+        rest.wait_all()
+        handles = {"head": head, **rest.tensors}
+        for name, t in rest.tensors.items():
+            assert _same_bytes(t.view(), ref[name]), (cycle, name)
+    assert len(eng.slab._free_fences) < 3 * 5  # not one fence per range per cycle: allocations consume them
+
+
+@pytest.mark.gpu
 def test_gpu_checksum_catches_corruption(cuda_device):
     eng = _engine(str(cuda_device), slab_bytes=8 << 20, pool_bytes=8 << 20, chunk_bytes=8 << 20)
     handles, _ = _put(eng, {"x": ((1 << 20,), torch.float16)})
