@@ -314,7 +314,6 @@ def test_gpu_one_item_swap_ins_keep_their_bytes_while_the_rest_is_in_flight(cuda
         handles = {"head": head, **rest.tensors}
         for name, t in rest.tensors.items():
             assert _same_bytes(t.view(), ref[name]), (cycle, name)
-    assert len(eng.slab._free_fences) < 3 * 5  # not one fence per range per cycle: allocations consume them
 
 
 @pytest.mark.gpu
