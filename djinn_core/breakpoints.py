@@ -404,7 +404,6 @@ class BreakpointSession:
         self.cache = SlabKVCache(self.geometry, _SlabKVAllocator(runtime, session_id))
         self._head: _PackedHead | None = None  # resident checkpoint head (hidden state + layer kwargs)
         self._head_layout: _Layout = {}
-        self._restore_bytes = 0  # slab bytes a restore of the paused state needs (computed at pause)
         self._template: dict[str, Any] = {}
         self._swapped: SwappedState | None = None
         self._checkpoint: Checkpoint | None = None
@@ -505,7 +504,6 @@ class BreakpointSession:
             items[f"kv.{i}"] = self.cache.layers[i].block.handle
         self._swapped = self.runtime.swap.swap_out(items, free_source=True)
         self._ready_next = self.runtime._spare_event()
-        self._restore_bytes = self._swapped.slab_bytes()
         self.cache.release(range(self.layer, self.num_layers))  # empty blocks of a restored checkpoint
         for i in range(self.layer):
             self.cache.detach(i)  # freed by the swap engine, fenced by its copy

@@ -24,7 +24,7 @@ from djinn_core.slab import Slab
 
 def _restore_head_via_swap_in(self) -> None:
     rt, state = self.runtime, self._swapped
-    rt._make_room(self.id, self._restore_bytes)
+    rt._make_room(self.id, state.slab_bytes())
     rs = rt.swap.swap_in(state, names=(bp.HEAD,))
     rs.wait(bp.HEAD)
     self.ready_event = rt._record_event()

@@ -118,7 +118,7 @@ def probe_layer(rt, s, repeats: int) -> dict[str, float]:
         t0 = time.perf_counter()
         torch.cuda.Event(enable_timing=True).record(stream)
         t1 = time.perf_counter()
-        rt._make_room(s.id, s._restore_bytes)
+        rt._make_room(s.id, s._swapped.slab_bytes())
         t2 = time.perf_counter()
         t = rt.slab.allocate((s._swapped.items[HEAD].nbytes,), torch.uint8)
         t3 = time.perf_counter()
