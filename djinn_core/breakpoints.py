@@ -10,13 +10,15 @@ The model is wrapped from outside; no model code is copied.
   cache substituted), then ``model.model.norm`` and ``model.lm_head`` -- what the Llama/Mistral/Qwen2 causal-LM
   forward does after its layer loop, with full logits (``logits_to_keep=0``). ``generate(n)`` then decodes greedily
   with ordinary ``model(token, past_key_values=cache)`` calls.
-* ``pause()`` swaps the checkpoint to the host pool through the :class:`~djinn_core.swap.SwapEngine`: the KV of
-  layers ``0..L-1`` (``kv.<i>``, one slab allocation per layer holding K and V), then the "head" (one allocation
-  packing the hidden state and the captured kwargs tensors). Their slab memory returns to the slab, fenced by the
-  swap's last copy -- the head's -- so a restore's head copy depends on that one event.
-* A resume brings back the head first, with one copy on the swap engine's in stream before which the host does
-  only an allocation and (usually) one stream wait (:meth:`~djinn_core.swap.SwapEngine.swap_in_now`); the current
-  (compute) stream waits for that copy alone, and the KV copies follow in layer order on the in stream. Each restored cache layer carries a one-shot wait on its own copy's event, run inside
+* ``pause()`` swaps the checkpoint to the host pool through the :class:`~djinn_core.swap.SwapEngine`: the "head"
+  (one allocation packing the hidden state and the captured kwargs tensors), then the KV of layers ``0..L-1``
+  (``kv.<i>``, one slab allocation per layer holding K and V). Their slab memory returns to the slab, fenced by the
+  swap's last copy. Before freeing anything it keeps one spare slab buffer of the head's size for the runtime.
+* A resume brings back the head first: into that spare buffer when the size matches, with one copy on the current
+  (compute) stream after its waits (:meth:`~djinn_core.swap.SwapEngine.swap_in_into`), else into a new allocation
+  with one copy on the in stream that the current stream then waits for
+  (:meth:`~djinn_core.swap.SwapEngine.swap_in_now`). The KV copies follow in layer order on the in stream. Each
+  restored cache layer carries a one-shot wait on its own copy's event, run inside
   ``SlabKVLayer.update`` just before that layer's K/V are first used (the first decode step), so the KV restore
   overlaps the continuation's compute and a layer waits for nothing but its own bytes. (This wait is per cache,
   not a hook on the shared model, so two resumed sessions never consume each other's waits.)

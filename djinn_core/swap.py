@@ -19,9 +19,11 @@ Ordering, all by events and ``wait_event`` / ``wait_stream`` (never a device-wid
   while later layers are still in flight.
 * one item for the current stream's next work (``swap_in_now``, a restore's packed head): the allocation hands its
   fences to the caller instead of querying them, the in stream waits for each distinct one and the item's D2H event
-  (one event for a pause's head, its last item), and for the whole current stream only when the allocation queued
-  work there or slab memory was freed without a fence since it last did (``Slab.unfenced_frees``); then the copy,
-  and the current stream waits for it. The fewest host calls before the copy.
+  (one event when the item was the last of its swap-out), and for the whole current stream only when the allocation
+  queued work there or slab memory was freed without a fence since it last did (``Slab.unfenced_frees``); then the
+  copy, and the current stream waits for it. The fewest host calls before the copy.
+* one item into a buffer prepared beforehand (``swap_in_into``, the runtime's spare head): the current stream waits
+  for the buffer's handed-over fences and the item's D2H event, then copies.
 * Slab and host memory are owned by long-lived buffers (the slab buffer, the pinned chunks), so no caching-allocator
   block crosses streams; lifetimes of reused ranges are governed by the fences above.
 
@@ -443,7 +445,7 @@ class SwapEngine:
         the host's first CUDA calls are several times slower than in a loop, so each call before the copy counts.
         Before the copy the host does one allocation (no event queries) and one in-stream wait per distinct event
         the copy depends on: the item's D2H and the fences of the range it lands in -- one event when the item was
-        the last of its swap-out, as a pause sends its head. The in stream waits for the whole current stream only
+        the last of its swap-out. The in stream waits for the whole current stream only
         when the allocation queued work there or some slab memory was freed without a fence since it last did.
         The current stream's wait and ``event`` follow the copy (they overlap it). The copy runs on the in stream,
         ahead of any copies issued after it, so the current stream never waits for those.
