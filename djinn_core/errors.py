@@ -20,6 +20,10 @@ class DeviceUnavailable(DjinnError, RuntimeError):
     """The operation needs hardware (a CUDA GPU, NVML) that this machine does not have."""
 
 
+class CudaDriverError(DjinnError, RuntimeError):
+    """A CUDA driver call made through :mod:`djinn_core.cuda_driver` failed (carries the driver's error name)."""
+
+
 class SlabExhausted(DjinnError, MemoryError):
     """The GPU slab cannot satisfy an allocation. Carries the requested and free byte counts."""
 

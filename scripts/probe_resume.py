@@ -48,7 +48,7 @@ def _spin_us(us: float) -> None:
         pass
 
 
-def probe_layer(rt, s, repeats: int) -> dict[str, float]:
+def probe_layer(rt, s, repeats: int, ab_only: bool = False) -> dict[str, float]:
     stream = torch.cuda.current_stream()
     phases: dict[str, list[float]] = {}
 
@@ -65,6 +65,29 @@ def probe_layer(rt, s, repeats: int) -> dict[str, float]:
         s.cache.wait_ready()
         stream.synchronize()
         rt.swap.in_stream.synchronize()
+
+    # the test's restore timing, the head's copy issued through the CUDA driver or through torch, alternated
+    drv, trace = rt.swap.driver, rt.trace
+    rt.trace = False
+    for i in range(repeats + WARMUP):
+        for label, d in (("restore_driver", drv), ("restore_torch", None)):
+            rt.swap.driver = d
+            paused()
+            e0 = torch.cuda.Event(enable_timing=True)
+            e0.record(stream)
+            t0 = time.perf_counter()
+            s.restore()
+            host = (time.perf_counter() - t0) * 1e3
+            s.ready_event.synchronize()
+            if i >= WARMUP:
+                add(label, e0.elapsed_time(s.ready_event))
+                add(f"{label}_host", host)
+            s.cache.wait_ready()
+            stream.synchronize()
+            rt.swap.in_stream.synchronize()
+    rt.swap.driver, rt.trace = drv, trace
+    if ab_only:
+        return {k: statistics.median(v) for k, v in phases.items()} | {"head_bytes": s._head.buf.nbytes}
 
     rt.swap.record_timing = True
     for i in range(repeats + WARMUP):
@@ -173,6 +196,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, nargs="+", default=[1, 10, 20, 30, 40])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", help="write the medians per L here")
+    p.add_argument("--ab-only", action="store_true", help="only the driver-vs-torch restore comparison")
     args = p.parse_args()
     model = build_model(args.arch, device="cuda", dtype=torch.float16, seed=0)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda",
@@ -182,7 +206,7 @@ def main() -> int:
     for layer in args.layers:
         s = rt.open(ids, max_new_tokens=64)
         s.run_to(layer)
-        r = results[layer] = probe_layer(rt, s, args.repeats)
+        r = results[layer] = probe_layer(rt, s, args.repeats, args.ab_only)
         s.close()
         print(f"L={layer:2d} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k != "head_bytes")
               + f" head_MiB={r['head_bytes'] / 2**20:.2f}", flush=True)

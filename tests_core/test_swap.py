@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from djinn_core.cuda_driver import driver_copier
 from djinn_core.errors import (ChecksumMismatch, CheckpointStateError, ConfigError, HostPoolExhausted, SlabExhausted,
                                UnknownAllocation)
 from djinn_core.host_pool import HostPool
@@ -292,21 +293,32 @@ def test_gpu_concurrent_swap_out_and_swap_in_keep_their_bytes(cuda_device):
 
 
 @pytest.mark.gpu
-def test_gpu_one_item_swap_ins_keep_their_bytes_while_the_rest_is_in_flight(cuda_device):
-    """swap_in_now (in stream, fences handed over) and swap_in_into (a prepared buffer, current stream), each
-    issued right behind the swap-out that wrote the item (no host wait), the rest of the state following."""
+@pytest.mark.parametrize("driver", [True, False], ids=["driver", "torch"])
+def test_gpu_one_item_swap_ins_keep_their_bytes_while_the_rest_is_in_flight(cuda_device, driver):
+    """swap_in_now (in stream, fences handed over) and swap_in_into (a prepared buffer, current stream; through the
+    CUDA driver or through torch), each issued right behind the swap-out that wrote the item (no host wait), the rest
+    of the state following. swap_in_into runs once with a new ready event and once with one recorded beforehand."""
     eng = _engine(str(cuda_device), slab_bytes=512 << 20, pool_bytes=512 << 20, chunk_bytes=128 << 20,
                   checksums=False)
+    if driver:
+        assert eng.driver is not None, "libcuda could not be used: restores would take the slower torch path"
+    else:
+        eng.driver = None
     handles, ref = _put(eng, {"head": ((20 << 20,), torch.uint8),
                               **{f"kv.{i}": ((8 << 20,), torch.float16) for i in range(4)}}, seed=30)
-    for cycle in range(3):
+    for cycle in range(4):
         state = eng.swap_out(handles)  # frees every source behind its copies
         if cycle % 2 == 0:
             head, ev = eng.swap_in_now(state, "head")
         else:
             deps: list = []
             head = eng.slab.allocate((20 << 20,), torch.uint8, fences=deps)
-            ev = eng.swap_in_into(state, "head", head, deps)
+            ready = None
+            if cycle == 3:
+                ready = torch.cuda.Event(enable_timing=True)
+                ready.record(eng.out_stream)
+            ev = eng.swap_in_into(state, "head", head, deps, event=ready)
+            assert ready is None or ev is ready
         rest = eng.swap_in(state)
         torch.cuda.current_stream().wait_event(ev)
         assert _same_bytes(head.view(), ref["head"]), cycle
@@ -314,6 +326,20 @@ def test_gpu_one_item_swap_ins_keep_their_bytes_while_the_rest_is_in_flight(cuda
         handles = {"head": head, **rest.tensors}
         for name, t in rest.tensors.items():
             assert _same_bytes(t.view(), ref[name]), (cycle, name)
+
+
+@pytest.mark.gpu
+def test_gpu_driver_copier_names_driver_errors(cuda_device):
+    drv = driver_copier(cuda_device)
+    assert drv is not None
+    assert drv.error_name(1) == "CUDA_ERROR_INVALID_VALUE"
+    assert drv.current_stream() == torch.cuda.current_stream(cuda_device).cuda_stream
+
+
+@pytest.mark.cpu
+def test_no_driver_copier_off_cuda():
+    assert driver_copier(torch.device("cpu")) is None
+    assert _engine().driver is None
 
 
 @pytest.mark.gpu
