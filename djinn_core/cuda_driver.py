@@ -50,7 +50,8 @@ class DriverCopier:
 
     ``h2d(dst, src, nbytes, stream, waits, record)``: ``stream`` waits for each event handle in ``waits``, copies
     ``nbytes`` from pinned host address ``src`` to device address ``dst``, then records event handle ``record`` (if
-    not 0) on it. All handles are plain integers (``Event.cuda_event``, ``Stream.cuda_stream``).
+    not 0) on it. ``wait(stream, event)``: one stream wait. All handles are plain integers (``Event.cuda_event``,
+    ``Stream.cuda_stream``).
     """
 
     def __init__(self, lib: ctypes.CDLL, device: torch.device):
@@ -85,6 +86,17 @@ class DriverCopier:
             rc = self._issue(dst, src, nbytes, stream, waits, record)
         if rc != CUDA_SUCCESS:
             raise CudaDriverError(f"host-to-device copy of {nbytes} bytes failed: {self.error_name(rc)} ({rc})")
+
+    def wait(self, stream: int, event: int) -> None:
+        """``stream`` waits for event handle ``event`` (0: an event never recorded, nothing to wait for)."""
+        if not event:
+            return
+        rc = self._wait(stream, event, 0)
+        if rc == CUDA_ERROR_INVALID_CONTEXT:
+            torch.cuda.set_device(self._index)
+            rc = self._wait(stream, event, 0)
+        if rc != CUDA_SUCCESS:
+            raise CudaDriverError(f"stream wait failed: {self.error_name(rc)} ({rc})")
 
     def _issue(self, dst: int, src: int, nbytes: int, stream: int, waits: Sequence[int], record: int) -> int:
         for ev in waits:

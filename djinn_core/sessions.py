@@ -239,7 +239,7 @@ class ResidencyManager:
         tensors = {n: s.items[n] for n in (order_l + [n for n in wanted if n not in order_l])}
         if res is None:
             return ResidentState(tensors, {}, None, self.slab.device)
-        return ResidentState(tensors, res.events, s.swapped, self.slab.device, res._checks)
+        return ResidentState(tensors, res.events, s.swapped, self.slab.device, res._checks, res._driver)
 
     def evict(self, session_id: Hashable) -> SwappedState | None:
         """Swap a paused session's resident items out now (D2H on the out stream). None if nothing was resident.

@@ -170,6 +170,8 @@ class ResidentState:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # name -> (checksum before swap-out, its event, checksum after swap-in, its event); debug mode only
     _checks: dict[str, tuple[torch.Tensor, Any, torch.Tensor, Any]] = field(default_factory=dict, repr=False)
+    # the engine's driver copier: waits go through the driver (a decode step waits once per restored layer)
+    _driver: DriverCopier | None = field(default=None, repr=False)
 
     @property
     def names(self) -> list[str]:
@@ -181,7 +183,11 @@ class ResidentState:
             raise UnknownAllocation(f"no item {name!r} in this resident state (has {self.names})")
         ev = self.events.get(name)
         if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
+            drv = self._driver
+            if drv is not None:
+                drv.wait(drv.current_stream(), ev.cuda_event)
+            else:
+                torch.cuda.current_stream(self.device).wait_event(ev)
         if name in self._checks:
             self.verify([name])
 
@@ -419,21 +425,11 @@ class SwapEngine:
             else:
                 inn.wait_event(after)
         start = None
-        with self._stream_ctx(inn):
-            for name in selected:
-                it = state.items[name]
-                t = tensors[name]
-                if inn is not None and it.event is not None:
-                    inn.wait_event(it.event)  # its D2H has landed
-                if self.record_timing and start is None:
-                    start = self._timing_event(inn)
-                dst = t.view()
-                dst.copy_(it.block.view(), non_blocking=inn is not None)
-                cs = checksum(dst) if it.checksum is not None else None
-                ev = self._record(inn)
-                events[name] = ev
-                if cs is not None:
-                    checks[name] = (it.checksum, it.event, cs, ev)
+        if self.driver is not None and not self.record_timing and all(
+                state.items[n].checksum is None for n in selected):
+            self._issue_driver_copies(state, selected, tensors, events)
+        else:
+            start = self._issue_torch_copies(state, selected, tensors, events, checks)
         for name in selected:  # bookkeeping after the copies are issued
             it = state.items.pop(name)
             ev = events[name]
@@ -442,7 +438,44 @@ class SwapEngine:
         nbytes = sum(t.nbytes for t in tensors.values())
         self._account("in", nbytes, len(selected), start, inn)
         log.debug("swap-in: %d items, %d bytes, %d left on host", len(selected), nbytes, len(state.items))
-        return ResidentState(tensors, events, state if state.items else None, self.device, checks)
+        return ResidentState(tensors, events, state if state.items else None, self.device, checks, self.driver)
+
+    def _issue_torch_copies(self, state: SwappedState, selected: Sequence[str], tensors: dict[str, SlabTensor],
+                            events: dict[str, Any], checks: dict[str, Any]) -> Any:
+        """swap_in's copies with ``Tensor.copy_`` on the in stream (CPU, checksum mode, timing records); returns the
+        timing start event (or None)."""
+        inn = self.in_stream
+        start = None
+        with self._stream_ctx(inn):
+            for name in selected:
+                it = state.items[name]
+                if inn is not None and it.event is not None:
+                    inn.wait_event(it.event)  # its D2H has landed
+                if self.record_timing and start is None:
+                    start = self._timing_event(inn)
+                dst = tensors[name].view()
+                dst.copy_(it.block.view(), non_blocking=inn is not None)
+                cs = checksum(dst) if it.checksum is not None else None
+                ev = self._record(inn)
+                events[name] = ev
+                if cs is not None:
+                    checks[name] = (it.checksum, it.event, cs, ev)
+        return start
+
+    def _issue_driver_copies(self, state: SwappedState, selected: Sequence[str], tensors: dict[str, SlabTensor],
+                             events: dict[str, Any]) -> None:
+        """swap_in's copies through the CUDA driver on the in stream: the same waits (each item's D2H) and copies,
+        at a fraction of ``copy_``'s host time; each item's event recorded through torch."""
+        drv, inn = self.driver, self.in_stream
+        inn_h = inn.cuda_stream
+        for name in selected:
+            it = state.items[name]
+            t = tensors[name]
+            drv.h2d(t.view().data_ptr(), it.block.view().data_ptr(), t.nbytes, inn_h,
+                    () if it.event is None else (it.event.cuda_event,))
+            ev = torch.cuda.Event()
+            ev.record(inn)
+            events[name] = ev
 
     def swap_in_now(self, state: SwappedState, name: str, *, event: Any = None) -> tuple[SlabTensor, Any]:
         """Bring one item back for the current stream's next work (a restore's packed head); return

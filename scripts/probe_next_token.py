@@ -1,7 +1,8 @@
 """Diagnostic: resume-to-next-token phases at one depth, with parts of the restore path switched back one at a time.
 
-Variants: ``current``; ``query_fences`` (the head's allocation queries and waits for its fences itself);
-``head_first`` (the pause sends the head first); ``no_spare_event`` (the ready event is created at restore).
+Variants: ``current``; ``torch_copies`` (restore copies and layer waits through torch, not the CUDA driver);
+``query_fences`` (the head's allocation queries and waits for its fences itself); ``no_spare_event`` (the ready event
+is created at restore).
 Prints the median of each phase (ms from the resume call), as ``tests_exp3/test_resume_latency.py`` measures them.
 
     PYTHONPATH=. python3 scripts/probe_next_token.py [--layer 40] [--repeats 8]
@@ -16,8 +17,7 @@ import sys
 import torch
 
 from djinn_core import slab as slab_mod
-from djinn_core import swap as swap_mod
-from djinn_core.breakpoints import HEAD, BreakpointRuntime
+from djinn_core.breakpoints import BreakpointRuntime
 from djinn_core.host_pool import HostPool
 from djinn_core.models import build_model
 from djinn_core.slab import Slab
@@ -35,14 +35,8 @@ def variant(name: str, rt):
     if name == "query_fences":
         orig = slab_mod.Slab.allocate
         patch(slab_mod.Slab, "allocate", lambda self, *a, fences=None, **k: orig(self, *a, **k))
-    elif name == "head_first":
-        orig_out = swap_mod.SwapEngine.swap_out
-
-        def swap_out(self, items, **k):
-            if HEAD in items:
-                items = {HEAD: items[HEAD], **{n: t for n, t in items.items() if n != HEAD}}
-            return orig_out(self, items, **k)
-        patch(swap_mod.SwapEngine, "swap_out", swap_out)
+    elif name == "torch_copies":
+        patch(rt.swap, "driver", None)
     elif name == "no_spare_event":
         patch(rt, "_spare_event", lambda: None)
     try:
@@ -56,12 +50,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layer", type=int, default=40)
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--variants", nargs="+", default=["current", "torch_copies", "current", "torch_copies"])
     args = p.parse_args()
     model = build_model("llama2-13b", device="cuda", dtype=torch.float16, seed=0)
     ids = torch.randint(0, model.config.vocab_size, (1, 2048), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
     rt = BreakpointRuntime(model, slab=Slab(8 << 30, "cuda"), host_pool=HostPool(4 << 30))
-    for name in ("current", "query_fences", "head_first", "no_spare_event", "current"):
+    for name in args.variants:
         with variant(name, rt):
             ph = time_resume_to_next_token(rt, ids, args.layer, pause=True, repeats=args.repeats)
         print(f"{name:15s} " + " ".join(f"{k}={v.median_ms:.2f}" for k, v in ph.items()), flush=True)
