@@ -6,7 +6,8 @@ each op and records its phases (request, dispatch, op, reply; ``Client.last_phas
 ``pinned``: each side's ZeroMQ I/O thread shares a core with the thread that waits on it (context option
 ``THREAD_AFFINITY_CPU_ADD`` and ``os.sched_setaffinity``), so handing it a message needs no wake-up of an idle core;
 ``warm``: a thread per side bounces a byte over a loopback pair of the same context every 100 us, so its I/O
-thread never idles long.
+thread never idles long; ``qos``: the process holds ``/dev/cpu_dma_latency`` at 0 us (PM QoS), so idle cores poll
+instead of entering an idle state with an exit latency (a halted vCPU on a virtual machine).
 
     PYTHONPATH=. python3 scripts/probe_rpc_wake.py [--rounds 200]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -86,6 +88,10 @@ def run(variant: str, rounds: int, cores: list[int]) -> dict[str, float]:
     finally:
         server_mod.zmq.Context = zmq_context
     warm = [_KeepWarm(srv._ctx), _KeepWarm(ctx)] if variant == "warm" else []
+    qos = None
+    if variant == "qos":  # PM QoS: no idle state with an exit latency above 0 us while the file is held open
+        qos = open("/dev/cpu_dma_latency", "wb", buffering=0)
+        qos.write(struct.pack("i", 0))
     if variant == "pinned":
         os.sched_setaffinity(srv._thread.native_id, {srv_core})
     out: dict[str, float] = {}
@@ -105,6 +111,8 @@ def run(variant: str, rounds: int, cores: list[int]) -> dict[str, float]:
     finally:
         for w in warm:
             w.close()
+        if qos is not None:
+            qos.close()
         srv.stop()
         ctx.term()
         os.sched_setaffinity(0, set(cores))

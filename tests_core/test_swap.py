@@ -399,3 +399,32 @@ def test_swap_in_into_refuses_checksum_mode():
     dst = eng.slab.allocate((64,), torch.uint8)
     with pytest.raises(ConfigError):
         eng.swap_in_into(state, "head", dst)
+
+
+class _FakeEvent:
+    """An event at a fixed time (ms) with torch.cuda.Event's elapsed_time / synchronize."""
+
+    def __init__(self, t_ms: float):
+        self.t = t_ms
+
+    def elapsed_time(self, other: "_FakeEvent") -> float:
+        return other.t - self.t
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.cpu
+def test_swap_timeline_measures_overlap_with_the_other_direction():
+    from djinn_core.swap import SwapRecord, swap_timeline
+
+    def rec(d, t0, t1):
+        return SwapRecord(d, 100, 1, _FakeEvent(t0), _FakeEvent(t1))
+
+    records = [rec("out", 10.0, 20.0), rec("in", 15.0, 30.0), rec("in", 30.0, 35.0), rec("out", 32.0, 40.0)]
+    tl = swap_timeline(records)
+    assert [t["start_ms"] for t in tl] == [0.0, 5.0, 20.0, 22.0]
+    assert [t["ms"] for t in tl] == [10.0, 15.0, 5.0, 8.0]
+    # in [15, 30] shares 15..20 with the first out; in [30, 35] shares 32..35 with the second; outs likewise
+    assert [t["overlap_ms"] for t in tl] == [5.0, 5.0, 3.0, 3.0]
+    assert swap_timeline([]) == []

@@ -27,7 +27,7 @@ from djinn_core.host_pool import HostPool
 from djinn_core.kv_cache import KVGeometry
 from djinn_core.models import build_model
 from djinn_core.slab import Slab
-from djinn_core.swap import SwapEngine
+from djinn_core.swap import SwapEngine, swap_timeline
 from djinn_core.timing import TimingStats
 
 log = logging.getLogger(__name__)
@@ -205,8 +205,10 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
     demand = sessions * rig.session_bytes + rig.weight_bytes
     bad = unequal_sessions(result, rig.solo)
     peak_nvml, peak_reserved = sampler.peak_nvml_used(), sampler.peak_torch_reserved()
-    swaps = [(r.direction, r.nbytes, r.elapsed_ms()) for r in swap.records]
+    timeline = swap_timeline(swap.records)
+    swaps = [(t["direction"], t["nbytes"], t["ms"]) for t in timeline]
     full = [s for s in swaps if s[1] >= rig.session_bytes * 0.99]  # whole-session swaps (1.59 GiB)
+    full_timeline = [t for t in timeline if t["nbytes"] >= rig.session_bytes * 0.99]
     slab_st = rig.slab.stats
     breakdown = {"weights_bytes": rig.weight_bytes, "slab_reserved_bytes": rig.slab.capacity,
                  "kv_resident_peak_bytes": result.max_slab_used, "host_pool_bytes": rig.pool.stats.capacity,
@@ -216,7 +218,7 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
                  "nvml_used_peak_bytes": peak_nvml, "budget_bytes": rig.budget_bytes,
                  "demand_bytes": demand, "slab_high_water_bytes": slab_st.high_water}
     claim.info(vram=sampler.to_dict(), budget_bytes=rig.budget_bytes, breakdown=breakdown, eager=rig.eager,
-               swaps=[{"direction": d, "nbytes": n, "ms": ms} for d, n, ms in swaps], evictions=result.evictions,
+               swaps=timeline, evictions=result.evictions,
                marks=result.marks, ceilings={"before": {d: c.to_dict() for d, c in ceil_before.items()},
                                              "after": {d: c.to_dict() for d, c in ceil_after.items()}},
                oversubscription=demand / rig.budget_bytes, reserve_bytes=reserve)
@@ -245,6 +247,9 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
                         bytes_moved=rig.session_bytes, ceiling_GBps=ceiling, bound=0.9,
                         params={**params, "swaps": len(evs)}, check=False)
         worst = rig.session_bytes / (max(evs) * 1e-3) / 1e9
+        # which swap it was, and how long it shared the link with copies the other way (attribution, not a claim)
+        claim.info(**{f"slowest_swap_{direction}": max((t for t in full_timeline if t["direction"] == direction),
+                                                       key=lambda t: t["ms"])})
         claim.check(f"swap_{direction}_bandwidth_worst_over_ceiling", method="djinn", value=worst / ceiling,
                     bound=0.9, op=">=", unit="x ceiling", params={**params, "swaps": len(evs)}, check=False)
     if sessions == max(SESSION_COUNTS):
