@@ -210,7 +210,10 @@ class HostPool:
         block._view = None
         self._free[block.chunk].release(block.offset, block.size)
         self._used -= block.size
-        pending = [ev for ev in [*block.fences, after] if event_pending(ev)]
+        # ``after`` is not queried: callers pass the event of a copy they just issued (pending, or nearly so)
+        pending = [ev for ev in block.fences if event_pending(ev)]
+        if after is not None:
+            pending.append(after)
         self._fences[block.chunk].extend((block.offset, block.size, ev) for ev in pending)
 
     def fits(self, sizes: Sequence[int]) -> bool:

@@ -82,6 +82,9 @@ class SwappedItem:
     tag: str | None
     event: Any = None
     checksum: torch.Tensor | None = None  # on the device, written on the out stream before ``event``
+    # with driver copies: an event whose driver object exists already (made at swap-out), recorded by the swap-in
+    # through the driver after the item's H2D copy -- no event creation on the restore's path
+    in_event: Any = None
 
 
 class SwappedState:
@@ -312,6 +315,14 @@ class SwapEngine:
         ev.record(stream)
         return ev
 
+    @staticmethod
+    def _made_event(stream: Any) -> Any:
+        """A CUDA event (no timing) whose driver object exists: recorded once on ``stream``, to be recorded again
+        through the driver later."""
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
     def _timing_event(self, stream: Any) -> Any:
         if not self.record_timing or stream is None:
             return None
@@ -381,6 +392,9 @@ class SwapEngine:
                 swapped[name] = SwappedItem(name, block, t.shape, t.dtype, t.nbytes, t.tag, ev, cs)
                 if not free_source:
                     self.slab.fence(t, ev)
+        if self.driver is not None and out is not None and not self.checksums:
+            for it in swapped.values():  # after the copies: they are not delayed by these calls
+                it.in_event = self._made_event(out)
         if free_source and items:
             # freed behind the swap's last copy: one fence for all its ranges (adjacent ones merge into one entry,
             # so later allocations check a few fences, not one per item)
@@ -423,15 +437,20 @@ class SwapEngine:
         cur = torch.cuda.current_stream(self.device) if inn is not None else None
         epoch = self.slab.stream_epoch
         tensors: dict[str, SlabTensor] = {}
+        deps: dict[str, list[Any]] = {}
         events: dict[str, Any] = {}
         checks: dict[str, tuple[torch.Tensor, Any, torch.Tensor, Any]] = {}
-        # 1. destinations, on the *current* stream (an allocation may queue compaction moves or fence waits there)
+        # 1. destinations (an allocation may queue compaction moves on the current stream); the fences of the freed
+        # ranges they reuse are handed over, not queried: the in stream waits for them before it writes
         try:
             for name in selected:
                 it = state.items[name]
-                tensors[name] = self.slab.allocate(it.shape, it.dtype, tag=it.tag)
+                deps[name] = []
+                tensors[name] = self.slab.allocate(it.shape, it.dtype, tag=it.tag, fences=deps[name])
         except BaseException:
-            for t in tensors.values():  # nothing issued yet: give the destinations back, the state is unchanged
+            for name, t in tensors.items():  # nothing issued yet: give the destinations back, fences and all
+                for ev in deps[name]:
+                    self.slab.fence(t, ev)
                 self.slab.free(t)
             raise
         # 2. the copies, on the in stream, in order. It waits for the current stream's work when the allocations
@@ -444,9 +463,9 @@ class SwapEngine:
         start = None
         if self.driver is not None and not self.record_timing and all(
                 state.items[n].checksum is None for n in selected):
-            self._issue_driver_copies(state, selected, tensors, events)
+            self._issue_driver_copies(state, selected, tensors, deps, events)
         else:
-            start = self._issue_torch_copies(state, selected, tensors, events, checks)
+            start = self._issue_torch_copies(state, selected, tensors, deps, events, checks)
         for name in selected:  # bookkeeping after the copies are issued
             it = state.items.pop(name)
             ev = events[name]
@@ -458,7 +477,7 @@ class SwapEngine:
         return ResidentState(tensors, events, state if state.items else None, self.device, checks, self.driver)
 
     def _issue_torch_copies(self, state: SwappedState, selected: Sequence[str], tensors: dict[str, SlabTensor],
-                            events: dict[str, Any], checks: dict[str, Any]) -> Any:
+                            deps: dict[str, list[Any]], events: dict[str, Any], checks: dict[str, Any]) -> Any:
         """swap_in's copies with ``Tensor.copy_`` on the in stream (CPU, checksum mode, timing records); returns the
         timing start event (or None)."""
         inn = self.in_stream
@@ -466,8 +485,8 @@ class SwapEngine:
         with self._stream_ctx(inn):
             for name in selected:
                 it = state.items[name]
-                if inn is not None and it.event is not None:
-                    inn.wait_event(it.event)  # its D2H has landed
+                if inn is not None:  # its D2H has landed and nothing still reads the range it lands in
+                    self._wait_distinct(inn, (*deps[name], it.event))
                 if self.record_timing and start is None:
                     start = self._timing_event(inn)
                 dst = tensors[name].view()
@@ -480,18 +499,21 @@ class SwapEngine:
         return start
 
     def _issue_driver_copies(self, state: SwappedState, selected: Sequence[str], tensors: dict[str, SlabTensor],
-                             events: dict[str, Any]) -> None:
-        """swap_in's copies through the CUDA driver on the in stream: the same waits (each item's D2H) and copies,
-        at a fraction of ``copy_``'s host time; each item's event recorded through torch."""
+                             deps: dict[str, list[Any]], events: dict[str, Any]) -> None:
+        """swap_in's copies through the CUDA driver on the in stream: the same waits (the item's D2H and the fences
+        handed over by its allocation) and copies, then the item's event -- the one made at swap-out, recorded in
+        the same driver call -- so each item costs one call into ``libcuda``'s wrapper and no event creation."""
         drv, inn = self.driver, self.in_stream
         inn_h = inn.cuda_stream
         for name in selected:
             it = state.items[name]
             t = tensors[name]
+            ev = it.in_event
             drv.h2d(t.view().data_ptr(), it.block.view().data_ptr(), t.nbytes, inn_h,
-                    () if it.event is None else (it.event.cuda_event,))
-            ev = torch.cuda.Event()
-            ev.record(inn)
+                    self._distinct_handles((*deps[name], it.event)), 0 if ev is None else ev.cuda_event)
+            if ev is None:  # swapped out before the driver path was on
+                ev = torch.cuda.Event()
+                ev.record(inn)
             events[name] = ev
 
     def swap_in_now(self, state: SwappedState, name: str, *, event: Any = None) -> tuple[SlabTensor, Any]:
