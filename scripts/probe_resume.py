@@ -42,6 +42,15 @@ def _timed(fn) -> float:
     return s.elapsed_time(e)
 
 
+def _started(stream, fn) -> tuple[torch.cuda.Event, float]:
+    """Record a start event on ``stream``, run ``fn``; return the event and ``fn``'s host milliseconds."""
+    e0 = torch.cuda.Event(enable_timing=True)
+    e0.record(stream)
+    t0 = time.perf_counter()
+    fn()
+    return e0, (time.perf_counter() - t0) * 1e3
+
+
 def _spin_us(us: float) -> None:
     end = time.perf_counter() + us * 1e-6
     while time.perf_counter() < end:
@@ -73,11 +82,7 @@ def probe_layer(rt, s, repeats: int, ab_only: bool = False) -> dict[str, float]:
         for label, d in (("restore_driver", drv), ("restore_torch", None)):
             rt.swap.driver = d
             paused()
-            e0 = torch.cuda.Event(enable_timing=True)
-            e0.record(stream)
-            t0 = time.perf_counter()
-            s.restore()
-            host = (time.perf_counter() - t0) * 1e3
+            e0, host = _started(stream, s.restore)
             s.ready_event.synchronize()
             if i >= WARMUP:
                 add(label, e0.elapsed_time(s.ready_event))
@@ -116,11 +121,8 @@ def probe_layer(rt, s, repeats: int, ab_only: bool = False) -> dict[str, float]:
         rt.swap.record_timing = True
         rt.swap.records.clear()
         rt.swap.host_marks = []
-        e0 = torch.cuda.Event(enable_timing=True)
-        e0.record(stream)
         t0 = time.perf_counter()
-        s._restore_head()
-        host = (time.perf_counter() - t0) * 1e3
+        e0, host = _started(stream, s._restore_head)
         s.ready_event.synchronize()
         rt.swap.record_timing = False
         if i >= WARMUP:
