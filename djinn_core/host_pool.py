@@ -86,6 +86,12 @@ class HostBlock:
             self._view = typed_view(self._pool._chunks[self.chunk], self.offset, self.nbytes, self.shape, self.dtype)
         return self._view
 
+    def data_ptr(self) -> int:
+        """The block's host address (no tensor view is made: a copy issued through the CUDA driver needs only this)."""
+        if self._freed:
+            raise UnknownAllocation(f"host block {self.block_id} was freed")
+        return self._pool._chunk_ptrs[self.chunk] + self.offset
+
     def wait_host(self) -> None:
         """Block the calling thread until no earlier in-flight copy reads this range (per-event waits)."""
         for ev in self.fences:
@@ -131,6 +137,7 @@ class HostPool:
             sizes.append(self.capacity % chunk_bytes)
         t0 = time.perf_counter()
         self._chunks: list[torch.Tensor] = [torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in sizes]
+        self._chunk_ptrs: list[int] = [c.data_ptr() for c in self._chunks]
         self.pin_ms = (time.perf_counter() - t0) * 1e3
         gib = self.capacity / 2**30
         log.info("host pool: %s %.3f GiB in %d chunk(s) of %.3f GiB in %.1f ms (%.1f ms/GiB)",

@@ -509,7 +509,7 @@ class SwapEngine:
             it = state.items[name]
             t = tensors[name]
             ev = it.in_event
-            drv.h2d(t.view().data_ptr(), it.block.view().data_ptr(), t.nbytes, inn_h,
+            drv.h2d(t.view().data_ptr(), it.block.data_ptr(), t.nbytes, inn_h,
                     self._distinct_handles((*deps[name], it.event)), 0 if ev is None else ev.cuda_event)
             if ev is None:  # swapped out before the driver path was on
                 ev = torch.cuda.Event()
@@ -603,7 +603,7 @@ class SwapEngine:
             drv = self.driver
             waits = self._distinct_handles((*deps, it.event))
             handle = event.cuda_event  # 0 until the event's first record: then recorded through torch below
-            drv.h2d(dst.view().data_ptr(), it.block.view().data_ptr(), dst.nbytes, drv.current_stream(), waits,
+            drv.h2d(dst.view().data_ptr(), it.block.data_ptr(), dst.nbytes, drv.current_stream(), waits,
                     handle)
             if marks is not None:
                 marks.append((f"driver_copy_issued_{len(waits)}", time.perf_counter()))

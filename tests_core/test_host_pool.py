@@ -46,6 +46,18 @@ def test_pool_is_split_into_chunks_and_hands_out_typed_views():
     p.check_invariants()
 
 
+def test_data_ptr_is_the_views_address_without_making_a_view():
+    p = HostPool(10 * KiB, chunk_bytes=4 * KiB, pin=False)
+    blocks = [p.allocate((100 * (i + 1),), torch.uint8) for i in range(5)]
+    for b in blocks:
+        ptr = b.data_ptr()
+        assert b._view is None  # no view was made for it
+        assert ptr == b.view().data_ptr()
+    p.free(blocks[0])
+    with pytest.raises(UnknownAllocation):
+        blocks[0].data_ptr()
+
+
 def test_blocks_never_span_chunks():
     p = HostPool(8 * KiB, chunk_bytes=4 * KiB, pin=False)
     a = p.allocate((3 * KiB,), torch.uint8)
