@@ -10,10 +10,10 @@ Ordering, all by events and ``wait_event`` / ``wait_stream`` (never a device-wid
   stream, so it copies finished data, and for any fence on the host blocks it writes. The source slab range is then freed with ``after=event`` (or fenced, with
   ``free_source=False``), so the slab hands it out again only to streams that waited for the copy.
 * swap-in: the total is checked against the slab's free bytes first (with compaction every allocation then succeeds,
-  so a swap-in is all or nothing). Items are then allocated and issued one by one, so the first copy starts at once:
-  each allocation runs on the current stream (it may compact or wait on fences); whenever the slab queued such work
-  (``Slab.stream_epoch``) the in stream ``wait_stream``s the current stream again; it also waits for the item's
-  swap-out event, then copies. Each destination is fenced with its event (a later compaction waits for it) and each
+  so a swap-in is all or nothing). Destinations are allocated first; an allocation may queue compaction moves on the
+  current stream, and whenever the slab queued such work (``Slab.stream_epoch``) the in stream ``wait_stream``s the
+  current stream. The fences of the freed ranges a destination reuses are handed over (``Slab.allocate(fences=)``),
+  not queried: the in stream waits for each of them and for the item's swap-out event, then copies. Each destination is fenced with its event (a later compaction waits for it) and each
   host block is freed with ``after=event``. A consumer calls
   :meth:`ResidentState.wait` ``(name)`` to make the *current* stream wait for that item only, so layer 0 can be used
   while later layers are still in flight.
