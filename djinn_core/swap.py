@@ -7,16 +7,17 @@ copy (a per-layer K or V tensor is tens of MiB, enough to run PCIe at its peak) 
 Ordering, all by events and ``wait_event`` / ``wait_stream`` (never a device-wide synchronize):
 
 * swap-out: the host blocks are checked to fit first (all or nothing). The out stream waits for the current (compute)
-  stream, so it copies finished data, and for any fence on the host blocks it writes. The source slab range is then freed with ``after=event`` (or fenced, with
-  ``free_source=False``), so the slab hands it out again only to streams that waited for the copy.
+  stream, so it copies finished data, and for any fence on the host blocks it writes. The source slab range is then
+  freed with ``after=event`` (or fenced, with ``free_source=False``), so the slab hands it out again only to streams
+  that waited for the copy. With driver copies each item also gets its swap-in event here (``in_event``).
 * swap-in: the total is checked against the slab's free bytes first (with compaction every allocation then succeeds,
   so a swap-in is all or nothing). Destinations are allocated first; an allocation may queue compaction moves on the
   current stream, and whenever the slab queued such work (``Slab.stream_epoch``) the in stream ``wait_stream``s the
   current stream. The fences of the freed ranges a destination reuses are handed over (``Slab.allocate(fences=)``),
-  not queried: the in stream waits for each of them and for the item's swap-out event, then copies. Each destination is fenced with its event (a later compaction waits for it) and each
-  host block is freed with ``after=event``. A consumer calls
-  :meth:`ResidentState.wait` ``(name)`` to make the *current* stream wait for that item only, so layer 0 can be used
-  while later layers are still in flight.
+  not queried: the in stream waits for each of them and for the item's swap-out event, then copies. Each destination
+  is fenced with its event (a later compaction waits for it) and each host block is freed with ``after=event``.
+  A consumer calls :meth:`ResidentState.wait` ``(name)`` to make the *current* stream wait for that item only, so
+  layer 0 can be used while later layers are still in flight.
 * one item for the current stream's next work (``swap_in_now``, a restore's packed head): the allocation hands its
   fences to the caller instead of querying them, the in stream waits for each distinct one and the item's D2H event
   (one event when the item was the last of its swap-out), and for the whole current stream only when the allocation
@@ -315,14 +316,6 @@ class SwapEngine:
         ev.record(stream)
         return ev
 
-    @staticmethod
-    def _made_event(stream: Any) -> Any:
-        """A CUDA event (no timing) whose driver object exists: recorded once on ``stream``, to be recorded again
-        through the driver later."""
-        ev = torch.cuda.Event()
-        ev.record(stream)
-        return ev
-
     def _timing_event(self, stream: Any) -> Any:
         if not self.record_timing or stream is None:
             return None
@@ -393,8 +386,8 @@ class SwapEngine:
                 if not free_source:
                     self.slab.fence(t, ev)
         if self.driver is not None and out is not None and not self.checksums:
-            for it in swapped.values():  # after the copies: they are not delayed by these calls
-                it.in_event = self._made_event(out)
+            for it in swapped.values():  # after the copies (not delayed by these calls); recorded again at swap-in
+                it.in_event = self._record(out)
         if free_source and items:
             # freed behind the swap's last copy: one fence for all its ranges (adjacent ones merge into one entry,
             # so later allocations check a few fences, not one per item)
