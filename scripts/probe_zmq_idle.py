@@ -1,0 +1,110 @@
+"""Diagnostic: raw ZeroMQ one-way latency after the sender was busy or idle, without Djinn's server code.
+
+A sender thread and a busy-polling receiver thread in one process (so ``time.perf_counter`` is one clock) share a
+DEALER/ROUTER pair over loopback TCP (or ``ipc``). Each round the sender spins or sleeps ``ms``, stamps the time,
+sends 128 KiB (a resume reply's logits), and the receiver records when ``recv`` returned. Medians per (transport,
+wait, ms), with and without PM QoS (``/dev/cpu_dma_latency`` held at 0 us, where writable). If the latency after a
+20 ms wait exceeds the one after 0 ms here too, the slow reply leg of ``scripts/probe_rpc_wake.py`` is ZeroMQ's I/O
+threads waking (or the cores they sleep on), not Djinn's server.
+
+    python3 scripts/probe_zmq_idle.py [--rounds 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import struct
+import sys
+import tempfile
+import threading
+import time
+
+import zmq
+
+PAYLOAD = bytes(128 << 10)
+
+
+def _wait(kind: str, ms: float) -> None:
+    if kind == "sleep":
+        time.sleep(ms * 1e-3)
+        return
+    end = time.perf_counter() + ms * 1e-3
+    while time.perf_counter() < end:
+        pass
+
+
+def one_way_ms(endpoint: str, kind: str, ms: float, rounds: int) -> float:
+    ctx = zmq.Context()
+    rx = ctx.socket(zmq.ROUTER)
+    rx.bind(endpoint)
+    tx = ctx.socket(zmq.DEALER)
+    tx.connect(endpoint)
+    tx.send(b"hello")
+    rx.recv_multipart()  # connected both ways
+    sent: list[float] = []
+    got: list[float] = []
+    arrived = threading.Event()
+
+    def receiver() -> None:
+        while len(got) < rounds:
+            try:
+                rx.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            got.append(time.perf_counter())
+            arrived.set()
+
+    t = threading.Thread(target=receiver)
+    t.start()
+    for _ in range(rounds):
+        _wait(kind, ms)
+        arrived.clear()
+        sent.append(time.perf_counter())
+        tx.send(PAYLOAD)
+        arrived.wait()  # one message in flight at a time; the sender blocks, leaving its core to the I/O threads
+    t.join()
+    tx.close(0)
+    rx.close(0)
+    ctx.term()
+    return statistics.median((g - s) * 1e3 for s, g in zip(sent[10:], got[10:]))
+
+
+@contextlib.contextmanager
+def pm_qos(on: bool):
+    if not on:
+        yield True
+        return
+    try:
+        f = open("/dev/cpu_dma_latency", "wb", buffering=0)
+    except OSError:
+        yield False
+        return
+    f.write(struct.pack("i", 0))
+    try:
+        yield True
+    finally:
+        f.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=200)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        endpoints = {"tcp": "tcp://127.0.0.1:5599", "ipc": f"ipc://{d}/probe"}
+        for qos in (False, True):
+            with pm_qos(qos) as held:
+                if not held:
+                    print("qos: /dev/cpu_dma_latency not writable here; skipped", flush=True)
+                    continue
+                for name, ep in endpoints.items():
+                    row = {f"{kind}{ms:g}": one_way_ms(ep, kind, ms, args.rounds)
+                           for kind, ms in (("spin", 0), ("spin", 1.3), ("spin", 20), ("sleep", 1.3), ("sleep", 20))}
+                    print(f"qos={int(qos)} {name:3s} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
