@@ -428,3 +428,47 @@ def test_swap_timeline_measures_overlap_with_the_other_direction():
     # in [15, 30] shares 15..20 with the first out; in [30, 35] shares 32..35 with the second; outs likewise
     assert [t["overlap_ms"] for t in tl] == [5.0, 5.0, 3.0, 3.0]
     assert swap_timeline([]) == []
+
+
+def _offset(t) -> int:
+    return t.slab._book.offset(t.alloc_id)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("driver", [True, False], ids=["driver", "torch"])
+def test_gpu_swap_in_waits_for_the_fence_of_the_range_it_reuses(cuda_device, driver):
+    """y goes out first and x second; both ranges are freed behind x's copy. y swapped back in at once lands where x
+    was, while x's D2H may still be reading there: the in stream must wait for that fence (handed over by the
+    allocation), not only for y's own, earlier D2H. y's bytes and x's host copy (checked by swapping x back) must both
+    be intact."""
+    eng = _engine(str(cuda_device), slab_bytes=256 << 20, pool_bytes=256 << 20, chunk_bytes=128 << 20,
+                  checksums=False)
+    if not driver:
+        eng.driver = None
+    for cycle in range(4):
+        handles, ref = _put(eng, {"x": ((64 << 20,), torch.uint8), "y": ((64 << 20,), torch.uint8)}, seed=40 + cycle)
+        x_at = _offset(handles["x"])
+        state = eng.swap_out({"y": handles["y"], "x": handles["x"]})
+        first = eng.swap_in(state, names=["y"])
+        assert _offset(first.tensors["y"]) == x_at  # the hazard this test is about
+        first.wait_all()
+        second = eng.swap_in(first.pending)
+        second.wait_all()
+        assert _same_bytes(first.tensors["y"].view(), ref["y"]), cycle
+        assert _same_bytes(second.tensors["x"].view(), ref["x"]), cycle
+        eng.slab.free(first.tensors["y"], after=first.events["y"])
+        eng.slab.free(second.tensors["x"], after=second.events["x"])
+        torch.cuda.synchronize()
+
+
+@pytest.mark.cpu
+def test_a_swap_in_lands_in_the_range_freed_last_first_fit():
+    """The layout the GPU fence test relies on: y, swapped out before x, comes back at x's offset."""
+    eng = _engine(slab_bytes=8 * KiB, pool_bytes=8 * KiB, chunk_bytes=8 * KiB, checksums=False)
+    handles, ref = _put(eng, {"x": ((1 * KiB,), torch.uint8), "y": ((1 * KiB,), torch.uint8)})
+    x_at = _offset(handles["x"])
+    state = eng.swap_out({"y": handles["y"], "x": handles["x"]})
+    first = eng.swap_in(state, names=["y"])
+    assert _offset(first.tensors["y"]) == x_at
+    second = eng.swap_in(first.pending)
+    assert _same_bytes(first.tensors["y"].view(), ref["y"]) and _same_bytes(second.tensors["x"].view(), ref["x"])
