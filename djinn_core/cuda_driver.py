@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -79,24 +79,26 @@ class DriverCopier:
 
     def h2d(self, dst: int, src: int, nbytes: int, stream: int, waits: Sequence[int] = (), record: int = 0) -> None:
         rc = self._issue(dst, src, nbytes, stream, waits, record)
-        if rc == CUDA_ERROR_INVALID_CONTEXT:
-            # this thread never made the device's primary context current (torch does it on first use); nothing
-            # was issued: the first call in the sequence is the one that failed
-            torch.cuda.set_device(self._index)
-            rc = self._issue(dst, src, nbytes, stream, waits, record)
-        if rc != CUDA_SUCCESS:
-            raise CudaDriverError(f"host-to-device copy of {nbytes} bytes failed: {self.error_name(rc)} ({rc})")
+        if rc:
+            self._check(rc, lambda: self._issue(dst, src, nbytes, stream, waits, record),
+                        f"host-to-device copy of {nbytes} bytes")
 
     def wait(self, stream: int, event: int) -> None:
         """``stream`` waits for event handle ``event`` (0: an event never recorded, nothing to wait for)."""
-        if not event:
-            return
-        rc = self._wait(stream, event, 0)
+        if event:
+            rc = self._wait(stream, event, 0)
+            if rc:
+                self._check(rc, lambda: self._wait(stream, event, 0), "stream wait")
+
+    def _check(self, rc: int, again: Callable[[], int], what: str) -> None:
+        """A call returned ``rc`` != success: on CUDA_ERROR_INVALID_CONTEXT (this thread never made the device's
+        primary context current; torch does it on first use, and nothing was issued, since the first call is the one
+        that failed) make it current and run ``again``; raise on any remaining error."""
         if rc == CUDA_ERROR_INVALID_CONTEXT:
             torch.cuda.set_device(self._index)
-            rc = self._wait(stream, event, 0)
+            rc = again()
         if rc != CUDA_SUCCESS:
-            raise CudaDriverError(f"stream wait failed: {self.error_name(rc)} ({rc})")
+            raise CudaDriverError(f"{what} failed: {self.error_name(rc)} ({rc})")
 
     def _issue(self, dst: int, src: int, nbytes: int, stream: int, waits: Sequence[int], record: int) -> int:
         for ev in waits:

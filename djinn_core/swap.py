@@ -323,6 +323,11 @@ class SwapEngine:
         ev.record(stream)
         return ev
 
+    @property
+    def _driver_copies(self) -> bool:
+        """Whether swap-ins issue their copies through the CUDA driver (timing records keep the torch path)."""
+        return self.driver is not None and not self.record_timing
+
     def _stream_ctx(self, stream: Any) -> Any:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
@@ -385,7 +390,7 @@ class SwapEngine:
                 swapped[name] = SwappedItem(name, block, t.shape, t.dtype, t.nbytes, t.tag, ev, cs)
                 if not free_source:
                     self.slab.fence(t, ev)
-        if self.driver is not None and out is not None and not self.checksums:
+        if self._driver_copies and not self.checksums:
             for it in swapped.values():  # after the copies (not delayed by these calls); recorded again at swap-in
                 it.in_event = self._record(out)
         if free_source and items:
@@ -454,8 +459,7 @@ class SwapEngine:
             else:
                 inn.wait_event(after)
         start = None
-        if self.driver is not None and not self.record_timing and all(
-                state.items[n].checksum is None for n in selected):
+        if self._driver_copies and all(state.items[n].checksum is None for n in selected):
             self._issue_driver_copies(state, selected, tensors, deps, events)
         else:
             start = self._issue_torch_copies(state, selected, tensors, deps, events, checks)
@@ -590,7 +594,7 @@ class SwapEngine:
         if not self._cuda:
             dst.view().copy_(it.block.view())
             event = start = cur = None
-        elif self.driver is not None and not self.record_timing:
+        elif self._driver_copies:
             if event is None:
                 event = torch.cuda.Event(enable_timing=True)
             drv = self.driver
