@@ -201,6 +201,18 @@ def plain_run(
     return prompt_logits, tokens, steps
 
 
+def decode_step(model: nn.Module, cache: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """One decoding forward of ``tokens`` (batch, s) on ``cache``; returns the last position's logits (batch, vocab).
+
+    Runs under ``torch.inference_mode``: the same kernels as ``no_grad`` (bitwise equal results) with less host work
+    per operator. A decode step of a large model is bound by that host work (a Llama layer calls about 65 operators
+    per step), and a resume's first step runs it while the restore's copies load the host.
+    The logits are an inference tensor: read it, or clone it before an in-place edit outside inference mode.
+    """
+    with torch.inference_mode():
+        return model(tokens, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
 def _greedy(model: nn.Module, cache: Any, logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` greedy tokens starting from ``logits`` (batch, vocab) of the last position; returns (tokens, logits)."""
     toks: list[torch.Tensor] = []
@@ -210,7 +222,7 @@ def _greedy(model: nn.Module, cache: Any, logits: torch.Tensor, n: int) -> tuple
         tok = logits.argmax(-1, keepdim=True)  # (batch, 1)
         toks.append(tok)
         if k + 1 < n:
-            logits = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = decode_step(model, cache, tok)
     if not toks:
         b = logits.shape[0]
         return (torch.empty(b, 0, dtype=torch.long, device=logits.device),
@@ -676,8 +688,7 @@ class BreakpointSession:
         logits = self._next_logits
         with self.runtime._in_call(self), exact_attention():
             if self.generated:  # the last token chosen earlier has not been fed yet
-                logits = self.runtime.model(self.generated[-1][:, -1:], past_key_values=self.cache,
-                                            use_cache=True).logits[:, -1]
+                logits = decode_step(self.runtime.model, self.cache, self.generated[-1][:, -1:])
             tokens, steps = _greedy(self.runtime.model, self.cache, logits, n)
         self.generated.append(tokens)
         self._next_logits = None

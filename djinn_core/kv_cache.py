@@ -195,27 +195,33 @@ class SlabKVLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write ``s`` new tokens at position ``length``; returns (K, V) views of the first ``length + s`` tokens."""
-        g = self._cache.geometry
-        expect = (g.batch, g.kv_heads, key_states.shape[-2], g.head_dim)
-        if tuple(key_states.shape) != expect or tuple(value_states.shape) != expect:
-            raise ConfigError(f"kv.{self.layer_idx}: K/V of shape {tuple(key_states.shape)}, "
-                              f"{tuple(value_states.shape)}; this cache holds {expect}")
-        if key_states.dtype != g.dtype or value_states.dtype != g.dtype:
-            raise ConfigError(f"kv.{self.layer_idx}: K/V dtype {key_states.dtype}; this cache holds {g.dtype}")
-        s = key_states.shape[-2]
-        if self.length + s > g.capacity:
+        # runs once per layer per decode step, on the host's critical path: checks and views kept to a minimum
+        shape = key_states.shape
+        if len(shape) != 4 or value_states.shape != shape or (shape[0], shape[1], shape[3]) != self._cache._bhd:
+            g = self._cache.geometry
+            raise ConfigError(f"kv.{self.layer_idx}: K/V of shape {tuple(shape)}, {tuple(value_states.shape)}; "
+                              f"this cache holds (batch, kv_heads, s, head_dim) = "
+                              f"({g.batch}, {g.kv_heads}, s, {g.head_dim})")
+        dtype = self._cache.geometry.dtype
+        if key_states.dtype != dtype or value_states.dtype != dtype:
+            raise ConfigError(f"kv.{self.layer_idx}: K/V dtype {key_states.dtype}; this cache holds {dtype}")
+        start = self.length
+        end = start + shape[2]
+        if end > self._cache.geometry.capacity:
             raise CacheCapacityExceeded(
-                f"kv.{self.layer_idx}: {self.length} + {s} tokens exceed the capacity of {g.capacity}")
-        self.wait_ready()
+                f"kv.{self.layer_idx}: {start} + {shape[2]} tokens exceed the capacity of "
+                f"{self._cache.geometry.capacity}")
+        if self.before_use is not None:
+            self.wait_ready()
         if self.block is None:
             self.lazy_initialization(key_states, value_states)
-        elif self.shared:
+        elif self.block.refs > 1:
             self._copy_on_write()
-        buf = self.block.view()  # (2, batch, kv_heads, capacity, head_dim)
-        buf[0, :, :, self.length: self.length + s].copy_(key_states)
-        buf[1, :, :, self.length: self.length + s].copy_(value_states)
-        self.length += s
-        return buf[0, :, :, : self.length], buf[1, :, :, : self.length]
+        k, v = self.block.view().unbind(0)  # each (batch, kv_heads, capacity, head_dim)
+        k.narrow(2, start, end - start).copy_(key_states)
+        v.narrow(2, start, end - start).copy_(value_states)
+        self.length = end
+        return k.narrow(2, 0, end), v.narrow(2, 0, end)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -248,6 +254,7 @@ class SlabKVCache(Cache):
 
     def __init__(self, geometry: KVGeometry, allocator: KVAllocator):
         self.geometry = geometry
+        self._bhd = (geometry.batch, geometry.kv_heads, geometry.head_dim)  # what update() checks K/V against
         self.allocator = allocator
         super().__init__(layers=[SlabKVLayer(self, i) for i in range(geometry.num_layers)])
 

@@ -2,7 +2,7 @@
 
 Variants: ``current``; ``torch_copies`` (restore copies and layer waits through torch, not the CUDA driver);
 ``query_fences`` (the head's allocation queries and waits for its fences itself); ``no_spare_event`` (the ready event
-is created at restore).
+is created at restore); ``no_grad_decode`` (decode steps under ``torch.no_grad`` instead of ``torch.inference_mode``).
 Prints the median of each phase (ms from the resume call), as ``tests_exp3/test_resume_latency.py`` measures them.
 
     PYTHONPATH=. python3 scripts/probe_next_token.py [--layer 40] [--repeats 8]
@@ -37,6 +37,8 @@ def variant(name: str, rt):
         patch(slab_mod.Slab, "allocate", lambda self, *a, fences=None, **k: orig(self, *a, **k))
     elif name == "torch_copies":
         patch(rt.swap, "driver", None)
+    elif name == "no_grad_decode":
+        patch(torch, "inference_mode", torch.no_grad)
     elif name == "no_spare_event":
         patch(rt, "_spare_event", lambda: None)
     try:
@@ -60,8 +62,10 @@ def main() -> int:
         with variant(name, rt):
             ph = time_resume_to_next_token(rt, ids, args.layer, pause=True, repeats=args.repeats)
         print(f"{name:15s} " + " ".join(f"{k}={v.median_ms:.2f}" for k, v in ph.items()), flush=True)
-    ph = time_resume_to_next_token(rt, ids, args.layer, pause=False, repeats=args.repeats)
-    print(f"{'resident':15s} " + " ".join(f"{k}={v.median_ms:.2f}" for k, v in ph.items()), flush=True)
+    for name in dict.fromkeys(args.variants):  # the resident continuation under each variant, once
+        with variant(name, rt):
+            ph = time_resume_to_next_token(rt, ids, args.layer, pause=False, repeats=args.repeats)
+        print(f"{'resident/' + name:15s} " + " ".join(f"{k}={v.median_ms:.2f}" for k, v in ph.items()), flush=True)
     return 0
 
 
