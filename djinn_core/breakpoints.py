@@ -9,7 +9,8 @@ The model is wrapped from outside; no model code is copied.
 * ``resume()`` replays ``layers[L:]`` by calling each decoder layer module with the captured kwargs (the session's
   cache substituted), then ``model.model.norm`` and ``model.lm_head`` -- what the Llama/Mistral/Qwen2 causal-LM
   forward does after its layer loop, with full logits (``logits_to_keep=0``). ``generate(n)`` then decodes greedily
-  with ordinary ``model(token, past_key_values=cache)`` calls.
+  with ordinary ``model(token, past_key_values=cache)`` calls, on CUDA with each layer's norms and MLP replayed as
+  CUDA graphs (:mod:`djinn_core.decode_graphs`: the same kernels, fewer launches).
 * ``pause()`` swaps the checkpoint to the host pool through the :class:`~djinn_core.swap.SwapEngine`: the "head"
   (one allocation packing the hidden state and the captured kwargs tensors), then the KV of layers ``0..L-1``
   (``kv.<i>``, one slab allocation per layer holding K and V). Their slab memory returns to the slab, fenced by the
@@ -54,6 +55,7 @@ from .errors import (
     SlabExhausted,
     UnknownSession,
 )
+from .decode_graphs import DecodeGraphs
 from .host_pool import HostPool
 from .kv_cache import KVBlock, KVGeometry, KVHandle, SlabKVCache
 from .models import decoder_layers, exact_attention
@@ -686,7 +688,7 @@ class BreakpointSession:
             vocab = self.runtime.model.config.vocab_size
             return (empty, torch.empty(*empty.shape, vocab, device=self.runtime.device)) if return_logits else empty
         logits = self._next_logits
-        with self.runtime._in_call(self), exact_attention():
+        with self.runtime._in_call(self), exact_attention(), self.runtime._decode_graphs():
             if self.generated:  # the last token chosen earlier has not been fed yet
                 logits = decode_step(self.runtime.model, self.cache, self.generated[-1][:, -1:])
             tokens, steps = _greedy(self.runtime.model, self.cache, logits, n)
@@ -743,11 +745,14 @@ class BreakpointRuntime:
             until this many slab bytes are free, with the eviction's copies ordered after the restores already in
             flight -- so the next restore of up to ``reserve_bytes`` finds its room ready, shares the host link with
             no eviction, and no eviction sits on its critical path. One session's state is the natural value.
+        decode_graphs: replay each decoder layer's norms and MLP as CUDA graphs during ``generate`` (bitwise equal
+            to eager; see :mod:`djinn_core.decode_graphs`). On by default on CUDA; the graphs are shared by every
+            runtime over the same model.
     """
 
     def __init__(self, model: nn.Module, *, slab: Slab | None = None, host_pool: HostPool | None = None,
                  budget_bytes: int | None = None, swap: SwapEngine | None = None, trace: bool = False,
-                 reserve_bytes: int = 0):
+                 reserve_bytes: int = 0, decode_graphs: bool = True):
         model_layers(model)
         if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
             raise ConfigError(f"reserve_bytes must be an int >= 0, got {reserve_bytes!r}")
@@ -779,6 +784,7 @@ class BreakpointRuntime:
         self._idle: dict[int, None] = {}  # resident idle sessions, least recently used first (evictable)
         self._busy: set[int] = set()  # sessions inside a call (never evicted)
         self.evictions = 0
+        self.graphs = DecodeGraphs.for_model(model) if decode_graphs and self.device.type == "cuda" else None
 
     # -- public --------------------------------------------------------------------------------------------------
     def open(self, input_ids: torch.Tensor, *, max_new_tokens: int = 64) -> BreakpointSession:
@@ -813,6 +819,9 @@ class BreakpointRuntime:
         return iter(list(self.sessions.values()))
 
     # -- internal ------------------------------------------------------------------------------------------------
+    def _decode_graphs(self) -> contextlib.AbstractContextManager:
+        return self.graphs.active() if self.graphs is not None else contextlib.nullcontext()
+
     def trace_point(self, label: str) -> None:
         """With ``trace`` on, record (label, host time, a timing event on the current stream) into ``trace_log``:
         where a restore spends its time, on the host and on the device. Off by default (no cost)."""
