@@ -639,12 +639,15 @@ class BreakpointSession:
         with self.runtime._in_call(self):
             if self.state is SessionState.PAUSED:
                 self._restore_head()
-            # layers L.. first: they never read the KV of layers < L, so the host issues those copies (one per
-            # layer) while the GPU already computes; the copies wait only for the work queued before the
-            # continuation (``before``), and the first decode step waits only for what it uses
+            # the KV copies of layers < L are issued next, right behind the head on the in stream, so the link
+            # never idles between them (at deep L the restore is bound by the link); layers L.. follow at once --
+            # they never read that KV, so they compute while it streams in. The copies wait only for the work
+            # queued before them (``before``), and the first decode step waits only for what it uses. The cost:
+            # the continuation's first kernel waits for the issue's host work (per restored layer), which matters
+            # only where the continuation, not the link, bounds the resume.
             before = self.runtime._record_event()
-            logits = self._continue(free_head=False)
             self._restore_kv(after=before)
+            logits = self._continue(free_head=False)
             self._free_head()
             return logits
 

@@ -138,3 +138,35 @@ def time_host(
         if i >= warmup:
             samples.append(dt)
     return TimingStats(tuple(samples), "host")
+
+
+class GCMeter:
+    """Host time spent in Python's cyclic garbage collector while the meter is open (attribution of host stalls).
+
+    ``with GCMeter() as gm: ...`` then ``gm.ms`` (total milliseconds) and ``gm.collections`` (count per generation).
+    Uses ``gc.callbacks``; the callback is removed on exit, also on error.
+    """
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self.collections = [0, 0, 0]
+        self._t0: float | None = None
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.ms += (time.perf_counter() - self._t0) * 1e3
+            self.collections[min(int(info.get("generation", 0)), 2)] += 1
+            self._t0 = None
+
+    def __enter__(self) -> "GCMeter":
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from djinn_core.errors import ConfigError, DeviceUnavailable
-from djinn_core.timing import TimingStats, time_cuda, time_host
+from djinn_core.timing import GCMeter, TimingStats, time_cuda, time_host
 
 pytestmark = pytest.mark.cpu
 
@@ -47,3 +47,17 @@ def test_cuda_timer_without_a_gpu_says_so():
         pytest.skip("this machine has a GPU")
     with pytest.raises(DeviceUnavailable, match="CUDA GPU"):
         time_cuda(lambda: None)
+
+
+def test_gc_meter_counts_collections_inside_and_removes_its_callback():
+    import gc
+
+    n = len(gc.callbacks)
+    with GCMeter() as gm:
+        gc.collect(0)
+        gc.collect(2)
+    assert gm.collections[0] >= 1 and gm.collections[2] >= 1 and gm.ms >= 0.0
+    assert len(gc.callbacks) == n
+    before = list(gm.collections)
+    gc.collect()
+    assert gm.collections == before  # no callback left behind

@@ -31,7 +31,7 @@ from djinn_core.host_pool import HostPool
 from djinn_core.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
 from djinn_core.models import build_model
 from djinn_core.slab import Slab
-from djinn_core.timing import TimingStats, time_cuda
+from djinn_core.timing import GCMeter, TimingStats, time_cuda
 
 LAYERS = [1, 10, 20, 30, 40]
 WARMUP, REPEATS = 3, 20
@@ -103,7 +103,9 @@ def time_resume_to_next_token(rt, ids, layer, *, pause: bool, repeats: int = 10,
                                warmup: int = 2) -> dict[str, TimingStats]:
     """From resume() to the first decode step's logits (event-timed), a fresh checkpoint per repeat; with its phases
     from the same start: ``head_ready`` (layer L may compute), ``continuation`` (layers L.. and the LM head done),
-    ``kv_restored`` (every restored KV copy landed), ``host_return`` (resume() returned, host clock) and ``total``."""
+    ``kv_restored`` (every restored KV copy landed), ``host_return`` (resume() returned, host clock), ``host_done``
+    (the decode step's last launch returned, host clock), ``host_in_gc`` (host time in Python's garbage collector
+    within the region) and ``total``."""
     stream = torch.cuda.current_stream()
     out: dict[str, list[float]] = {}
     for i in range(warmup + repeats):
@@ -115,13 +117,15 @@ def time_resume_to_next_token(rt, ids, layer, *, pause: bool, repeats: int = 10,
         rt.swap.out_stream.synchronize()
         ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "continuation", "kv_restored", "total")}
         ev["start"].record(stream)
-        t0 = time.perf_counter()
-        s.resume()
-        host = (time.perf_counter() - t0) * 1e3
-        ev["continuation"].record(stream)
-        ev["kv_restored"].record(rt.swap.in_stream)
-        s.generate(2)  # token 1 from the resumed logits, token 2 from the first decode step (all KV used)
-        ev["total"].record(stream)
+        with GCMeter() as gm:
+            t0 = time.perf_counter()
+            s.resume()
+            host = (time.perf_counter() - t0) * 1e3
+            ev["continuation"].record(stream)
+            ev["kv_restored"].record(rt.swap.in_stream)
+            s.generate(2)  # token 1 from the resumed logits, token 2 from the first decode step (all KV used)
+            ev["total"].record(stream)
+            host_done = (time.perf_counter() - t0) * 1e3
         ev["total"].synchronize()
         if pause:
             ev["head_ready"] = s.ready_event
@@ -130,8 +134,10 @@ def time_resume_to_next_token(rt, ids, layer, *, pause: bool, repeats: int = 10,
                 if k != "start":
                     out.setdefault(k, []).append(_event_ms(ev["start"], e))
             out.setdefault("host_return", []).append(host)
+            out.setdefault("host_done", []).append(host_done)
+            out.setdefault("host_in_gc", []).append(gm.ms)
         s.close()
-    return {k: TimingStats(tuple(v), "host" if k == "host_return" else "cuda_event") for k, v in out.items()}
+    return {k: TimingStats(tuple(v), "host" if k.startswith("host") else "cuda_event") for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
