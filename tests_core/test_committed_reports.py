@@ -21,15 +21,7 @@ COMMITTED = sorted(REPORTS.glob("*/*.json"))
 FOLDER_GPU = {"h100": "H100", "h200x2": "H200"}
 
 # "<json stem>::<test node>::<claim>[params]" -> reason quoting the measured figure
-_RESUME = "exp3_resume::tests_exp3/test_resume_latency.py::test_resume_latency_against_baselines"
 KNOWN_SHORTFALLS: dict[str, str] = {
-    # H100, 2026-11-27, commit 68ce47a: from resume() to the first new token's logits at L=40, 53.8 ms against
-    # max(KV copy at the ceiling 33.2 ms, continuation compute 48.3 ms). The first decode step is launch-bound on the
-    # host, and the KV restore saturating host-to-device PCIe slows launches: scripts/probe_launch_under_dma.py
-    # measured 9.83 vs 8.37 us per launch and 41.0 vs 36.6 ms per launch-bound decode step with a 1.75 GB H2D copy in
-    # flight. The same claim measured 1.114x on commit df22173. L=1..30 pass (1.00-1.04x).
-    f"{_RESUME}[L=40]::resume_to_next_token_vs_max_copy_compute[model=llama2-13b,L=40,prompt_tokens=2048]":
-        "measured 53.8 ms vs max(copy 33.2, compute 48.3) ms: 1.11x > 1.1x",
     # H100, 2026-11-27, commit 73b88d3: the slowest of the 50 whole-session swap-ins ran at 0.86 of the pinned H2D
     # ceiling measured in the same run (52.4 GB/s); the median is 1.03x. Intermittent on this host: the run before,
     # on the same machine, failed N=32 (0.898) and N=64 (0.877) and passed N=50 (0.914); commit 5699c20 passed all
