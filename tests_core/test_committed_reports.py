@@ -22,13 +22,6 @@ FOLDER_GPU = {"h100": "H100", "h200x2": "H200"}
 
 # "<json stem>::<test node>::<claim>[params]" -> reason quoting the measured figure
 KNOWN_SHORTFALLS: dict[str, str] = {
-    # H100, 2026-11-27, commit 73b88d3: the slowest of the 50 whole-session swap-ins ran at 0.86 of the pinned H2D
-    # ceiling measured in the same run (52.4 GB/s); the median is 1.03x. Intermittent on this host: the run before,
-    # on the same machine, failed N=32 (0.898) and N=64 (0.877) and passed N=50 (0.914); commit 5699c20 passed all
-    # (0.966-0.981). These swap-ins take the torch copy path (record_timing), unchanged since 5699c20.
-    "exp3_memory_pressure::tests_exp3/test_memory_pressure.py::test_paused_sessions_oversubscribe_vram_and_all_"
-    "complete[N=50]::swap_in_bandwidth_worst_over_ceiling[sessions=50,model=llama2-13b,prompt_tokens=2048,layer=20,"
-    "swaps=50]": "measured worst swap-in 0.86x of the pinned H2D ceiling < 0.9x",
     # H100, 2026-11-27, commit 53a8b14: remote resume at L=40 (last-position logits back) 1.776 ms against 1.316 ms
     # in process; the reply leg (op end -> logits decoded on the client) is 0.285 ms where a no-op's whole round
     # trip is 0.137 ms. L=20 passes (-0.13 ms); framework overhead passes (0.113 ms).
