@@ -5,7 +5,9 @@ DEALER/ROUTER pair over loopback TCP (or ``ipc``). Each round the sender spins o
 sends 128 KiB (a resume reply's logits), and the receiver records when ``recv`` returned. Medians per (transport,
 wait, ms), with and without PM QoS (``/dev/cpu_dma_latency`` held at 0 us, where writable). If the latency after a
 20 ms wait exceeds the one after 0 ms here too, the slow reply leg of ``scripts/probe_rpc_wake.py`` is ZeroMQ's I/O
-threads waking (or the cores they sleep on), not Djinn's server.
+threads waking (or the cores they sleep on), not Djinn's server. ``idle_spin=1`` rows run with one busy-looping
+process per CPU under ``SCHED_IDLE`` (it runs only when nothing else wants the CPU): no core ever goes idle, so a
+wake-up never waits for an idle core (or, in a VM, a halted vCPU) to come back.
 
     python3 scripts/probe_zmq_idle.py [--rounds 200]
 """
@@ -71,6 +73,37 @@ def one_way_ms(endpoint: str, kind: str, ms: float, rounds: int) -> float:
     return statistics.median((g - s) * 1e3 for s, g in zip(sent[10:], got[10:]))
 
 
+def _spin(cpu: int) -> None:
+    import os
+
+    os.sched_setaffinity(0, {cpu})
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def idle_spinners(on: bool):
+    """One SCHED_IDLE busy loop per CPU while open (none when ``on`` is false)."""
+    if not on:
+        yield
+        return
+    import multiprocessing as mp
+    import os
+
+    procs = [mp.Process(target=_spin, args=(c,), daemon=True) for c in sorted(os.sched_getaffinity(0))]
+    for pr in procs:
+        pr.start()
+    time.sleep(0.5)
+    try:
+        yield
+    finally:
+        for pr in procs:
+            pr.terminate()
+        for pr in procs:
+            pr.join()
+
+
 @contextlib.contextmanager
 def pm_qos(on: bool):
     if not on:
@@ -94,15 +127,16 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         endpoints = {"tcp": "tcp://127.0.0.1:5599", "ipc": f"ipc://{d}/probe"}
-        for qos in (False, True):
-            with pm_qos(qos) as held:
+        for qos, spin in ((False, False), (False, True), (True, False), (False, True)):
+            with pm_qos(qos) as held, idle_spinners(spin):
                 if not held:
                     print("qos: /dev/cpu_dma_latency not writable here; skipped", flush=True)
                     continue
                 for name, ep in endpoints.items():
                     row = {f"{kind}{ms:g}": one_way_ms(ep, kind, ms, args.rounds)
                            for kind, ms in (("spin", 0), ("spin", 1.3), ("spin", 20), ("sleep", 1.3), ("sleep", 20))}
-                    print(f"qos={int(qos)} {name:3s} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+                    print(f"qos={int(qos)} idle_spin={int(spin)} {name:3s} "
+                          + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
     return 0
 
 
