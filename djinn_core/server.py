@@ -37,7 +37,6 @@ import torch
 import zmq
 
 from .breakpoints import BreakpointRuntime, BreakpointSession, SessionState
-from .cpu_awake import CpuAwake
 from .errors import (
     AuthenticationFailed,
     CheckpointStateError,
@@ -88,9 +87,6 @@ class ServerConfig:
         linger_ms: how long, at close, pending replies may take to leave.
         busy_poll_s: after a request, spin on the socket (one core busy) for this long before sleeping again, so the
             next request of an active client is picked up without a wake-up (0 = always sleep between requests).
-        keep_cpus_awake: while serving, run a lowest-priority busy loop on every CPU the server may use
-            (:class:`~djinn_core.cpu_awake.CpuAwake`), so the ZeroMQ I/O threads that carry a reply never wake on an
-            idle CPU. Trades power (every CPU runs flat out) for reply latency; Linux only. Off by default.
     """
 
     host: str = "127.0.0.1"
@@ -107,7 +103,6 @@ class ServerConfig:
     drain_s: float = 0.05
     linger_ms: int = 1000
     busy_poll_s: float = 0.0
-    keep_cpus_awake: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -131,8 +126,6 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
-        if not isinstance(self.keep_cpus_awake, bool):
-            raise ConfigError(f"keep_cpus_awake must be a bool, got {self.keep_cpus_awake!r}")
         if self.tick_s <= 0 or self.idle_timeout_s <= 0:
             raise ConfigError("tick_s and idle_timeout_s must be > 0")
 
@@ -225,7 +218,6 @@ class Server:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
-        self._awake: CpuAwake | None = None
         self.address: str | None = None
         self.started_at = time.monotonic()
         self.counters = collections.Counter()
@@ -259,14 +251,6 @@ class Server:
             self._ctx.term()
             self._ctx = None
             raise ConfigError(f"cannot bind {cfg.endpoint}: {e}") from None
-        if cfg.keep_cpus_awake and self._awake is None:
-            try:
-                self._awake = CpuAwake().start()
-            except BaseException:
-                sock.close(linger=0)
-                self._ctx.term()
-                self._ctx = None
-                raise
         self._sock = sock
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("djinn server listening on %s (model on %s, auth %s, max request %d bytes, max sessions %d, "
@@ -368,9 +352,6 @@ class Server:
         if self._ctx is not None:
             self._ctx.term()
         self._sock = self._ctx = None
-        if self._awake is not None:
-            self._awake.stop()
-            self._awake = None
         self._stopped.set()
         log.info("djinn server on %s stopped (%d sessions freed, %d requests served)", self.address, n,
                  self.counters["requests"])
@@ -515,7 +496,6 @@ class Server:
             "swap": dataclasses.asdict(rt.swap.stats), "vram": vram, "device": str(rt.device),
             "requests": self.counters["requests"], "errors": self.counters["errors"],
             "uptime_s": time.monotonic() - self.started_at,
-            "cpus_kept_awake": len(self._awake.cpus) if self._awake is not None and self._awake.running else 0,
             "limits": {"max_request_bytes": self.config.max_request_bytes, "max_sessions": self.config.max_sessions,
                        "max_sessions_per_client": self.config.per_client_limit,
                        "max_new_tokens": self.config.max_new_tokens, "idle_timeout_s": self.config.idle_timeout_s},
@@ -762,7 +742,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, token=token, max_request_bytes=args.max_request_bytes,
                           max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
                           idle_timeout_s=args.idle_timeout_s, stats_interval_s=args.stats_interval_s,
-                          busy_poll_s=args.busy_poll_s, keep_cpus_awake=args.keep_cpus_awake)
+                          busy_poll_s=args.busy_poll_s)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, dtype=args.dtype, seed=args.seed, num_layers=args.num_layers)
     server = Server(make_runtime(model, slab_bytes=args.slab_bytes, host_pool_bytes=args.host_pool_bytes), config)
@@ -803,8 +783,5 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="log stats this often (0: never)")
     p.add_argument("--busy-poll-s", type=float, default=0.0,
                    help="after a request, spin this long for the next one before sleeping (latency vs one busy core)")
-    p.add_argument("--keep-cpus-awake", action="store_true",
-                   help="run a lowest-priority (SCHED_IDLE) busy loop on every CPU while serving, so replies never "
-                        "wait for an idle CPU to wake (latency vs power; Linux)")
     p.set_defaults(fn=cmd_serve)
     return p

@@ -462,21 +462,3 @@ class TestSmolLM2EndToEnd:
             assert tok.decode(got[1][0]) != tok.decode(plain[1][0])
             s.close()
             twin.close()
-
-
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="keep-awake loops need Linux")
-def test_keep_cpus_awake_runs_loops_while_serving_and_stops_them(llama_tiny_fp32):
-    import os
-
-    srv = _server(llama_tiny_fp32, keep_cpus_awake=True)
-    try:
-        pids = [p.pid for p in srv._awake._procs]
-        assert len(pids) == len(os.sched_getaffinity(0))
-        with Client(srv.address, timeout_s=30) as c:
-            assert c.stats()["cpus_kept_awake"] == len(pids)
-    finally:
-        srv.stop()
-    assert srv._awake is None
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)

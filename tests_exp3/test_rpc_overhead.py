@@ -252,9 +252,6 @@ def _prompts(n: int, seq: int, vocab: int) -> list[torch.Tensor]:
 LAYERS_13B = (20, 40)
 CLIENTS, CYCLES = 32, 100
 BUSY_POLL_S = 0.2  # latency mode on both ends of the decomposition: no sleeping thread between request and reply
-# ... and no idle CPU for ZeroMQ's I/O threads to wake on (djinn serve --keep-cpus-awake: SCHED_IDLE loops on every
-# CPU of the host, which serve this process's threads as well as the server's)
-KEEP_CPUS_AWAKE = True
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +262,7 @@ def rpc_13b(llama2_13b_fp16, cuda_device):
     local_rt = BreakpointRuntime(llama2_13b_fp16, slab=Slab(3 << 30, cuda_device), host_pool=HostPool(1 << 30))
     args = ["--model", "llama2-13b", "--device", "cuda", "--dtype", "float16", "--seed", "0", "--slab-bytes", "4GiB",
             "--host-pool-bytes", "2GiB", "--max-sessions", "256", "--stats-interval-s", "0",
-            "--busy-poll-s", str(BUSY_POLL_S), *(["--keep-cpus-awake"] if KEEP_CPUS_AWAKE else [])]
+            "--busy-poll-s", str(BUSY_POLL_S)]
     with ServerProcess(args, start_timeout_s=300) as srv:
         yield srv, local_rt
     local_rt.close_all()
@@ -302,15 +299,13 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
                                   "transport_ms": got[L][0].median_ms - got[L][3].median_ms} for L in LAYERS_13B})
     claim.check("framework_overhead_noop_rpc_minus_raw_tcp_rtt", method="djinn-rpc-zmq",
                 value=noop.median_ms - raw.median_ms, bound=0.2, op="<=", unit="ms",
-                params={"msg_bytes": MSG_BYTES, "rounds": noop.n, "busy_poll_s": BUSY_POLL_S,
-                        "keep_cpus_awake": KEEP_CPUS_AWAKE})
+                params={"msg_bytes": MSG_BYTES, "rounds": noop.n, "busy_poll_s": BUSY_POLL_S})
     for layer in LAYERS_13B:
         remote, local, equal, server, _ = got[layer]
         claim.check("remote_resume_minus_in_process_resume", method="djinn-rpc-zmq",
                     value=remote.median_ms - local.median_ms, bound=0.3, op="<=", unit="ms", check=False,
                     params={"model": "llama2-13b", "L": layer, "prompt_tokens": prompt_2048_ids.shape[1],
-                            "logits": "last", "repeats": remote.n, "busy_poll_s": BUSY_POLL_S,
-                            "keep_cpus_awake": KEEP_CPUS_AWAKE})
+                            "logits": "last", "repeats": remote.n, "busy_poll_s": BUSY_POLL_S})
     for rec in claim.records:  # all recorded (with their numbers) first, then asserted
         if not rec["passed"]:
             raise ClaimFailed(rec)
