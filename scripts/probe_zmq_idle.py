@@ -7,7 +7,8 @@ wait, ms), with and without PM QoS (``/dev/cpu_dma_latency`` held at 0 us, where
 20 ms wait exceeds the one after 0 ms here too, the slow reply leg of ``scripts/probe_rpc_wake.py`` is ZeroMQ's I/O
 threads waking (or the cores they sleep on), not Djinn's server. ``idle_spin=1`` rows run with one busy-looping
 process per CPU under ``SCHED_IDLE`` (it runs only when nothing else wants the CPU): no core ever goes idle, so a
-wake-up never waits for an idle core (or, in a VM, a halted vCPU) to come back.
+wake-up never waits for an idle core (or, in a VM, a halted vCPU) to come back. ``hb<us>`` rows: the receiver sends
+the sender a 1-byte heartbeat every <us> microseconds while it waits, keeping both I/O threads busy.
 
     python3 scripts/probe_zmq_idle.py [--rounds 200]
 """
@@ -37,31 +38,42 @@ def _wait(kind: str, ms: float) -> None:
         pass
 
 
-def one_way_ms(endpoint: str, kind: str, ms: float, rounds: int) -> float:
-    ctx = zmq.Context()
-    rx = ctx.socket(zmq.ROUTER)
+def one_way_ms(endpoint: str, kind: str, ms: float, rounds: int, heartbeat_us: float = 0.0) -> float:
+    """Median one-way latency; sender and receiver in separate ZeroMQ contexts (an I/O thread each, as a client and
+    a server in two processes have). ``heartbeat_us`` > 0: while waiting, the receiver sends the sender a 1-byte
+    frame this often (the sender drains them before each send), so both I/O threads keep handling traffic."""
+    ctx_rx, ctx_tx = zmq.Context(), zmq.Context()
+    rx = ctx_rx.socket(zmq.ROUTER)
     rx.bind(endpoint)
-    tx = ctx.socket(zmq.DEALER)
+    tx = ctx_tx.socket(zmq.DEALER)
     tx.connect(endpoint)
     tx.send(b"hello")
-    rx.recv_multipart()  # connected both ways
+    peer = rx.recv_multipart()[0]  # connected both ways
     sent: list[float] = []
     got: list[float] = []
     arrived = threading.Event()
+    period = heartbeat_us * 1e-6
 
     def receiver() -> None:
+        next_hb = time.perf_counter() + period
         while len(got) < rounds:
             try:
                 rx.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
+                if period and time.perf_counter() >= next_hb:
+                    rx.send_multipart([peer, b"h"])
+                    next_hb = time.perf_counter() + period
                 continue
             got.append(time.perf_counter())
             arrived.set()
+            next_hb = time.perf_counter() + period
 
     t = threading.Thread(target=receiver)
     t.start()
     for _ in range(rounds):
         _wait(kind, ms)
+        while tx.poll(0):  # heartbeats that arrived meanwhile
+            tx.recv()
         arrived.clear()
         sent.append(time.perf_counter())
         tx.send(PAYLOAD)
@@ -69,7 +81,8 @@ def one_way_ms(endpoint: str, kind: str, ms: float, rounds: int) -> float:
     t.join()
     tx.close(0)
     rx.close(0)
-    ctx.term()
+    ctx_tx.term()
+    ctx_rx.term()
     return statistics.median((g - s) * 1e3 for s, g in zip(sent[10:], got[10:]))
 
 
@@ -124,19 +137,22 @@ def pm_qos(on: bool):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--rows", nargs="+", default=["plain", "idle_spin", "qos", "hb100", "hb50"],
+                   help="plain, idle_spin, qos, hb<us> (receiver heartbeats every <us>)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         endpoints = {"tcp": "tcp://127.0.0.1:5599", "ipc": f"ipc://{d}/probe"}
-        for qos, spin in ((False, False), (False, True), (True, False), (False, True)):
+        for rowname in args.rows:
+            qos, spin = rowname == "qos", rowname == "idle_spin"
+            hb = float(rowname[2:]) if rowname.startswith("hb") else 0.0
             with pm_qos(qos) as held, idle_spinners(spin):
                 if not held:
                     print("qos: /dev/cpu_dma_latency not writable here; skipped", flush=True)
                     continue
                 for name, ep in endpoints.items():
-                    row = {f"{kind}{ms:g}": one_way_ms(ep, kind, ms, args.rounds)
+                    row = {f"{kind}{ms:g}": one_way_ms(ep, kind, ms, args.rounds, hb)
                            for kind, ms in (("spin", 0), ("spin", 1.3), ("spin", 20), ("sleep", 1.3), ("sleep", 20))}
-                    print(f"qos={int(qos)} idle_spin={int(spin)} {name:3s} "
-                          + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+                    print(f"{rowname:9s} {name:3s} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
     return 0
 
 
