@@ -1,40 +1,48 @@
-"""CUDA graphs of a decoder's fixed-shape sub-modules, replayed during decode steps.
+"""CUDA graphs of a decoder's fixed-shape pieces, replayed during decode steps.
 
 A decode step of a large model is bound by host work: each Llama decoder layer calls about 65 operators for one
-token (torch profiler count), so the GPU waits for the host. The two RMS norms and the MLP of every layer -- about
-half of the layer's kernels, and their Python -- see the same input shape at every decode step, unlike attention,
-whose key length grows. This module captures each of them once per input shape as a CUDA graph and replays it: one
-input copy and one graph launch instead of the module's kernels. On the lent H100 this took the resident
+token (torch profiler count), so the GPU waits for the host. Three pieces of every layer see the same input shapes
+at every decode step, unlike attention itself, whose key length grows: the two RMS norms and the MLP (modules), and
+the rotary embedding of the query and key (``apply_rotary_pos_emb``, a function the attention module looks up in its
+modeling module at call time). Together they are more than half of the layer's kernels. This module captures each
+once per input shape as a CUDA graph and replays it: input copies and one graph launch instead of the kernels and
+their Python. One rotary graph serves every layer; its ``cos`` and ``sin`` inputs, the same tensors for all layers
+of a step, are copied in once per step. On the lent H100 the norm and MLP graphs took the resident
 resume-to-next-token of the Llama-2-13B architecture at L=40 (mostly one decode step) from 27.9 to 19.8 ms
-(``scripts/probe_next_token.py``, variants ``current`` and ``no_graphs`` in one run).
+(``scripts/probe_next_token.py``, variants ``current`` and ``no_graphs`` in one run, commit 5afd181).
 
-A replay runs the kernels the eager module would launch, with the same shapes, strides, alignment and weights, so
-its output is bitwise equal to the eager one. To keep it so, a call goes through the graph only when all of these
-hold, and runs the module eagerly otherwise:
+A replay runs the kernels the eager code would launch, with the same shapes, strides, alignment and weights, so
+its output is bitwise equal to the eager one. To keep it so, a call goes through a graph only when all of these
+hold, and runs eagerly otherwise:
 
 * the graphs are active (:meth:`DecodeGraphs.active`, which a breakpoint session's ``generate`` enters); outside it
   the model is untouched, so a reference run next to a runtime is plain eager PyTorch;
-* a single positional CUDA tensor argument, contiguous, at most ``max_tokens`` positions, 512-byte aligned (the
-  caching allocator's alignment, which the captured input buffer has: kernels choose vectorised paths by
-  alignment);
+* positional CUDA tensor arguments only (one for a module, ``q, k, cos, sin`` for the rotary function), each
+  contiguous, at most ``max_tokens`` positions, 512-byte aligned (the caching allocator's alignment, which the
+  captured input buffers have: kernels choose vectorised paths by alignment);
 * no gradient recording, and no hooks on the module (a hook could keep the returned tensor);
 * the module's parameters are where they were at capture (a moved or reloaded weight means a new capture).
 
-The returned tensor is the graph's output buffer, overwritten at the graph's next replay: safe for the decoder
-layer that calls these modules, which consumes it at once. Only the modules inside decoder layers are wrapped, and
-only classes known to be pure functions of their input (:data:`GRAPHABLE`); a mixture-of-experts MLP, with routing
-decided on the host, is not among them.
+Returned tensors are the graph's output buffers, overwritten at its next replay: safe for the decoder layer, which
+consumes them at once, and for a cache that copies K/V in (:class:`~djinn_core.kv_cache.SlabKVCache`, what the
+runtime decodes with) -- not for one that keeps the key tensor it is handed. Only modules inside decoder layers are
+wrapped, and only classes known to be pure functions of their input (:data:`GRAPHABLE`, :data:`GRAPHABLE_ATTENTION`);
+a mixture-of-experts MLP, with routing decided on the host, is not among them. The rotary wrapper replaces a name in
+a modeling module for the duration of :meth:`DecodeGraphs.active`, so it is process-wide while active: the runtime
+decodes on one thread.
 
-Captures happen on first use (one per module and input shape), on a side stream ordered after the current one,
-without a device synchronize; their memory comes from one private pool of the caching allocator (a few MiB).
+Captures happen on first use (one per module or function and input shapes), on a side stream ordered after the
+current one, without a device synchronize; their memory comes from one private pool of the caching allocator.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import types
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -49,19 +57,30 @@ GRAPHABLE = frozenset({
     "LlamaRMSNorm", "LlamaMLP", "MistralRMSNorm", "MistralMLP", "Qwen2RMSNorm", "Qwen2MLP",
 })
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp")
+# attention classes whose forward calls ``apply_rotary_pos_emb(q, k, cos, sin)`` from their modeling module
+GRAPHABLE_ATTENTION = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
+_ROTARY = "apply_rotary_pos_emb"
 _ALIGN = 512
 
 
 @dataclass(eq=False)
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph
-    static_in: torch.Tensor
-    static_out: torch.Tensor
-    params: tuple[int, ...]  # the parameters' data pointers at capture
+    static_in: tuple[torch.Tensor, ...]
+    static_out: Any  # a tensor, or a tuple of tensors
+    params: tuple[int, ...]  # the module's parameters' data pointers at capture (empty for a function)
+    last_src: list[Any] = field(default_factory=list)  # per input: the tensor last copied in (shared inputs)
+
+
+def _eligible(x: Any, max_tokens: int) -> bool:
+    """A CUDA tensor a graph may stand in for: at most ``max_tokens`` positions, contiguous, allocator-aligned."""
+    return (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() >= 2 and x.shape[-2] <= max_tokens
+            and x.is_contiguous() and not x.data_ptr() % _ALIGN)
 
 
 class DecodeGraphs:
-    """Graph capture and replay for one model's decoder-layer norms and MLPs (see the module docstring).
+    """Graph capture and replay for one model's decoder-layer norms, MLPs and rotary embedding (see the module
+    docstring).
 
     Use :meth:`for_model` (one instance per model, shared by every runtime over it). ``enabled=False`` (or a model
     off CUDA) makes :meth:`active` a no-op.
@@ -78,14 +97,23 @@ class DecodeGraphs:
         p = next(model.parameters(), None)
         self.enabled = bool(enabled) and p is not None and p.device.type == "cuda"
         self.modules: list[nn.Module] = []
+        # (python module, attribute): functions the decoder layers' attention looks up at call time
+        self.functions: list[tuple[types.ModuleType, str]] = []
         for layer in decoder_layers(model):
             for part in _LAYER_PARTS:
                 m = getattr(layer, part, None)
                 if isinstance(m, nn.Module) and type(m).__name__ in GRAPHABLE:
                     self.modules.append(m)
-        self._graphs: dict[tuple[int, torch.Size, torch.dtype], _Graph] = {}
-        self._failed: set[int] = set()  # modules whose capture failed: always eager
+            attn = getattr(layer, "self_attn", None)
+            if attn is not None and type(attn).__name__ in GRAPHABLE_ATTENTION:
+                home = sys.modules.get(type(attn).__module__)
+                fn = getattr(home, _ROTARY, None)
+                if callable(fn) and (home, _ROTARY) not in self.functions:
+                    self.functions.append((home, _ROTARY))
+        self._graphs: dict[tuple[Any, ...], _Graph] = {}
+        self._failed: set[int] = set()  # ids of modules / functions whose capture failed: always eager
         self._depth = 0
+        self._saved: list[tuple[types.ModuleType, str, Any]] = []
         self._pool: Any = None
         self._side: torch.cuda.Stream | None = None
         self.captures = 0
@@ -101,15 +129,19 @@ class DecodeGraphs:
     # -- activation ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """Within this context the wrapped modules replay their graphs where the conditions hold (re-entrant).
-        The wrappers are instance attributes installed on entry and removed on exit: outside, the model's modules
-        are exactly as they were."""
-        if not self.enabled or not self.modules:
+        """Within this context the wrapped modules and functions replay their graphs where the conditions hold
+        (re-entrant). The wrappers are installed on entry and removed on exit: instance attributes of the modules,
+        and the rotary function's name in its modeling module. Outside, everything is exactly as it was."""
+        if not self.enabled or not (self.modules or self.functions):
             yield
             return
         if self._depth == 0:
             for m in self.modules:
-                m.forward = self._wrapper(m, type(m).forward.__get__(m))
+                m.forward = self._module_wrapper(m, type(m).forward.__get__(m))
+            for home, name in self.functions:
+                orig = getattr(home, name)
+                self._saved.append((home, name, orig))
+                setattr(home, name, self._rotary_wrapper(orig))
         self._depth += 1
         try:
             yield
@@ -118,6 +150,9 @@ class DecodeGraphs:
             if self._depth == 0:
                 for m in self.modules:
                     del m.forward
+                while self._saved:
+                    home, name, orig = self._saved.pop()
+                    setattr(home, name, orig)
 
     def clear(self) -> None:
         """Drop every captured graph and its memory (they are captured again on next use)."""
@@ -130,65 +165,94 @@ class DecodeGraphs:
         return len(self._graphs)
 
     # -- replay --------------------------------------------------------------------------------------------------
-    def _wrapper(self, module: nn.Module, eager: Callable[..., Any]) -> Callable[..., Any]:
-        graphs = self._graphs
+    def _module_wrapper(self, module: nn.Module, eager: Callable[..., Any]) -> Callable[..., Any]:
         mid = id(module)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if kwargs or len(args) != 1:
                 return eager(*args, **kwargs)
             x = args[0]
-            if (not isinstance(x, torch.Tensor) or not x.is_cuda or x.dim() < 2 or x.shape[-2] > self.max_tokens
-                    or not x.is_contiguous() or x.data_ptr() % _ALIGN or torch.is_grad_enabled()
-                    or module._forward_hooks or module._forward_pre_hooks or mid in self._failed):
+            if (not _eligible(x, self.max_tokens) or torch.is_grad_enabled() or module._forward_hooks
+                    or module._forward_pre_hooks or mid in self._failed):
                 return eager(x)
-            g = graphs.get((mid, x.shape, x.dtype))
+            key = (mid, x.shape, x.dtype)
+            g = self._graphs.get(key)
             if g is not None and g.params != _param_ptrs(module):
                 g = None  # the weights moved: capture again
             if g is None:
-                g = self._capture(module, eager, x)
+                g = self._capture(key, eager, (x,), _param_ptrs(module), type(module).__name__)
                 if g is None:
                     return eager(x)
-            g.static_in.copy_(x)
-            g.graph.replay()
-            self.replays += 1
-            return g.static_out
+            return self._replay(g, (x,))
 
         return forward
 
-    def _capture(self, module: nn.Module, eager: Callable[..., Any], x: torch.Tensor) -> _Graph | None:
+    def _rotary_wrapper(self, eager: Callable[..., Any]) -> Callable[..., Any]:
+        """``apply_rotary_pos_emb(q, k, cos, sin)``: one graph per shape serves every layer. ``cos`` and ``sin`` are
+        the same tensors for all layers of a step, so they are copied in only when a different tensor comes."""
+        fid = id(eager)
+
+        def apply_rotary_pos_emb(*args: Any, **kwargs: Any) -> Any:
+            if (kwargs or len(args) != 4 or fid in self._failed or torch.is_grad_enabled()
+                    or not all(_eligible(a, self.max_tokens) for a in args)):
+                return eager(*args, **kwargs)
+            key = (fid, *((a.shape, a.dtype) for a in args))
+            g = self._graphs.get(key)
+            if g is None:
+                g = self._capture(key, eager, args, (), "apply_rotary_pos_emb")
+                if g is None:
+                    return eager(*args)
+            return self._replay(g, args, shared=(2, 3))
+
+        return apply_rotary_pos_emb
+
+    def _replay(self, g: _Graph, args: tuple[torch.Tensor, ...], shared: tuple[int, ...] = ()) -> Any:
+        for i, (dst, src) in enumerate(zip(g.static_in, args)):
+            if i in shared and g.last_src[i] is src:
+                continue  # copied in for an earlier layer of this step, and held since (so not reused)
+            dst.copy_(src)
+            g.last_src[i] = src
+        g.graph.replay()
+        self.replays += 1
+        return g.static_out
+
+    def _capture(self, key: tuple[Any, ...], eager: Callable[..., Any], args: tuple[torch.Tensor, ...],
+                 params: tuple[int, ...], what: str) -> _Graph | None:
+        x = args[0]
         cur = torch.cuda.current_stream(x.device)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)
         side = self._side
-        with torch.inference_mode(False):  # a normal tensor: replays may copy into it in or out of inference mode
-            static_in = torch.empty_like(x, memory_format=torch.contiguous_format)
-        static_in.copy_(x)
+        with torch.inference_mode(False):  # normal tensors: replays may copy into them in or out of inference mode
+            static_in = tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for a in args)
+        for dst, src in zip(static_in, args):
+            dst.copy_(src)
         side.wait_stream(cur)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
-                eager(static_in)  # warm-up on the capture stream (library handles, workspaces)
+                eager(*static_in)  # warm-up on the capture stream (library handles, workspaces)
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    static_out = eager(static_in)
+                    static_out = eager(*static_in)
                 finally:
                     graph.capture_end()
-        except Exception as e:  # an operator that cannot be captured: this module stays eager
-            log.warning("decode graph capture of %s failed (%s): it runs eagerly", type(module).__name__, e)
-            self._failed.add(id(module))
+        except Exception as e:  # an operator that cannot be captured: this one stays eager
+            log.warning("decode graph capture of %s failed (%s): it runs eagerly", what, e)
+            self._failed.add(key[0])
             cur.wait_stream(side)
             return None
         cur.wait_stream(side)
-        if not isinstance(static_out, torch.Tensor):
-            self._failed.add(id(module))
+        outs = static_out if isinstance(static_out, tuple) else (static_out,)
+        if not outs or not all(isinstance(t, torch.Tensor) for t in outs):
+            self._failed.add(key[0])
             return None
         if self._pool is None:
             self._pool = graph.pool()
-        g = _Graph(graph, static_in, static_out, _param_ptrs(module))
-        self._graphs[(id(module), x.shape, x.dtype)] = g
+        g = _Graph(graph, static_in, static_out, params, [None] * len(args))
+        self._graphs[key] = g
         self.captures += 1
-        log.debug("captured a decode graph of %s for %s %s", type(module).__name__, tuple(x.shape), x.dtype)
+        log.debug("captured a decode graph of %s for %s", what, [tuple(a.shape) for a in args])
         return g
 
 

@@ -3,8 +3,11 @@ that replays are bitwise equal to eager decoding and fall back to eager where th
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from transformers.models.llama import modeling_llama
 
 from djinn_core.breakpoints import BreakpointRuntime, decode_step, plain_run
 from djinn_core.decode_graphs import GRAPHABLE, DecodeGraphs
@@ -13,6 +16,7 @@ from djinn_core.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
 from djinn_core.models import build_model, decoder_layers
 
 ARCHS = ["llama-tiny", "mistral-tiny", "qwen2-tiny"]
+_ROTARY_ORIG = modeling_llama.apply_rotary_pos_emb
 
 
 @pytest.mark.cpu
@@ -25,6 +29,8 @@ def test_norms_and_mlp_of_every_layer_are_the_graphed_modules(arch):
     assert g.modules == expect
     assert all(type(m).__name__ in GRAPHABLE for m in g.modules)
     assert model.model.norm not in g.modules  # its output leaves the model (last_hidden_state): never graphed
+    home = sys.modules[type(decoder_layers(model)[0].self_attn).__module__]
+    assert g.functions == [(home, "apply_rotary_pos_emb")]
 
 
 @pytest.mark.cpu
@@ -32,8 +38,10 @@ def test_off_cuda_active_is_a_no_op_and_the_model_is_untouched(llama_tiny_fp32):
     model = llama_tiny_fp32
     g = DecodeGraphs(model)
     assert not g.enabled
+    orig = [getattr(home, name) for home, name in g.functions]
     with g.active():
         assert all("forward" not in m.__dict__ for m in g.modules)
+        assert [getattr(home, name) for home, name in g.functions] == orig
     assert g.graph_count == 0
     rt = BreakpointRuntime(model, budget_bytes=8 << 20)
     assert rt.graphs is None  # a CPU runtime does not use them
@@ -83,11 +91,14 @@ def test_gpu_replayed_decode_is_bitwise_equal_to_eager_and_leaves_the_model_as_i
     eager = _decode(model, ids, 12)
     graphed = _decode(model, ids, 12, g)
     assert torch.equal(graphed, eager)
-    assert g.captures == len(g.modules) == 3 * model.config.num_hidden_layers
-    assert g.replays == 12 * len(g.modules)  # every decode step of every module, the capturing one included
+    layers = model.config.num_hidden_layers
+    assert len(g.modules) == 3 * layers and len(g.functions) == 1
+    assert g.captures == len(g.modules) + 1  # one rotary graph serves every layer
+    assert g.replays == 12 * (len(g.modules) + layers)  # every decode step, the capturing one included
     assert all("forward" not in m.__dict__ for m in g.modules)
+    assert getattr(*g.functions[0]) is modeling_llama.apply_rotary_pos_emb is _ROTARY_ORIG
     again = _decode(model, ids, 12, g)  # the captured graphs serve a new cache (other KV addresses) as well
-    assert torch.equal(again, eager) and g.captures == len(g.modules)
+    assert torch.equal(again, eager) and g.captures == len(g.modules) + 1
 
 
 @pytest.mark.gpu
@@ -101,7 +112,7 @@ def test_gpu_hooks_prefill_and_moved_weights_take_the_eager_path(gpu_tiny):
     mlp.down_proj.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)  # same values, moved
     try:
         assert torch.equal(_decode(model, ids, 4, g), eager)
-        assert g.captures == len(g.modules) + 1  # captured again against the new weight
+        assert g.captures == len(g.modules) + 2  # and the rotary graph; then the MLP again against the new weight
     finally:
         mlp.down_proj.weight = old
     g = DecodeGraphs(model)
@@ -111,7 +122,7 @@ def test_gpu_hooks_prefill_and_moved_weights_take_the_eager_path(gpu_tiny):
         assert torch.equal(_decode(model, ids, 4, g), eager)
     finally:
         h.remove()
-    assert g.graph_count == len(g.modules) - 1  # the hooked module ran eagerly (its hook saw every output)
+    assert g.graph_count == len(g.modules)  # all but the hooked module (eager: its hook saw every output), + rotary
     assert len(seen) == 1 + 4  # the prefill, then 4 decode steps
     with g.active(), torch.no_grad():  # a prompt of many tokens never replays
         before = g.replays
