@@ -3,7 +3,7 @@
 Variants: ``current``; ``torch_copies`` (restore copies and layer waits through torch, not the CUDA driver);
 ``query_fences`` (the head's allocation queries and waits for its fences itself); ``no_spare_event`` (the ready event
 is created at restore); ``no_grad_decode`` (decode steps under ``torch.no_grad`` instead of ``torch.inference_mode``);
-``no_graphs`` (decode steps fully eager: no CUDA graphs of the layers' norms and MLPs).
+``no_graphs`` (decode steps fully eager: no CUDA graphs); ``no_rotary`` (graphs of the norms and MLPs only).
 Prints the median of each phase (ms from the resume call), as ``tests_exp3/test_resume_latency.py`` measures them.
 
     PYTHONPATH=. python3 scripts/probe_next_token.py [--layer 40] [--repeats 8]
@@ -42,6 +42,8 @@ def variant(name: str, rt):
         patch(torch, "inference_mode", torch.no_grad)
     elif name == "no_graphs":
         patch(rt, "graphs", None)
+    elif name == "no_rotary":
+        patch(rt.graphs, "functions", [])
     elif name == "no_spare_event":
         patch(rt, "_spare_event", lambda: None)
     try:
