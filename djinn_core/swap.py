@@ -242,6 +242,7 @@ class SwapRecord:
     items: int
     start: Any
     end: Any
+    issue_ms: float | None = None  # host time from recording ``start`` to recording ``end`` (the copies' issue)
 
     def elapsed_ms(self) -> float:
         """Milliseconds between the two events; waits (host) for ``end``: call it after the run, not inside one."""
@@ -252,19 +253,21 @@ class SwapRecord:
 
 
 def swap_timeline(records: Sequence[SwapRecord]) -> list[dict[str, Any]]:
-    """Each swap of ``records`` as ``{direction, nbytes, ms, start_ms, overlap_ms}``: ``start_ms`` from the first
-    record's start, ``overlap_ms`` the time it shared the link with swaps of the other direction (a copy that overlaps
-    one the other way runs slower: both directions at once reach about 85 GB/s on the lent H100, not 2 x 55). Waits
-    for the last record's events: call it after the run."""
+    """Each swap of ``records`` as ``{direction, nbytes, ms, start_ms, overlap_ms, host_issue_ms}``: ``start_ms`` from
+    the first record's start, ``overlap_ms`` the time it shared the link with swaps of the other direction (a copy
+    that overlaps one the other way runs slower: both directions at once reach about 85 GB/s on the lent H100, not
+    2 x 55), ``host_issue_ms`` how long the host took to issue its copies (a swap issued slower than its copies run
+    leaves the link idle inside its window). Waits for the last record's events: call it after the run."""
     if not records:
         return []
     origin = records[0].start
     spans = [(r.direction, r.nbytes, origin.elapsed_time(r.start), r.elapsed_ms()) for r in records]
     out = []
-    for d, n, t0, ms in spans:
+    for r, (d, n, t0, ms) in zip(records, spans):
         t1 = t0 + ms
         shared = sum(max(0.0, min(t1, u0 + ums) - max(t0, u0)) for e, _, u0, ums in spans if e != d)
-        out.append({"direction": d, "nbytes": n, "ms": ms, "start_ms": t0, "overlap_ms": shared})
+        out.append({"direction": d, "nbytes": n, "ms": ms, "start_ms": t0, "overlap_ms": shared,
+                    "host_issue_ms": r.issue_ms})
     return out
 
 
@@ -296,6 +299,7 @@ class SwapEngine:
         # record_timing: keep a SwapRecord (start/end timing events on the side stream) per swap in `records`
         self.record_timing = bool(record_timing) and self._cuda
         self.records: list[SwapRecord] = []
+        self._issue_t0 = 0.0  # host time of the last swap start event (record_timing)
         self._in_saw_unfenced = -1  # slab.unfenced_frees when the in stream last waited for the current stream
         # driver_copies: swap_in_into issues its waits, copy and event through the CUDA driver (pinned pools only)
         self.driver: DriverCopier | None = (driver_copier(self.device)
@@ -321,6 +325,13 @@ class SwapEngine:
             return None
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(stream)
+        return ev
+
+    def _timing_start(self, stream: Any) -> Any:
+        """A swap's start event (record_timing), noting the host time it was issued (for ``SwapRecord.issue_ms``)."""
+        ev = self._timing_event(stream)
+        if ev is not None:
+            self._issue_t0 = time.perf_counter()
         return ev
 
     @property
@@ -382,7 +393,7 @@ class SwapEngine:
                         out.wait_event(ev)
                 block.fences = []
                 if self.record_timing and start is None:
-                    start = self._timing_event(out)
+                    start = self._timing_start(out)
                 src = t.view()
                 cs = checksum(src) if self.checksums else None
                 block.view().copy_(src, non_blocking=out is not None)
@@ -485,7 +496,7 @@ class SwapEngine:
                 if inn is not None:  # its D2H has landed and nothing still reads the range it lands in
                     self._wait_distinct(inn, (*deps[name], it.event))
                 if self.record_timing and start is None:
-                    start = self._timing_event(inn)
+                    start = self._timing_start(inn)
                 dst = tensors[name].view()
                 dst.copy_(it.block.view(), non_blocking=inn is not None)
                 cs = checksum(dst) if it.checksum is not None else None
@@ -554,7 +565,7 @@ class SwapEngine:
             marks.append((f"waited_{waited}", time.perf_counter()))
         dst, src = t.view(), it.block.view()
         with torch.cuda.stream(inn):
-            start = self._timing_event(inn)
+            start = self._timing_start(inn)
             dst.copy_(src, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(inn)
@@ -612,7 +623,7 @@ class SwapEngine:
             waited = self._wait_distinct(cur, (*deps, it.event))
             if marks is not None:
                 marks.append((f"waited_{waited}", time.perf_counter()))
-            start = self._timing_event(cur)
+            start = self._timing_start(cur)
             dst.view().copy_(it.block.view(), non_blocking=True)  # both views are cached (same dtype and shape)
             if marks is not None:
                 marks.append(("copy_issued", time.perf_counter()))
@@ -663,7 +674,8 @@ class SwapEngine:
         """Count one swap in ``direction`` ("out" or "in"); with ``start`` (record_timing) keep its SwapRecord, ended
         by an event on ``stream`` now."""
         if start is not None:
-            self.records.append(SwapRecord(direction, nbytes, items, start, self._timing_event(stream)))
+            issue_ms = (time.perf_counter() - self._issue_t0) * 1e3
+            self.records.append(SwapRecord(direction, nbytes, items, start, self._timing_event(stream), issue_ms))
         if direction == "out":
             self._bytes_out += nbytes
             self._items_out += items

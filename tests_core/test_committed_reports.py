@@ -22,6 +22,14 @@ FOLDER_GPU = {"h100": "H100", "h200x2": "H200"}
 
 # "<json stem>::<test node>::<claim>[params]" -> reason quoting the measured figure
 KNOWN_SHORTFALLS: dict[str, str] = {
+    # H100, 2026-11-27, commit e778bf9: the slowest of the 100 whole-session swap-outs at N=64 took 34.86 ms, 0.893 of
+    # the pinned D2H ceiling measured in the same run (54.7 GB/s), sharing the link with no swap-in; the median is
+    # 0.994x. Intermittent single-swap dips: the run before (79c6988) passed every N (slowest 0.953-0.985x); 73b88d3
+    # failed N=50's slowest swap-in (0.86x). Swaps now record their host issue time, to tell a host stall inside the
+    # swap's window from the link.
+    "exp3_memory_pressure::tests_exp3/test_memory_pressure.py::test_paused_sessions_oversubscribe_vram_and_all_"
+    "complete[N=64]::swap_out_bandwidth_worst_over_ceiling[sessions=64,model=llama2-13b,prompt_tokens=2048,layer=20,"
+    "swaps=100]": "measured slowest swap-out 0.893x of the pinned D2H ceiling < 0.9x",
     # H100, 2026-11-27, commit 53a8b14: remote resume at L=40 (last-position logits back) 1.776 ms against 1.316 ms
     # in process; the reply leg (op end -> logits decoded on the client) is 0.285 ms where a no-op's whole round
     # trip is 0.137 ms. L=20 passes (-0.13 ms); framework overhead passes (0.113 ms).

@@ -419,7 +419,7 @@ def test_swap_timeline_measures_overlap_with_the_other_direction():
     from djinn_core.swap import SwapRecord, swap_timeline
 
     def rec(d, t0, t1):
-        return SwapRecord(d, 100, 1, _FakeEvent(t0), _FakeEvent(t1))
+        return SwapRecord(d, 100, 1, _FakeEvent(t0), _FakeEvent(t1), issue_ms=t0 / 10)
 
     records = [rec("out", 10.0, 20.0), rec("in", 15.0, 30.0), rec("in", 30.0, 35.0), rec("out", 32.0, 40.0)]
     tl = swap_timeline(records)
@@ -427,6 +427,7 @@ def test_swap_timeline_measures_overlap_with_the_other_direction():
     assert [t["ms"] for t in tl] == [10.0, 15.0, 5.0, 8.0]
     # in [15, 30] shares 15..20 with the first out; in [30, 35] shares 32..35 with the second; outs likewise
     assert [t["overlap_ms"] for t in tl] == [5.0, 5.0, 3.0, 3.0]
+    assert [t["host_issue_ms"] for t in tl] == [1.0, 1.5, 3.0, 3.2]
     assert swap_timeline([]) == []
 
 
