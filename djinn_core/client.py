@@ -53,6 +53,8 @@ from .errors import (
     RemoteError,
     ServerUnavailable,
 )
+from .local_reply import ReplyReader
+from .local_reply import supported as local_reply_supported
 from .wire import ALLOWED_DTYPES, Message, decode, encode
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,16 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5556"
 DEFAULT_MAX_REPLY_BYTES = 8 << 30
 
 _remote_classes: dict[type, type] = {}
+
+
+def _on_this_host(address: str) -> bool:
+    """A loopback TCP endpoint or an ``ipc://`` one: the server runs on this machine."""
+    if address.startswith("ipc://"):
+        return True
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def remote_error(type_name: str, message: str) -> DjinnError:
@@ -93,13 +105,17 @@ class Client:
             sleeping thread can take tens to hundreds of microseconds to wake (CPU idle states), which is most of
             what a remote call costs over an in-process one, whose CUDA wait spins too. For one latency-critical
             client per process; leave 0 with many client threads.
+        local_replies: take replies through a shared-memory channel the server makes for this connection
+            (:mod:`djinn_core.local_reply`: no socket and no ZeroMQ thread between the server's compute thread and
+            this spinning one). Default (None): on when ``busy_poll_s`` > 0, the server is on this host (loopback
+            or ``ipc://``) and the platform supports it; if the server refuses, replies simply stay on ZeroMQ.
         context: a ZeroMQ context (default: the process-wide one).
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, timeout_s: float = 30.0,
                  client_id: str | None = None, max_request_bytes: int | None = None,
                  max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES, busy_poll_s: float = 0.0,
-                 context: zmq.Context | None = None):
+                 local_replies: bool | None = None, context: zmq.Context | None = None):
         if not isinstance(address, str) or "://" not in address:
             raise ConfigError(f"address must be a ZeroMQ endpoint like tcp://127.0.0.1:5556, got {address!r}")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
@@ -123,6 +139,13 @@ class Client:
         # request (send -> server receipt), dispatch (receipt -> op start), op, reply (op end -> reply decoded)
         self.last_phases_ms: dict[str, float] | None = None
         self._lock = threading.Lock()
+        if local_replies is not None and not isinstance(local_replies, bool):
+            raise ConfigError(f"local_replies must be a bool or None, got {local_replies!r}")
+        if local_replies is None:
+            local_replies = self.busy_poll_s > 0 and _on_this_host(address) and local_reply_supported()
+        self._local_wanted = bool(local_replies)
+        self._local_tried = False
+        self._reader: ReplyReader | None = None
         self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -135,35 +158,12 @@ class Client:
     def call(self, op: str, *, session: int | None = None, args: dict[str, Any] | None = None,
              tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None) -> Message:
         """Send one request and wait for its reply; raise the remote error if the server refused it."""
-        header = {"op": op, "client": self.client_id, "token": self.token, "session": session, "args": args or {}}
         with self._lock:
             if self._sock is None:
                 raise ServerUnavailable("this client is closed")
-            rid = next(self._ids)
-            frames = encode({**header, "id": rid}, tensors)
-            if self.max_request_bytes is not None:
-                size = sum(memoryview(f).nbytes for f in frames)
-                if size > self.max_request_bytes:
-                    raise ProtocolError(f"request of {size} bytes exceeds max_request_bytes={self.max_request_bytes}")
-            t_send = time.perf_counter()
-            self._sock.send_multipart(frames, copy=not tensors or all(memoryview(f).nbytes < 1 << 16 for f in frames))
-            timeout = self.timeout_s if timeout_s is None else timeout_s
-            deadline = time.monotonic() + timeout
-            spin_until = time.monotonic() + self.busy_poll_s
-            while True:
-                if self.busy_poll_s and time.monotonic() < spin_until and not self._sock.poll(0, zmq.POLLIN):
-                    continue  # spinning: this thread stays awake and sees the reply at once
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
-                    raise ServerUnavailable(f"no reply from {self.address} to {op!r} within {timeout:g} s (server "
-                                            "down, overloaded, or it dropped a request over its hard size cap)")
-                reply = decode(self._sock.recv_multipart(copy=False), max_bytes=self.max_reply_bytes,
-                               max_header_bytes=1 << 20)
-                got = reply.header.get("id")
-                if got == rid or (got is None and not reply.header.get("ok")):  # None: our header was unreadable
-                    break
-                log.debug("discarding a stale reply (id %r, waiting for %d)", reply.header.get("id"), rid)
-        t_reply = time.perf_counter()
+            if self._local_wanted and not self._local_tried:
+                self._attach_local()
+            reply, t_send, t_reply = self._roundtrip(op, session, args, tensors, timeout_s)
         self.last_server_ms = reply.header.get("server_ms")
         st = reply.header.get("server_t")
         if isinstance(st, list) and len(st) == 3 and all(isinstance(x, (int, float)) for x in st):
@@ -176,11 +176,87 @@ class Client:
             raise remote_error(str(err.get("type", "RemoteError")), str(err.get("message", "")))
         return reply
 
+    @property
+    def local_replies(self) -> bool:
+        """Whether replies currently come through a shared-memory channel (see ``local_replies`` in the class doc)."""
+        return self._reader is not None
+
+    def _attach_local(self) -> None:
+        """Ask the server for a shared-memory reply channel and map it; on any refusal stay on ZeroMQ (logged)."""
+        self._local_tried = True
+        try:
+            reply, _, _ = self._roundtrip("attach_local", None, None, (), None)
+            if not reply.header.get("ok"):
+                raise remote_error(str((reply.header.get("error") or {}).get("type", "RemoteError")),
+                                   str((reply.header.get("error") or {}).get("message", "")))
+            res = reply.header.get("result") or {}
+            self._reader = ReplyReader(res.get("name"), res.get("capacity"))
+        except ServerUnavailable:
+            self._local_tried = False  # no server yet: try again at the next call
+            raise
+        except (DjinnError, OSError) as e:
+            log.info("shared-memory replies unavailable (%s); replies come over ZeroMQ", e)
+            self._reader = None
+
+    def _roundtrip(self, op: str, session: int | None, args: dict[str, Any] | None, tensors: Sequence[torch.Tensor],
+                   timeout_s: float | None) -> tuple[Message, float, float]:
+        """One request and its reply (under the lock): (reply, host time sent, host time the reply was decoded)."""
+        header = {"op": op, "client": self.client_id, "token": self.token, "session": session, "args": args or {}}
+        reader = self._reader
+        if reader is not None:
+            header["reply_to"] = reader.name
+        rid = next(self._ids)
+        frames = encode({**header, "id": rid}, tensors)
+        if self.max_request_bytes is not None:
+            size = sum(memoryview(f).nbytes for f in frames)
+            if size > self.max_request_bytes:
+                raise ProtocolError(f"request of {size} bytes exceeds max_request_bytes={self.max_request_bytes}")
+        t_send = time.perf_counter()
+        self._sock.send_multipart(frames, copy=not tensors or all(memoryview(f).nbytes < 1 << 16 for f in frames))
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        spin_until = time.monotonic() + self.busy_poll_s
+        # with a reply channel, ZeroMQ is waited on in short slices so the channel is checked at least every 1 ms
+        slice_ms = 1 if reader is not None else None
+        while True:
+            if reader is not None and reader.ready(rid):
+                reply = decode(reader.read(), max_bytes=self.max_reply_bytes, max_header_bytes=1 << 20)
+                break
+            if self.busy_poll_s and time.monotonic() < spin_until and not self._sock.poll(0, zmq.POLLIN):
+                continue  # spinning: this thread stays awake and sees the reply at once
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerUnavailable(f"no reply from {self.address} to {op!r} within {timeout:g} s (server "
+                                        "down, overloaded, or it dropped a request over its hard size cap)")
+            wait_ms = max(1, int(left * 1000)) if slice_ms is None else min(slice_ms, max(1, int(left * 1000)))
+            if not self._sock.poll(wait_ms, zmq.POLLIN):
+                if slice_ms is None:
+                    raise ServerUnavailable(f"no reply from {self.address} to {op!r} within {timeout:g} s (server "
+                                            "down, overloaded, or it dropped a request over its hard size cap)")
+                continue
+            reply = decode(self._sock.recv_multipart(copy=False), max_bytes=self.max_reply_bytes,
+                           max_header_bytes=1 << 20)
+            got = reply.header.get("id")
+            if got == rid or (got is None and not reply.header.get("ok")):  # None: our header was unreadable
+                break
+            log.debug("discarding a stale reply (id %r, waiting for %d)", reply.header.get("id"), rid)
+        return reply, t_send, time.perf_counter()
+
     def close(self) -> None:
-        """Close the socket. Sessions stay on the server until its idle timeout. Idempotent."""
+        """Close the socket (and give back the reply channel). Sessions stay on the server until its idle timeout.
+        Idempotent."""
         with self._lock:
             if self._sock is not None:
-                self._sock.close(linger=0)
+                if self._reader is not None:  # best effort, no wait: the server also frees it when idle
+                    try:
+                        self._sock.send_multipart(encode({"op": "detach_local", "client": self.client_id,
+                                                          "token": self.token, "session": None, "id": next(self._ids),
+                                                          "args": {"name": self._reader.name}}), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                    self._reader.close()
+                    self._reader = None
+                self._sock.close(linger=100)
                 self._sock = None
 
     def __enter__(self) -> "Client":

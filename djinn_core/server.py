@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 import zmq
 
+from . import local_reply
 from .breakpoints import BreakpointRuntime, BreakpointSession, SessionState
 from .errors import (
     AuthenticationFailed,
@@ -46,6 +47,7 @@ from .errors import (
     SessionLimitReached,
     UnknownSession,
 )
+from .local_reply import ReplyChannel
 from .wire import DEFAULT_MAX_HEADER_BYTES, Message, decode, decode_header, encode, encode_header, encode_tensors
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class ServerConfig:
         linger_ms: how long, at close, pending replies may take to leave.
         busy_poll_s: after a request, spin on the socket (one core busy) for this long before sleeping again, so the
             next request of an active client is picked up without a wake-up (0 = always sleep between requests).
+        local_reply_bytes: size of the shared-memory reply channel a client on this host may ask for
+            (:mod:`djinn_core.local_reply`; replies that do not fit go over ZeroMQ); 0 turns the channels off.
     """
 
     host: str = "127.0.0.1"
@@ -103,6 +107,7 @@ class ServerConfig:
     drain_s: float = 0.05
     linger_ms: int = 1000
     busy_poll_s: float = 0.0
+    local_reply_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -114,7 +119,8 @@ class ServerConfig:
                               "DJINN_TOKEN)")
         ints = dict(port=(self.port, 0), max_request_bytes=(self.max_request_bytes, 1),
                     max_header_bytes=(self.max_header_bytes, 64), max_sessions=(self.max_sessions, 1),
-                    max_new_tokens=(self.max_new_tokens, 0), linger_ms=(self.linger_ms, 0))
+                    max_new_tokens=(self.max_new_tokens, 0), linger_ms=(self.linger_ms, 0),
+                    local_reply_bytes=(self.local_reply_bytes, 0))
         if self.max_sessions_per_client is not None:
             ints["max_sessions_per_client"] = (self.max_sessions_per_client, 1)
         for name, (value, lo) in ints.items():
@@ -193,6 +199,11 @@ Result = tuple[dict[str, Any], list[torch.Tensor]]
 _ZERO_COPY_BYTES = 1 << 16  # below this, copying a frame is cheaper than ZeroMQ's zero-copy bookkeeping
 
 
+def _route_key(route: list[Any]) -> bytes:
+    """The connection a request came from, as bytes (its ZeroMQ routing frames)."""
+    return b"\0".join(bytes(getattr(f, "bytes", f)) for f in route)
+
+
 def _all_small(frames: list[Any]) -> bool:
     return all(memoryview(f).nbytes < _ZERO_COPY_BYTES for f in frames)
 
@@ -218,6 +229,8 @@ class Server:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
+        self._channels: dict[str, tuple[ReplyChannel, float]] = {}  # name -> (channel, last use), server-made only
+        self._route: list[Any] = []  # the routing frames of the request being handled
         self.address: str | None = None
         self.started_at = time.monotonic()
         self.counters = collections.Counter()
@@ -229,6 +242,7 @@ class Server:
             "edit": self._op_edit, "pause": self._op_pause, "restore": self._op_restore,
             "resume": self._op_resume, "generate": self._op_generate, "fork": self._op_fork,
             "close": self._op_close, "state_bytes": self._op_state_bytes,
+            "attach_local": self._op_attach_local, "detach_local": self._op_detach_local,
         }
 
     # -- life ------------------------------------------------------------------------------------------------------
@@ -347,6 +361,9 @@ class Server:
         n = len(self._entries)
         for sid in list(self._entries):
             self._free(sid, "server shut down")
+        for ch, _ in self._channels.values():
+            ch.close()
+        self._channels.clear()
         if self._sock is not None:
             self._sock.close(linger=self.config.linger_ms)
         if self._ctx is not None:
@@ -369,21 +386,42 @@ class Server:
     def _error_header(rid: Any, type_name: str, message: str) -> dict[str, Any]:
         return {"id": rid, "ok": False, "error": {"type": type_name, "message": message}}
 
-    def _send(self, route: list[Any], header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
-        self._send_frames(route, encode(header, tensors))
+    def _send(self, route: list[Any], header: dict[str, Any], tensors: list[torch.Tensor],
+              channel: ReplyChannel | None = None) -> None:
+        self._send_frames(route, encode(header, tensors), channel, header.get("id"))
 
-    def _send_frames(self, route: list[Any], frames: list[Any]) -> None:
+    def _send_frames(self, route: list[Any], frames: list[Any], channel: ReplyChannel | None = None,
+                     rid: Any = None) -> None:
+        """The reply goes into the client's shared-memory channel when it has one and the reply fits, else over
+        ZeroMQ."""
+        if (channel is not None and isinstance(rid, int) and not isinstance(rid, bool) and rid > 0
+                and channel.write(rid, frames)):
+            channel.unlink()  # the client mapped it before asking for this reply: the name is no longer needed
+            return
         frames = [*(getattr(f, "bytes", f) for f in route), *frames]
         self._sock.send_multipart(frames, copy=_all_small(frames))
+
+    def _reply_channel(self, name: Any, route: list[Any]) -> ReplyChannel | None:
+        """The channel a request names in ``reply_to``, if this server made it for the same connection."""
+        if not isinstance(name, str):
+            return None
+        entry = self._channels.get(name)
+        if entry is None or entry[0].route != _route_key(route):
+            return None
+        self._channels[name] = (entry[0], time.monotonic())
+        return entry[0]
 
     def _handle(self, frames: list[Any]) -> None:
         t_recv = time.perf_counter()
         route, body = self._split_route(frames)
+        self._route = route
         self.counters["requests"] += 1
         rid: Any = None
+        channel: ReplyChannel | None = None
         try:
             msg = decode(body, max_bytes=self.config.max_request_bytes, max_header_bytes=self.config.max_header_bytes)
             rid = msg.header.get("id")
+            channel = self._reply_channel(msg.header.get("reply_to"), route)
             req = _Request(msg)
             self._authenticate(msg.header.get("token"))
             fn = self.ops.get(req.op)
@@ -397,7 +435,7 @@ class Server:
             # the same host can split its round trip into request transit, dispatch, op and reply
             head = encode_header({"id": rid, "ok": True, "result": result, "server_ms": (t1 - t0) * 1e3,
                                   "server_t": [t_recv, t0, t1]}, descs)
-            self._send_frames(route, [head, *bufs])
+            self._send_frames(route, [head, *bufs], channel, rid)
             self.counters["ok"] += 1
         except Exception as e:  # one bad request never stops the server
             self.counters["errors"] += 1
@@ -412,7 +450,7 @@ class Server:
                     pass
             rid = rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
             try:
-                self._send(route, self._error_header(rid, type(e).__name__, str(e)), [])
+                self._send(route, self._error_header(rid, type(e).__name__, str(e)), [], channel)
             except Exception:  # pragma: no cover - an error reply is plain JSON; log rather than die
                 log.exception("could not send the error reply to request %r", rid)
 
@@ -475,6 +513,8 @@ class Server:
         for sid in idle:
             log.info("session %d of client %r idle for more than %.1f s: freed", sid, self._entries[sid].owner, limit)
             self._free(sid, f"idle for more than {limit:g} s")
+        for name in [n for n, (_, used) in self._channels.items() if now - used > limit]:
+            self._channels.pop(name)[0].close()
         return len(idle)
 
     # -- stats -----------------------------------------------------------------------------------------------------
@@ -509,6 +549,27 @@ class Server:
                 "shape": list(shape) if shape else None, "dtype": str(s.runtime.dtype).removeprefix("torch.")}
 
     def _op_ping(self, req: _Request) -> Result:
+        return {}, []
+
+    def _op_attach_local(self, req: _Request) -> Result:
+        """A shared-memory reply channel for this connection (:mod:`djinn_core.local_reply`); at most one per
+        connection (a new one replaces it) and ``max_sessions`` in all."""
+        if not self.config.local_reply_bytes or not local_reply.supported():
+            raise ConfigError("this server offers no shared-memory replies")
+        key = _route_key(self._route)
+        for name in [n for n, (ch, _) in self._channels.items() if ch.route == key]:
+            self._channels.pop(name)[0].close()
+        if len(self._channels) >= self.config.max_sessions:
+            raise SessionLimitReached(f"{len(self._channels)} shared-memory reply channels open (the limit)")
+        ch = ReplyChannel(self.config.local_reply_bytes, key)
+        self._channels[ch.name] = (ch, time.monotonic())
+        return {"name": ch.name, "capacity": ch.capacity}, []
+
+    def _op_detach_local(self, req: _Request) -> Result:
+        name = req.arg("name", str)
+        entry = self._channels.get(name)
+        if entry is not None and entry[0].route == _route_key(self._route):
+            self._channels.pop(name)[0].close()
         return {}, []
 
     def _op_stats(self, req: _Request) -> Result:
@@ -742,7 +803,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, token=token, max_request_bytes=args.max_request_bytes,
                           max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
                           idle_timeout_s=args.idle_timeout_s, stats_interval_s=args.stats_interval_s,
-                          busy_poll_s=args.busy_poll_s)
+                          busy_poll_s=args.busy_poll_s, local_reply_bytes=args.local_reply_bytes)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, dtype=args.dtype, seed=args.seed, num_layers=args.num_layers)
     server = Server(make_runtime(model, slab_bytes=args.slab_bytes, host_pool_bytes=args.host_pool_bytes), config)
@@ -783,5 +844,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="log stats this often (0: never)")
     p.add_argument("--busy-poll-s", type=float, default=0.0,
                    help="after a request, spin this long for the next one before sleeping (latency vs one busy core)")
+    p.add_argument("--local-reply-bytes", type=parse_bytes, default=ServerConfig.local_reply_bytes,
+                   help="size of the shared-memory reply channel offered to clients on this host (0: none)")
     p.set_defaults(fn=cmd_serve)
     return p

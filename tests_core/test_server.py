@@ -8,6 +8,7 @@ every wait is bounded in count and time.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import zmq
 
+from djinn_core import local_reply
 from djinn_core.breakpoints import BreakpointRuntime, plain_run
 from djinn_core.client import Client, RemoteSession
 from djinn_core.errors import (
@@ -67,15 +69,21 @@ def client(server):
         _drop_sessions(c)
 
 
-@pytest.fixture(params=["local", "remote"])
+@pytest.fixture(params=["local", "remote", "remote-shm"])
 def backend(request, llama_tiny_fp32, server):
-    """Something with ``open(ids, max_new_tokens=...)``: a runtime in process, or a client of the server."""
+    """Something with ``open(ids, max_new_tokens=...)``: a runtime in process, or a client of the server (replies
+    over ZeroMQ, or through a shared-memory channel where the platform has them)."""
     if request.param == "local":
         rt = BreakpointRuntime(llama_tiny_fp32, budget_bytes=32 << 20)
         yield rt
         rt.close_all()
     else:
-        with Client(server.address, timeout_s=20) as c:
+        shm = request.param == "remote-shm"
+        if shm and not local_reply.supported():
+            pytest.skip("shared-memory replies need Linux on x86-64")
+        with Client(server.address, timeout_s=20, busy_poll_s=0.05 if shm else 0.0) as c:
+            c.ping()
+            assert c.local_replies is shm
             yield c
             _drop_sessions(c)
 
@@ -462,3 +470,76 @@ class TestSmolLM2EndToEnd:
             assert tok.decode(got[1][0]) != tok.decode(plain[1][0])
             s.close()
             twin.close()
+
+
+# ---------------------------------------------------------------------------------------------- shared-memory replies
+
+needs_shm = pytest.mark.skipif(not local_reply.supported(), reason="shared-memory replies need Linux on x86-64")
+
+
+@needs_shm
+def test_local_replies_carry_the_replies_and_leave_no_file_behind(server, llama_tiny_fp32):
+    ids = _ids(21)
+    ref = plain_run(llama_tiny_fp32, ids, 1)[0]
+    with Client(server.address, timeout_s=20, busy_poll_s=0.05) as c:
+        c.ping()
+        assert c.local_replies
+        name = c._reader.name
+        ch = server._channels[name][0]
+        before = ch.writes
+        s = c.open(ids, max_new_tokens=1)
+        s.run_to(3)
+        assert torch.equal(s.resume(logits="last"), ref[:, -1])
+        assert ch.writes >= before + 3  # open, run_to and resume came back through the channel
+        assert not os.path.exists(ch.path)  # unlinked once the client had it mapped
+        with pytest.raises(InvalidLayer):  # errors come back through it too, typed as ever
+            c.open(ids, max_new_tokens=1).run_to(99)
+        _drop_sessions(c)
+    deadline = time.monotonic() + 10
+    while name in server._channels and time.monotonic() < deadline:  # the close's detach, handled by the server
+        time.sleep(0.01)
+    assert name not in server._channels
+
+
+@needs_shm
+def test_replies_too_big_for_the_channel_come_over_zeromq(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, local_reply_bytes=8192)
+    try:
+        ids = _ids(22, seq=40)
+        ref = plain_run(llama_tiny_fp32, ids, 1)[0]
+        with Client(srv.address, timeout_s=20, busy_poll_s=0.05) as c:
+            c.ping()
+            assert c.local_replies
+            s = c.open(ids, max_new_tokens=1)
+            s.run_to(2)
+            full = s.resume(logits="all")  # 40 x 512 fp32 logits: far more than 8 KiB
+            assert torch.equal(full, ref)
+    finally:
+        srv.stop()
+
+
+@needs_shm
+def test_a_channel_serves_only_the_connection_it_was_made_for(server):
+    with Client(server.address, timeout_s=20, busy_poll_s=0.05) as owner:
+        owner.ping()
+        ch = server._channels[owner._reader.name][0]
+        writes = ch.writes
+        # another connection naming the owner's channel gets its reply over ZeroMQ; the channel is not touched
+        frames = encode({"op": "ping", "client": "intruder", "token": None, "session": None, "args": {}, "id": 1,
+                         "reply_to": owner._reader.name})
+        reply = _raw(server.address, frames)
+        assert reply["ok"] and ch.writes == writes
+        owner.ping()
+        assert ch.writes == writes + 1
+
+
+@needs_shm
+def test_a_server_without_channels_leaves_replies_on_zeromq(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, local_reply_bytes=0)
+    try:
+        with Client(srv.address, timeout_s=20, busy_poll_s=0.05) as c:
+            c.ping()
+            assert not c.local_replies
+            assert c.open(_ids(23), max_new_tokens=1).run_to(1).layer == 1
+    finally:
+        srv.stop()
