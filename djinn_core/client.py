@@ -75,6 +75,13 @@ def _on_this_host(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
+def _raise_if_refused(reply: Message) -> None:
+    """Raise the remote error an error reply carries."""
+    if not reply.header.get("ok"):
+        err = reply.header.get("error") or {}
+        raise remote_error(str(err.get("type", "RemoteError")), str(err.get("message", "")))
+
+
 def remote_error(type_name: str, message: str) -> DjinnError:
     """The exception for an error reply: :class:`ServerUnavailable` for a server shutting down, else a
     :class:`RemoteError` -- also an instance of the Djinn error class of that name when there is one."""
@@ -171,9 +178,7 @@ class Client:
                                    "op": (st[2] - st[1]) * 1e3, "reply": (t_reply - st[2]) * 1e3}
         else:
             self.last_phases_ms = None
-        if not reply.header.get("ok"):
-            err = reply.header.get("error") or {}
-            raise remote_error(str(err.get("type", "RemoteError")), str(err.get("message", "")))
+        _raise_if_refused(reply)
         return reply
 
     @property
@@ -186,9 +191,7 @@ class Client:
         self._local_tried = True
         try:
             reply, _, _ = self._roundtrip("attach_local", None, None, (), None)
-            if not reply.header.get("ok"):
-                raise remote_error(str((reply.header.get("error") or {}).get("type", "RemoteError")),
-                                   str((reply.header.get("error") or {}).get("message", "")))
+            _raise_if_refused(reply)
             res = reply.header.get("result") or {}
             self._reader = ReplyReader(res.get("name"), res.get("capacity"))
         except ServerUnavailable:
@@ -216,24 +219,20 @@ class Client:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + self.busy_poll_s
-        # with a reply channel, ZeroMQ is waited on in short slices so the channel is checked at least every 1 ms
-        slice_ms = 1 if reader is not None else None
         while True:
             if reader is not None and reader.ready(rid):
                 reply = decode(reader.read(), max_bytes=self.max_reply_bytes, max_header_bytes=1 << 20)
                 break
             if self.busy_poll_s and time.monotonic() < spin_until and not self._sock.poll(0, zmq.POLLIN):
                 continue  # spinning: this thread stays awake and sees the reply at once
-            left = deadline - time.monotonic()
-            if left <= 0:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            # with a reply channel, ZeroMQ is waited on in 1 ms slices so the channel is checked between them
+            got_frames = left_ms > 0 and self._sock.poll(1 if reader is not None else left_ms, zmq.POLLIN)
+            if not got_frames:
+                if reader is not None and left_ms > 0:
+                    continue
                 raise ServerUnavailable(f"no reply from {self.address} to {op!r} within {timeout:g} s (server "
                                         "down, overloaded, or it dropped a request over its hard size cap)")
-            wait_ms = max(1, int(left * 1000)) if slice_ms is None else min(slice_ms, max(1, int(left * 1000)))
-            if not self._sock.poll(wait_ms, zmq.POLLIN):
-                if slice_ms is None:
-                    raise ServerUnavailable(f"no reply from {self.address} to {op!r} within {timeout:g} s (server "
-                                            "down, overloaded, or it dropped a request over its hard size cap)")
-                continue
             reply = decode(self._sock.recv_multipart(copy=False), max_bytes=self.max_reply_bytes,
                            max_header_bytes=1 << 20)
             got = reply.header.get("id")
