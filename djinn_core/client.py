@@ -246,7 +246,9 @@ class Client:
         Idempotent."""
         with self._lock:
             if self._sock is not None:
+                linger = 0
                 if self._reader is not None:  # best effort, no wait: the server also frees it when idle
+                    linger = 100  # ms the detach may take to leave
                     try:
                         self._sock.send_multipart(encode({"op": "detach_local", "client": self.client_id,
                                                           "token": self.token, "session": None, "id": next(self._ids),
@@ -255,7 +257,7 @@ class Client:
                         pass
                     self._reader.close()
                     self._reader = None
-                self._sock.close(linger=100)
+                self._sock.close(linger=linger)
                 self._sock = None
 
     def __enter__(self) -> "Client":
