@@ -9,8 +9,8 @@ The model is wrapped from outside; no model code is copied.
 * ``resume()`` replays ``layers[L:]`` by calling each decoder layer module with the captured kwargs (the session's
   cache substituted), then ``model.model.norm`` and ``model.lm_head`` -- what the Llama/Mistral/Qwen2 causal-LM
   forward does after its layer loop, with full logits (``logits_to_keep=0``). ``generate(n)`` then decodes greedily
-  with ordinary ``model(token, past_key_values=cache)`` calls, on CUDA with each layer's norms and MLP replayed as
-  CUDA graphs (:mod:`djinn_core.decode_graphs`: the same kernels, fewer launches).
+  with ordinary ``model(token, past_key_values=cache)`` calls, on CUDA with each layer's norms, MLP and rotary
+  embedding replayed as CUDA graphs (:mod:`djinn_core.decode_graphs`: the same kernels, fewer launches).
 * ``pause()`` swaps the checkpoint to the host pool through the :class:`~djinn_core.swap.SwapEngine`: the "head"
   (one allocation packing the hidden state and the captured kwargs tensors), then the KV of layers ``0..L-1``
   (``kv.<i>``, one slab allocation per layer holding K and V). Their slab memory returns to the slab, fenced by the
@@ -748,9 +748,9 @@ class BreakpointRuntime:
             until this many slab bytes are free, with the eviction's copies ordered after the restores already in
             flight -- so the next restore of up to ``reserve_bytes`` finds its room ready, shares the host link with
             no eviction, and no eviction sits on its critical path. One session's state is the natural value.
-        decode_graphs: replay each decoder layer's norms and MLP as CUDA graphs during ``generate`` (bitwise equal
-            to eager; see :mod:`djinn_core.decode_graphs`). On by default on CUDA; the graphs are shared by every
-            runtime over the same model.
+        decode_graphs: replay each decoder layer's norms, MLP and rotary embedding as CUDA graphs during
+            ``generate`` (bitwise equal to eager; see :mod:`djinn_core.decode_graphs`). On by default on CUDA; the
+            graphs are shared by every runtime over the same model.
     """
 
     def __init__(self, model: nn.Module, *, slab: Slab | None = None, host_pool: HostPool | None = None,
