@@ -211,11 +211,10 @@ class SlabKVLayer(DynamicLayer):
             raise CacheCapacityExceeded(
                 f"kv.{self.layer_idx}: {start} + {shape[2]} tokens exceed the capacity of "
                 f"{self._cache.geometry.capacity}")
-        if self.before_use is not None:
-            self.wait_ready()
+        self.wait_ready()
         if self.block is None:
             self.lazy_initialization(key_states, value_states)
-        elif self.block.refs > 1:
+        elif self.shared:
             self._copy_on_write()
         k, v = self.block.view().unbind(0)  # each (batch, kv_heads, capacity, head_dim)
         k.narrow(2, start, end - start).copy_(key_states)

@@ -155,9 +155,10 @@ class _Entry:
 class _Request:
     """A decoded request: the header fields every op uses, validated."""
 
-    __slots__ = ("op", "id", "client", "session", "args", "tensors")
+    __slots__ = ("op", "id", "client", "session", "args", "tensors", "route")
 
-    def __init__(self, msg: Message):
+    def __init__(self, msg: Message, route: bytes = b""):
+        self.route = route  # the connection it came from (its ZeroMQ routing frames)
         h = msg.header
         self.id = h.get("id")
         if self.id is not None and (isinstance(self.id, bool) or not isinstance(self.id, (int, str))):
@@ -230,7 +231,6 @@ class Server:
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._channels: dict[str, tuple[ReplyChannel, float]] = {}  # name -> (channel, last use), server-made only
-        self._route: list[Any] = []  # the routing frames of the request being handled
         self.address: str | None = None
         self.started_at = time.monotonic()
         self.counters = collections.Counter()
@@ -414,7 +414,6 @@ class Server:
     def _handle(self, frames: list[Any]) -> None:
         t_recv = time.perf_counter()
         route, body = self._split_route(frames)
-        self._route = route
         self.counters["requests"] += 1
         rid: Any = None
         channel: ReplyChannel | None = None
@@ -422,7 +421,7 @@ class Server:
             msg = decode(body, max_bytes=self.config.max_request_bytes, max_header_bytes=self.config.max_header_bytes)
             rid = msg.header.get("id")
             channel = self._reply_channel(msg.header.get("reply_to"), route)
-            req = _Request(msg)
+            req = _Request(msg, _route_key(route))
             self._authenticate(msg.header.get("token"))
             fn = self.ops.get(req.op)
             if fn is None:
@@ -556,19 +555,18 @@ class Server:
         connection (a new one replaces it) and ``max_sessions`` in all."""
         if not self.config.local_reply_bytes or not local_reply.supported():
             raise ConfigError("this server offers no shared-memory replies")
-        key = _route_key(self._route)
-        for name in [n for n, (ch, _) in self._channels.items() if ch.route == key]:
+        for name in [n for n, (ch, _) in self._channels.items() if ch.route == req.route]:
             self._channels.pop(name)[0].close()
         if len(self._channels) >= self.config.max_sessions:
             raise SessionLimitReached(f"{len(self._channels)} shared-memory reply channels open (the limit)")
-        ch = ReplyChannel(self.config.local_reply_bytes, key)
+        ch = ReplyChannel(self.config.local_reply_bytes, req.route)
         self._channels[ch.name] = (ch, time.monotonic())
         return {"name": ch.name, "capacity": ch.capacity}, []
 
     def _op_detach_local(self, req: _Request) -> Result:
         name = req.arg("name", str)
         entry = self._channels.get(name)
-        if entry is not None and entry[0].route == _route_key(self._route):
+        if entry is not None and entry[0].route == req.route:
             self._channels.pop(name)[0].close()
         return {}, []
 

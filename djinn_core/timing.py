@@ -8,6 +8,7 @@ its median from raw data.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -161,12 +162,8 @@ class GCMeter:
             self._t0 = None
 
     def __enter__(self) -> "GCMeter":
-        import gc
-
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import gc
-
         gc.callbacks.remove(self._callback)
