@@ -34,6 +34,7 @@ give each thread its own ``Client``. Sessions survive :meth:`Client.close` until
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -53,8 +54,8 @@ from .errors import (
     RemoteError,
     ServerUnavailable,
 )
-from .local_reply import ReplyReader
-from .local_reply import supported as local_reply_supported
+from .local_channel import ClientChannel
+from .local_channel import supported as local_channel_supported
 from .wire import ALLOWED_DTYPES, Message, decode, encode
 
 log = logging.getLogger(__name__)
@@ -112,17 +113,19 @@ class Client:
             sleeping thread can take tens to hundreds of microseconds to wake (CPU idle states), which is most of
             what a remote call costs over an in-process one, whose CUDA wait spins too. For one latency-critical
             client per process; leave 0 with many client threads.
-        local_replies: take replies through a shared-memory channel the server makes for this connection
-            (:mod:`djinn_core.local_reply`: no socket and no ZeroMQ thread between the server's compute thread and
-            this spinning one). Default (None): on when ``busy_poll_s`` > 0, the server is on this host (loopback
-            or ``ipc://``) and the platform supports it; if the server refuses, replies simply stay on ZeroMQ.
+        local_channel: exchange requests and replies through a shared-memory channel the server makes for this
+            connection (:mod:`djinn_core.local_channel`: no socket and no ZeroMQ thread between this spinning
+            thread and the server's). Default (None): on when ``busy_poll_s`` > 0, the server is on this host
+            (loopback or ``ipc://``) and the platform supports it; if the server refuses, everything stays on
+            ZeroMQ. A request goes through it only while the server says it polls the channel, a message only if
+            it fits; the rest go over ZeroMQ (``paths`` counts which way each went).
         context: a ZeroMQ context (default: the process-wide one).
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, timeout_s: float = 30.0,
                  client_id: str | None = None, max_request_bytes: int | None = None,
                  max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES, busy_poll_s: float = 0.0,
-                 local_replies: bool | None = None, context: zmq.Context | None = None):
+                 local_channel: bool | None = None, context: zmq.Context | None = None):
         if not isinstance(address, str) or "://" not in address:
             raise ConfigError(f"address must be a ZeroMQ endpoint like tcp://127.0.0.1:5556, got {address!r}")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
@@ -143,16 +146,19 @@ class Client:
         self._ids = itertools.count(1)
         self.last_server_ms: float | None = None  # server time of the last call: its op and the copies of its reply
         # the last call's round trip split on the host monotonic clock (meaningful with the server on this host):
-        # request (send -> server receipt), dispatch (receipt -> op start), op, reply (op end -> reply decoded)
+        # request (send -> server receipt), dispatch (receipt -> op start), op, reply (op end -> reply decoded), and
+        # of the reply leg, reply_decode (reply seen -> decoded)
         self.last_phases_ms: dict[str, float] | None = None
+        # which way each message went: request_local/request_zmq, reply_local/reply_zmq
+        self.paths: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
-        if local_replies is not None and not isinstance(local_replies, bool):
-            raise ConfigError(f"local_replies must be a bool or None, got {local_replies!r}")
-        if local_replies is None:
-            local_replies = self.busy_poll_s > 0 and _on_this_host(address) and local_reply_supported()
-        self._local_wanted = bool(local_replies)
+        if local_channel is not None and not isinstance(local_channel, bool):
+            raise ConfigError(f"local_channel must be a bool or None, got {local_channel!r}")
+        if local_channel is None:
+            local_channel = self.busy_poll_s > 0 and _on_this_host(address) and local_channel_supported()
+        self._local_wanted = bool(local_channel)
         self._local_tried = False
-        self._reader: ReplyReader | None = None
+        self._channel: ClientChannel | None = None
         self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -170,44 +176,48 @@ class Client:
                 raise ServerUnavailable("this client is closed")
             if self._local_wanted and not self._local_tried:
                 self._attach_local()
-            reply, t_send, t_reply = self._roundtrip(op, session, args, tensors, timeout_s)
+            reply, t_send, t_seen, t_reply = self._roundtrip(op, session, args, tensors, timeout_s)
         self.last_server_ms = reply.header.get("server_ms")
         st = reply.header.get("server_t")
         if isinstance(st, list) and len(st) == 3 and all(isinstance(x, (int, float)) for x in st):
             self.last_phases_ms = {"request": (st[0] - t_send) * 1e3, "dispatch": (st[1] - st[0]) * 1e3,
-                                   "op": (st[2] - st[1]) * 1e3, "reply": (t_reply - st[2]) * 1e3}
+                                   "op": (st[2] - st[1]) * 1e3, "reply": (t_reply - st[2]) * 1e3,
+                                   "reply_decode": (t_reply - t_seen) * 1e3}
         else:
             self.last_phases_ms = None
         _raise_if_refused(reply)
         return reply
 
     @property
-    def local_replies(self) -> bool:
-        """Whether replies currently come through a shared-memory channel (see ``local_replies`` in the class doc)."""
-        return self._reader is not None
+    def local_channel(self) -> bool:
+        """Whether this client has a shared-memory channel to the server (see ``local_channel`` in the class doc)."""
+        return self._channel is not None
 
     def _attach_local(self) -> None:
-        """Ask the server for a shared-memory reply channel and map it; on any refusal stay on ZeroMQ (logged)."""
+        """Ask the server for a shared-memory channel and map it; on any refusal stay on ZeroMQ (logged)."""
         self._local_tried = True
         try:
-            reply, _, _ = self._roundtrip("attach_local", None, None, (), None)
+            reply, _, _, _ = self._roundtrip("attach_local", None, None, (), None)
             _raise_if_refused(reply)
             res = reply.header.get("result") or {}
-            self._reader = ReplyReader(res.get("name"), res.get("capacity"))
+            self._channel = ClientChannel(res.get("name"), res.get("capacity"))
         except ServerUnavailable:
             self._local_tried = False  # no server yet: try again at the next call
             raise
         except (DjinnError, OSError) as e:
-            log.info("shared-memory replies unavailable (%s); replies come over ZeroMQ", e)
-            self._reader = None
+            log.info("shared-memory channel unavailable (%s); everything goes over ZeroMQ", e)
+            self._channel = None
 
     def _roundtrip(self, op: str, session: int | None, args: dict[str, Any] | None, tensors: Sequence[torch.Tensor],
-                   timeout_s: float | None) -> tuple[Message, float, float]:
-        """One request and its reply (under the lock): (reply, host time sent, host time the reply was decoded)."""
+                   timeout_s: float | None) -> tuple[Message, float, float, float]:
+        """One request and its reply (under the lock): (reply, host times sent, reply seen, reply decoded)."""
         header = {"op": op, "client": self.client_id, "token": self.token, "session": session, "args": args or {}}
-        reader = self._reader
-        if reader is not None:
-            header["reply_to"] = reader.name
+        ch = self._channel
+        if ch is not None and ch.closed:  # the server gave it up (it forgot this connection, or restarted)
+            self._drop_channel()
+            ch = None
+        if ch is not None:
+            header["reply_to"] = ch.name
         rid = next(self._ids)
         frames = encode({**header, "id": rid}, tensors)
         if self.max_request_bytes is not None:
@@ -215,48 +225,68 @@ class Client:
             if size > self.max_request_bytes:
                 raise ProtocolError(f"request of {size} bytes exceeds max_request_bytes={self.max_request_bytes}")
         t_send = time.perf_counter()
-        self._sock.send_multipart(frames, copy=not tensors or all(memoryview(f).nbytes < 1 << 16 for f in frames))
+        local_request = ch is not None and ch.send_request(rid, frames)
+        if local_request:
+            self.paths["request_local"] += 1
+        else:
+            self._sock.send_multipart(frames, copy=not tensors or all(memoryview(f).nbytes < 1 << 16 for f in frames))
+            self.paths["request_zmq"] += 1
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + self.busy_poll_s
         while True:
-            if reader is not None and reader.ready(rid):
-                reply = decode(reader.read(), max_bytes=self.max_reply_bytes, max_header_bytes=1 << 20)
-                break
+            if ch is not None:
+                if ch.reply_ready(rid):
+                    t_seen = time.perf_counter()
+                    reply = decode(ch.read_reply(), max_bytes=self.max_reply_bytes, max_header_bytes=1 << 20)
+                    self.paths["reply_local"] += 1
+                    break
+                if local_request and ch.closed:
+                    self._drop_channel()
+                    raise ServerUnavailable(f"{self.address} gave up this client's shared-memory channel before "
+                                            f"replying to {op!r} (server shutting down)")
             if self.busy_poll_s and time.monotonic() < spin_until and not self._sock.poll(0, zmq.POLLIN):
                 continue  # spinning: this thread stays awake and sees the reply at once
             left_ms = int((deadline - time.monotonic()) * 1000)
-            # with a reply channel, ZeroMQ is waited on in 1 ms slices so the channel is checked between them
-            got_frames = left_ms > 0 and self._sock.poll(1 if reader is not None else left_ms, zmq.POLLIN)
+            # with a channel, ZeroMQ is waited on in 1 ms slices so the channel is checked between them
+            got_frames = left_ms > 0 and self._sock.poll(1 if ch is not None else left_ms, zmq.POLLIN)
             if not got_frames:
-                if reader is not None and left_ms > 0:
+                if ch is not None and left_ms > 0:
                     continue
                 raise ServerUnavailable(f"no reply from {self.address} to {op!r} within {timeout:g} s (server "
                                         "down, overloaded, or it dropped a request over its hard size cap)")
+            t_seen = time.perf_counter()
             reply = decode(self._sock.recv_multipart(copy=False), max_bytes=self.max_reply_bytes,
                            max_header_bytes=1 << 20)
             got = reply.header.get("id")
             if got == rid or (got is None and not reply.header.get("ok")):  # None: our header was unreadable
+                self.paths["reply_zmq"] += 1
                 break
             log.debug("discarding a stale reply (id %r, waiting for %d)", reply.header.get("id"), rid)
-        return reply, t_send, time.perf_counter()
+        return reply, t_send, t_seen, time.perf_counter()
+
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            log.info("the server gave up the shared-memory channel %s; everything goes over ZeroMQ", self._channel.name)
+            self._channel.close()
+            self._channel = None
 
     def close(self) -> None:
-        """Close the socket (and give back the reply channel). Sessions stay on the server until its idle timeout.
-        Idempotent."""
+        """Close the socket (and give back the shared-memory channel). Sessions stay on the server until its idle
+        timeout. Idempotent."""
         with self._lock:
             if self._sock is not None:
                 linger = 0
-                if self._reader is not None:  # best effort, no wait: the server also frees it when idle
+                if self._channel is not None:  # best effort, no wait: the server also frees it when idle
                     linger = 100  # ms the detach may take to leave
                     try:
                         self._sock.send_multipart(encode({"op": "detach_local", "client": self.client_id,
                                                           "token": self.token, "session": None, "id": next(self._ids),
-                                                          "args": {"name": self._reader.name}}), zmq.NOBLOCK)
+                                                          "args": {"name": self._channel.name}}), zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass
-                    self._reader.close()
-                    self._reader = None
+                    self._channel.close()
+                    self._channel = None
                 self._sock.close(linger=linger)
                 self._sock = None
 

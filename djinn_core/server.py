@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 import zmq
 
-from . import local_reply
+from . import local_channel
 from .breakpoints import BreakpointRuntime, BreakpointSession, SessionState
 from .errors import (
     AuthenticationFailed,
@@ -47,7 +47,7 @@ from .errors import (
     SessionLimitReached,
     UnknownSession,
 )
-from .local_reply import ReplyChannel
+from .local_channel import ServerChannel
 from .wire import DEFAULT_MAX_HEADER_BYTES, Message, decode, decode_header, encode, encode_header, encode_tensors
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ class ServerConfig:
         linger_ms: how long, at close, pending replies may take to leave.
         busy_poll_s: after a request, spin on the socket (one core busy) for this long before sleeping again, so the
             next request of an active client is picked up without a wake-up (0 = always sleep between requests).
-        local_reply_bytes: size of the shared-memory reply channel a client on this host may ask for
-            (:mod:`djinn_core.local_reply`; replies that do not fit go over ZeroMQ); 0 turns the channels off.
+        local_channel_bytes: size of each direction of the shared-memory channel a client on this host may ask for
+            (:mod:`djinn_core.local_channel`; messages that do not fit go over ZeroMQ); 0 turns the channels off.
     """
 
     host: str = "127.0.0.1"
@@ -107,7 +107,7 @@ class ServerConfig:
     drain_s: float = 0.05
     linger_ms: int = 1000
     busy_poll_s: float = 0.0
-    local_reply_bytes: int = 64 << 20
+    local_channel_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -120,7 +120,7 @@ class ServerConfig:
         ints = dict(port=(self.port, 0), max_request_bytes=(self.max_request_bytes, 1),
                     max_header_bytes=(self.max_header_bytes, 64), max_sessions=(self.max_sessions, 1),
                     max_new_tokens=(self.max_new_tokens, 0), linger_ms=(self.linger_ms, 0),
-                    local_reply_bytes=(self.local_reply_bytes, 0))
+                    local_channel_bytes=(self.local_channel_bytes, 0))
         if self.max_sessions_per_client is not None:
             ints["max_sessions_per_client"] = (self.max_sessions_per_client, 1)
         for name, (value, lo) in ints.items():
@@ -157,7 +157,7 @@ class _Request:
 
     __slots__ = ("op", "id", "client", "session", "args", "tensors", "route")
 
-    def __init__(self, msg: Message, route: bytes = b""):
+    def __init__(self, msg: Message, route: tuple[bytes, ...] = ()):
         self.route = route  # the connection it came from (its ZeroMQ routing frames)
         h = msg.header
         self.id = h.get("id")
@@ -200,9 +200,9 @@ Result = tuple[dict[str, Any], list[torch.Tensor]]
 _ZERO_COPY_BYTES = 1 << 16  # below this, copying a frame is cheaper than ZeroMQ's zero-copy bookkeeping
 
 
-def _route_key(route: list[Any]) -> bytes:
-    """The connection a request came from, as bytes (its ZeroMQ routing frames)."""
-    return b"\0".join(bytes(getattr(f, "bytes", f)) for f in route)
+def _route_key(route: list[Any]) -> tuple[bytes, ...]:
+    """The connection a request came from: its ZeroMQ routing frames, as bytes."""
+    return tuple(bytes(getattr(f, "bytes", f)) for f in route)
 
 
 def _all_small(frames: list[Any]) -> bool:
@@ -230,7 +230,8 @@ class Server:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
-        self._channels: dict[str, tuple[ReplyChannel, float]] = {}  # name -> (channel, last use), server-made only
+        self._channels: dict[str, ServerChannel] = {}  # shared-memory channels by name (server-made only)
+        self._hot: list[ServerChannel] = []  # channels told that the loop polls their request slot (this spin)
         self.address: str | None = None
         self.started_at = time.monotonic()
         self.counters = collections.Counter()
@@ -313,16 +314,22 @@ class Server:
                 spin_until = 0.0
                 while not self._stopping.is_set():
                     if self.config.busy_poll_s and time.monotonic() < spin_until:
-                        ready = sock.poll(0, zmq.POLLIN)  # spinning after a request: the next one is seen at once
+                        # spinning after a request: the next one, in a channel's slot or on the socket, is seen at once
+                        served = self._serve_local(self._hot)
+                        ready = sock.poll(0, zmq.POLLIN)
                     else:
-                        ready = sock.poll(tick_ms, zmq.POLLIN)
+                        # the last look at every slot before sleeping (clients stop using them by now), and each tick
+                        self._hot = []
+                        served = self._serve_local(list(self._channels.values()))
+                        ready = not served and sock.poll(tick_ms, zmq.POLLIN)
                     if ready:
                         while not self._stopping.is_set():  # everything queued, one request at a time
                             try:
                                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                             except zmq.Again:
                                 break
-                            self._handle(frames)
+                            self._handle(*self._split_route(frames))
+                    if served or ready:
                         spin_until = time.monotonic() + self.config.busy_poll_s
                     self._housekeeping(time.monotonic())
             self._drain()
@@ -344,26 +351,36 @@ class Server:
     def _drain(self) -> None:
         """Refuse what arrives during ``drain_s`` after a stop: those requests were in flight when it came."""
         deadline = time.monotonic() + self.config.drain_s
-        while (left := deadline - time.monotonic()) > 0:
-            if not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+        while deadline - time.monotonic() > 0:
+            for ch in list(self._channels.values()):  # requests in slots (their clients saw the loop polling)
+                try:
+                    got = ch.take_request()
+                except ProtocolError:
+                    got = (ch.last_request, None)
+                if got is not None:
+                    self._refuse(ch.route, got[0], ch)
+            if not self._sock.poll(1, zmq.POLLIN):
                 continue
-            frames = self._sock.recv_multipart(copy=False)
-            route, body = self._split_route(frames)
+            route, body = self._split_route(self._sock.recv_multipart(copy=False))
             rid = None
             try:
                 rid = decode_header(body[0], max_header_bytes=self.config.max_header_bytes).get("id") if body else None
             except ProtocolError:
                 pass
-            self.counters["refused"] += 1
-            self._send(route, self._error_header(rid, "ServerUnavailable", "server shutting down"), [])
+            self._refuse(route, rid)
+
+    def _refuse(self, route: tuple[bytes, ...], rid: Any, channel: ServerChannel | None = None) -> None:
+        self.counters["refused"] += 1
+        self._send(route, self._error_header(rid, "ServerUnavailable", "server shutting down"), [], channel)
 
     def _shutdown(self) -> None:
         n = len(self._entries)
         for sid in list(self._entries):
             self._free(sid, "server shut down")
-        for ch, _ in self._channels.values():
-            ch.close()
+        for ch in self._channels.values():
+            ch.close()  # a client waiting on one sees it closed at once
         self._channels.clear()
+        self._hot = []
         if self._sock is not None:
             self._sock.close(linger=self.config.linger_ms)
         if self._ctx is not None:
@@ -375,53 +392,83 @@ class Server:
 
     # -- one request -----------------------------------------------------------------------------------------------
     @staticmethod
-    def _split_route(frames: list[Any]) -> tuple[list[Any], list[Any]]:
+    def _split_route(frames: list[Any]) -> tuple[tuple[bytes, ...], list[Any]]:
         """(routing frames to echo, message body): the peer id, plus the empty delimiter a REQ socket adds."""
         route, body = frames[:1], frames[1:]
         if body and len(body[0]) == 0:
             route, body = frames[:2], frames[2:]
-        return route, body
+        return _route_key(route), body
 
     @staticmethod
     def _error_header(rid: Any, type_name: str, message: str) -> dict[str, Any]:
         return {"id": rid, "ok": False, "error": {"type": type_name, "message": message}}
 
-    def _send(self, route: list[Any], header: dict[str, Any], tensors: list[torch.Tensor],
-              channel: ReplyChannel | None = None) -> None:
+    def _send(self, route: tuple[bytes, ...], header: dict[str, Any], tensors: list[torch.Tensor],
+              channel: ServerChannel | None = None) -> None:
         self._send_frames(route, encode(header, tensors), channel, header.get("id"))
 
-    def _send_frames(self, route: list[Any], frames: list[Any], channel: ReplyChannel | None = None,
+    def _send_frames(self, route: tuple[bytes, ...], frames: list[Any], channel: ServerChannel | None = None,
                      rid: Any = None) -> None:
         """The reply goes into the client's shared-memory channel when it has one and the reply fits, else over
-        ZeroMQ."""
-        if (channel is not None and isinstance(rid, int) and not isinstance(rid, bool) and rid > 0
-                and channel.write(rid, frames)):
-            channel.unlink()  # the client mapped it before asking for this reply: the name is no longer needed
-            return
-        frames = [*(getattr(f, "bytes", f) for f in route), *frames]
-        self._sock.send_multipart(frames, copy=_all_small(frames))
+        ZeroMQ. With it goes how long this loop keeps polling the channel's request slot (while serving)."""
+        if channel is not None and channel.open:
+            if self.config.busy_poll_s and not self._stopping.is_set():
+                # before the reply, so the client reads it with the reply; the loop's own deadline, set after this
+                # request, is later: the client's view errs on the safe side
+                channel.publish_polling(time.monotonic() + self.config.busy_poll_s)
+                if channel not in self._hot:
+                    self._hot.append(channel)
+            if (isinstance(rid, int) and not isinstance(rid, bool) and rid > 0
+                    and channel.write_reply(rid, frames)):
+                channel.unlink()  # the client mapped it before asking for this reply: the name is no longer needed
+                return
+        self._sock.send_multipart([*route, *frames], copy=_all_small(frames))
 
-    def _reply_channel(self, name: Any, route: list[Any]) -> ReplyChannel | None:
+    def _reply_channel(self, name: Any, route: tuple[bytes, ...]) -> ServerChannel | None:
         """The channel a request names in ``reply_to``, if this server made it for the same connection."""
         if not isinstance(name, str):
             return None
-        entry = self._channels.get(name)
-        if entry is None or entry[0].route != _route_key(route):
+        ch = self._channels.get(name)
+        if ch is None or ch.route != route:
             return None
-        self._channels[name] = (entry[0], time.monotonic())
-        return entry[0]
+        return ch
 
-    def _handle(self, frames: list[Any]) -> None:
+    def _serve_local(self, channels: list[ServerChannel]) -> bool:
+        """Handle the requests waiting in the request slots of ``channels``; whether there were any."""
+        served = False
+        for ch in channels:
+            try:
+                got = ch.take_request()
+            except ProtocolError as e:  # unreadable slot: answered through the channel, like any bad request
+                self.counters["requests"] += 1
+                self.counters["errors"] += 1
+                self._send(ch.route, self._error_header(ch.last_request, type(e).__name__, str(e)), [], ch)
+                served = True
+                continue
+            if got is not None:
+                self._handle(ch.route, got[1], local=(ch, got[0]))
+                served = True
+        return served
+
+    def _handle(self, route: tuple[bytes, ...], body: list[Any],
+                local: tuple[ServerChannel, int] | None = None) -> None:
+        """One request: from ``route`` over ZeroMQ, or (``local``) from that channel's request slot with that id."""
         t_recv = time.perf_counter()
-        route, body = self._split_route(frames)
         self.counters["requests"] += 1
-        rid: Any = None
-        channel: ReplyChannel | None = None
+        rid: Any = None if local is None else local[1]
+        channel: ServerChannel | None = None if local is None else local[0]
         try:
             msg = decode(body, max_bytes=self.config.max_request_bytes, max_header_bytes=self.config.max_header_bytes)
-            rid = msg.header.get("id")
-            channel = self._reply_channel(msg.header.get("reply_to"), route)
-            req = _Request(msg, _route_key(route))
+            if local is None:
+                rid = msg.header.get("id")
+                channel = self._reply_channel(msg.header.get("reply_to"), route)
+                if channel is not None:
+                    channel.handled(rid)
+            elif msg.header.get("id") != rid:
+                raise ProtocolError(f"request id {msg.header.get('id')!r} differs from its slot's ({rid})")
+            if channel is not None:
+                channel.last_used = time.monotonic()
+            req = _Request(msg, route)
             self._authenticate(msg.header.get("token"))
             fn = self.ops.get(req.op)
             if fn is None:
@@ -512,8 +559,8 @@ class Server:
         for sid in idle:
             log.info("session %d of client %r idle for more than %.1f s: freed", sid, self._entries[sid].owner, limit)
             self._free(sid, f"idle for more than {limit:g} s")
-        for name in [n for n, (_, used) in self._channels.items() if now - used > limit]:
-            self._channels.pop(name)[0].close()
+        for name in [n for n, ch in self._channels.items() if now - ch.last_used > limit]:
+            self._channels.pop(name).close()
         return len(idle)
 
     # -- stats -----------------------------------------------------------------------------------------------------
@@ -551,23 +598,23 @@ class Server:
         return {}, []
 
     def _op_attach_local(self, req: _Request) -> Result:
-        """A shared-memory reply channel for this connection (:mod:`djinn_core.local_reply`); at most one per
+        """A shared-memory channel for this connection (:mod:`djinn_core.local_channel`); at most one per
         connection (a new one replaces it) and ``max_sessions`` in all."""
-        if not self.config.local_reply_bytes or not local_reply.supported():
-            raise ConfigError("this server offers no shared-memory replies")
-        for name in [n for n, (ch, _) in self._channels.items() if ch.route == req.route]:
-            self._channels.pop(name)[0].close()
+        if not self.config.local_channel_bytes or not local_channel.supported():
+            raise ConfigError("this server offers no shared-memory channels")
+        for name in [n for n, ch in self._channels.items() if ch.route == req.route]:
+            self._channels.pop(name).close()
         if len(self._channels) >= self.config.max_sessions:
-            raise SessionLimitReached(f"{len(self._channels)} shared-memory reply channels open (the limit)")
-        ch = ReplyChannel(self.config.local_reply_bytes, req.route)
-        self._channels[ch.name] = (ch, time.monotonic())
+            raise SessionLimitReached(f"{len(self._channels)} shared-memory channels open (the limit)")
+        ch = ServerChannel(self.config.local_channel_bytes, req.route)
+        self._channels[ch.name] = ch
         return {"name": ch.name, "capacity": ch.capacity}, []
 
     def _op_detach_local(self, req: _Request) -> Result:
         name = req.arg("name", str)
-        entry = self._channels.get(name)
-        if entry is not None and entry[0].route == req.route:
-            self._channels.pop(name)[0].close()
+        ch = self._channels.get(name)
+        if ch is not None and ch.route == req.route:
+            self._channels.pop(name).close()
         return {}, []
 
     def _op_stats(self, req: _Request) -> Result:
@@ -801,7 +848,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, token=token, max_request_bytes=args.max_request_bytes,
                           max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
                           idle_timeout_s=args.idle_timeout_s, stats_interval_s=args.stats_interval_s,
-                          busy_poll_s=args.busy_poll_s, local_reply_bytes=args.local_reply_bytes)
+                          busy_poll_s=args.busy_poll_s, local_channel_bytes=args.local_channel_bytes)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, dtype=args.dtype, seed=args.seed, num_layers=args.num_layers)
     server = Server(make_runtime(model, slab_bytes=args.slab_bytes, host_pool_bytes=args.host_pool_bytes), config)
@@ -842,7 +889,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="log stats this often (0: never)")
     p.add_argument("--busy-poll-s", type=float, default=0.0,
                    help="after a request, spin this long for the next one before sleeping (latency vs one busy core)")
-    p.add_argument("--local-reply-bytes", type=parse_bytes, default=ServerConfig.local_reply_bytes,
-                   help="size of the shared-memory reply channel offered to clients on this host (0: none)")
+    p.add_argument("--local-channel-bytes", type=parse_bytes, default=ServerConfig.local_channel_bytes,
+                   help="size of each direction of the shared-memory channel offered to clients on this host "
+                        "(0: none)")
     p.set_defaults(fn=cmd_serve)
     return p

@@ -160,7 +160,8 @@ def _check_descriptor(i: int, d: Any) -> tuple[torch.dtype, tuple[int, ...], int
 
 
 def decode(frames: Sequence[Any], *, max_bytes: int, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Message:
-    """Validate and decode a message; tensors come back as fresh, writable CPU tensors.
+    """Validate and decode a message; tensors come back as fresh, writable CPU tensors (a ``bytearray`` frame becomes
+    its tensor's storage: the caller hands it over).
 
     ``max_bytes`` bounds the whole message (header and tensor frames). Raises :class:`ProtocolError` on anything
     malformed, before any tensor is built.
@@ -184,6 +185,7 @@ def decode(frames: Sequence[Any], *, max_bytes: int, max_header_bytes: int = DEF
             raise ProtocolError(f"tensor {i}: frame holds {buf.nbytes} bytes, descriptor says {nbytes}")
         if nbytes == 0:
             tensors.append(torch.empty(shape, dtype=dtype))
-        else:  # one copy into memory we own: the frame's buffer is read-only and belongs to ZeroMQ
-            tensors.append(torch.frombuffer(bytearray(buf), dtype=dtype).view(shape))
+        else:  # memory we own: a bytearray frame is adopted, any other (ZeroMQ's, read-only) is copied once
+            owned = frame if isinstance(frame, bytearray) else bytearray(buf)
+            tensors.append(torch.frombuffer(owned, dtype=dtype).view(shape))
     return Message(header, tensors)

@@ -7,6 +7,7 @@ every wait is bounded in count and time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -16,7 +17,7 @@ import pytest
 import torch
 import zmq
 
-from djinn_core import local_reply
+from djinn_core import local_channel
 from djinn_core.breakpoints import BreakpointRuntime, plain_run
 from djinn_core.client import Client, RemoteSession
 from djinn_core.errors import (
@@ -69,23 +70,34 @@ def client(server):
         _drop_sessions(c)
 
 
+@pytest.fixture(scope="module")
+def spinning_server(llama_tiny_fp32):
+    """A server whose loop spins 20 ms after each request, so a client's shared-memory channel carries requests too."""
+    srv = _server(llama_tiny_fp32, busy_poll_s=0.02)
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(params=["local", "remote", "remote-shm"])
-def backend(request, llama_tiny_fp32, server):
-    """Something with ``open(ids, max_new_tokens=...)``: a runtime in process, or a client of the server (replies
-    over ZeroMQ, or through a shared-memory channel where the platform has them)."""
+def backend(request, llama_tiny_fp32, server, spinning_server):
+    """Something with ``open(ids, max_new_tokens=...)``: a runtime in process, or a client of the server (everything
+    over ZeroMQ, or requests and replies through a shared-memory channel where the platform has them)."""
     if request.param == "local":
         rt = BreakpointRuntime(llama_tiny_fp32, budget_bytes=32 << 20)
         yield rt
         rt.close_all()
     else:
         shm = request.param == "remote-shm"
-        if shm and not local_reply.supported():
-            pytest.skip("shared-memory replies need Linux on x86-64")
-        with Client(server.address, timeout_s=20, busy_poll_s=0.05 if shm else 0.0) as c:
+        if shm and not local_channel.supported():
+            pytest.skip("shared-memory channels need Linux on x86-64")
+        srv = spinning_server if shm else server
+        with Client(srv.address, timeout_s=20, busy_poll_s=0.05 if shm else 0.0) as c:
             c.ping()
-            assert c.local_replies is shm
+            assert c.local_channel is shm
             yield c
             _drop_sessions(c)
+            if shm:  # the channel carried messages both ways (the rest is timing: a descheduled client falls back)
+                assert c.paths["request_local"] > 0 and c.paths["reply_local"] > 0, c.paths
 
 
 def _run(backend, ids, layer, *, edit=None, pause=True):
@@ -472,29 +484,12 @@ class TestSmolLM2EndToEnd:
             twin.close()
 
 
-# ---------------------------------------------------------------------------------------------- shared-memory replies
+# ---------------------------------------------------------------------------------------------- shared-memory channels
 
-needs_shm = pytest.mark.skipif(not local_reply.supported(), reason="shared-memory replies need Linux on x86-64")
+needs_shm = pytest.mark.skipif(not local_channel.supported(), reason="shared-memory channels need Linux on x86-64")
 
 
-@needs_shm
-def test_local_replies_carry_the_replies_and_leave_no_file_behind(server, llama_tiny_fp32):
-    ids = _ids(21)
-    ref = plain_run(llama_tiny_fp32, ids, 1)[0]
-    with Client(server.address, timeout_s=20, busy_poll_s=0.05) as c:
-        c.ping()
-        assert c.local_replies
-        name = c._reader.name
-        ch = server._channels[name][0]
-        before = ch.writes
-        s = c.open(ids, max_new_tokens=1)
-        s.run_to(3)
-        assert torch.equal(s.resume(logits="last"), ref[:, -1])
-        assert ch.writes >= before + 3  # open, run_to and resume came back through the channel
-        assert not os.path.exists(ch.path)  # unlinked once the client had it mapped
-        with pytest.raises(InvalidLayer):  # errors come back through it too, typed as ever
-            c.open(ids, max_new_tokens=1).run_to(99)
-        _drop_sessions(c)
+def _wait_gone(server: Server, name: str) -> None:
     deadline = time.monotonic() + 10
     while name in server._channels and time.monotonic() < deadline:  # the close's detach, handled by the server
         time.sleep(0.01)
@@ -502,44 +497,120 @@ def test_local_replies_carry_the_replies_and_leave_no_file_behind(server, llama_
 
 
 @needs_shm
-def test_replies_too_big_for_the_channel_come_over_zeromq(llama_tiny_fp32):
-    srv = _server(llama_tiny_fp32, local_reply_bytes=8192)
+def test_a_local_channel_carries_requests_and_replies_and_leaves_no_file_behind(spinning_server, llama_tiny_fp32):
+    ids = _ids(21)
+    ref = plain_run(llama_tiny_fp32, ids, 1)[0]
+    with Client(spinning_server.address, timeout_s=20, busy_poll_s=0.05) as c:
+        c.ping()
+        assert c.local_channel
+        name = c._channel.name
+        ch = spinning_server._channels[name]
+        writes, reads = ch.writes, ch.reads
+        s = c.open(ids, max_new_tokens=1)
+        s.run_to(3)
+        assert torch.equal(s.resume(logits="last"), ref[:, -1])
+        assert ch.writes >= writes + 3  # open, run_to and resume came back through the channel
+        assert ch.reads > reads  # and, the server spinning, requests went through it too
+        assert not os.path.exists(ch.path)  # unlinked once the client had it mapped
+        with pytest.raises(InvalidLayer):  # errors come back through it too, typed as ever
+            c.open(ids, max_new_tokens=1).run_to(99)
+        _drop_sessions(c)
+        assert c.last_phases_ms is not None and set(c.last_phases_ms) == {"request", "dispatch", "op", "reply",
+                                                                          "reply_decode"}
+    _wait_gone(spinning_server, name)
+
+
+@needs_shm
+def test_a_server_that_does_not_spin_gets_every_request_over_zeromq(server):
+    with Client(server.address, timeout_s=20, busy_poll_s=0.05) as c:  # the fixture's server: busy_poll_s=0
+        for _ in range(5):
+            c.ping()
+        assert c.local_channel
+        assert c.paths["request_local"] == 0 and c.paths["request_zmq"] == 6  # attach + 5 pings
+        assert c.paths["reply_local"] == 5  # the replies still come through the channel
+
+
+@needs_shm
+def test_messages_too_big_for_the_channel_go_over_zeromq(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, local_channel_bytes=8192, busy_poll_s=0.02)
     try:
         ids = _ids(22, seq=40)
         ref = plain_run(llama_tiny_fp32, ids, 1)[0]
         with Client(srv.address, timeout_s=20, busy_poll_s=0.05) as c:
             c.ping()
-            assert c.local_replies
+            assert c.local_channel
             s = c.open(ids, max_new_tokens=1)
-            s.run_to(2)
+            ck = s.run_to(2)
+            h = ck.hidden  # 40 x 64 fp32: more than 8 KiB, back over ZeroMQ
+            zmq_requests = c.paths["request_zmq"]
+            ck.edit(h)  # the same state, sent back: a request too big for the slot
+            assert c.paths["request_zmq"] == zmq_requests + 1
             full = s.resume(logits="all")  # 40 x 512 fp32 logits: far more than 8 KiB
             assert torch.equal(full, ref)
+            assert c.paths["reply_zmq"] >= 2
     finally:
         srv.stop()
 
 
 @needs_shm
-def test_a_channel_serves_only_the_connection_it_was_made_for(server):
-    with Client(server.address, timeout_s=20, busy_poll_s=0.05) as owner:
+def test_a_channel_serves_only_the_connection_it_was_made_for(spinning_server):
+    with Client(spinning_server.address, timeout_s=20, busy_poll_s=0.05) as owner:
         owner.ping()
-        ch = server._channels[owner._reader.name][0]
+        ch = spinning_server._channels[owner._channel.name]
         writes = ch.writes
         # another connection naming the owner's channel gets its reply over ZeroMQ; the channel is not touched
-        frames = encode({"op": "ping", "client": "intruder", "token": None, "session": None, "args": {}, "id": 1,
-                         "reply_to": owner._reader.name})
-        reply = _raw(server.address, frames)
-        assert reply["ok"] and ch.writes == writes
+        frames = encode({"op": "ping", "client": "intruder", "token": None, "session": None, "args": {}, "id": 10**9,
+                         "reply_to": owner._channel.name})
+        reply = _raw(spinning_server.address, frames)
+        assert reply["ok"] and ch.writes == writes and ch.last_request < 10**9
         owner.ping()
         assert ch.writes == writes + 1
 
 
 @needs_shm
-def test_a_server_without_channels_leaves_replies_on_zeromq(llama_tiny_fp32):
-    srv = _server(llama_tiny_fp32, local_reply_bytes=0)
+def test_bad_requests_in_a_slot_get_clear_errors_through_it(spinning_server):
+    with Client(spinning_server.address, timeout_s=20, busy_poll_s=0.05) as c:
+        c.ping()
+        ch = c._channel
+        for rid, frames, err in [
+            (1000, [b"not json"], "ProtocolError"),
+            (2000, encode({"op": "ping", "client": "c", "args": {}, "id": 999}), "ProtocolError"),  # id != slot's
+            (3000, encode({"op": "nope", "client": "c", "args": {}, "id": 3000}), "ProtocolError"),
+        ]:
+            c._ids = itertools.count(rid - 100)  # request ids of one connection only grow: stay below the next
+            c.ping()  # the server polls the slot again
+            assert ch.send_request(rid, frames)
+            deadline = time.monotonic() + 10
+            while not ch.reply_ready(rid) and time.monotonic() < deadline:
+                pass
+            header = decode(ch.read_reply(), max_bytes=1 << 20).header
+            assert header["ok"] is False and header["error"]["type"] == err, header
+        c._ids = itertools.count(4000)
+        c.ping()  # and the client goes on working
+
+
+@needs_shm
+def test_after_a_shutdown_the_client_drops_the_channel_and_gets_a_clear_error(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, busy_poll_s=0.02)
+    c = Client(srv.address, timeout_s=1, busy_poll_s=0.05)
+    try:
+        c.ping()
+        assert c.local_channel
+        srv.stop()
+        with pytest.raises(ServerUnavailable):
+            c.ping()
+        assert not c.local_channel
+    finally:
+        c.close()
+
+
+@needs_shm
+def test_a_server_without_channels_leaves_everything_on_zeromq(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, local_channel_bytes=0)
     try:
         with Client(srv.address, timeout_s=20, busy_poll_s=0.05) as c:
             c.ping()
-            assert not c.local_replies
+            assert not c.local_channel
             assert c.open(_ids(23), max_new_tokens=1).run_to(1).layer == 1
     finally:
         srv.stop()

@@ -10,9 +10,10 @@ thread and each server in its own process, as in use (``djinn serve`` owns the G
   memory), in alternating blocks (each after untimed warm-ups: the first kernels after the other CUDA context ran pay
   a GPU context switch a deployed server never pays), and checked bitwise equal.
 
-The client spins for its replies (``busy_poll_s``) and, the server being on this host, takes them through a
-shared-memory channel (:mod:`djinn_core.local_reply`; the claims' ``reply_path`` says which path was measured); the
-same resumes with every reply over ZeroMQ, what a client on another host gets, are recorded beside them.
+The client spins for its replies (``busy_poll_s``) and, the server being on this host, exchanges requests and replies
+with it through a shared-memory channel (:mod:`djinn_core.local_channel`; the claims' ``path`` says which path was
+measured, the info's ``paths`` which way each message went); the same resumes with everything over ZeroMQ, what a
+client on another host gets, are recorded beside them.
 
 Claims: framework overhead = median(no-op RPC) - median(raw RTT) <= 0.2 ms; median(remote resume) - median(in-process
 resume) <= 0.3 ms. Load: 32 clients on threads, each with its own connection and sessions, x 100 pause/resume cycles on
@@ -282,14 +283,15 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
         got["raw"] = raw_tcp_rtt(rounds=2000, warmup=200)
         with Client(srv.address, timeout_s=120, busy_poll_s=BUSY_POLL_S) as c:
             c.ping()
-            got["reply_path"] = "shared memory" if c.local_replies else "zeromq"
+            got["path"] = "shared memory" if c.local_channel else "zeromq"
             got["noop"] = host_timed(c.ping, rounds=2000, warmup=200)
             got["raw_after"] = raw_tcp_rtt(rounds=2000, warmup=200)
             for layer in LAYERS_13B:
                 got[layer] = resume_remote_vs_local(c, local_rt, prompt_2048_ids, layer, rounds=30, warmup=3)
+            got["paths"] = dict(c.paths)
             got["stats"] = c.stats()
         # the same resumes with every reply over ZeroMQ (what a client on another host gets), for reference
-        with Client(srv.address, timeout_s=120, busy_poll_s=BUSY_POLL_S, local_replies=False) as c:
+        with Client(srv.address, timeout_s=120, busy_poll_s=BUSY_POLL_S, local_channel=False) as c:
             got["noop_zmq"] = host_timed(c.ping, rounds=2000, warmup=200)
             for layer in LAYERS_13B:
                 got[("zmq", layer)] = resume_remote_vs_local(c, local_rt, prompt_2048_ids, layer, rounds=30,
@@ -300,8 +302,8 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
     claim.info(raw_tcp_rtt=raw.to_dict(), raw_tcp_rtt_after=got["raw_after"].to_dict(), noop_rpc=noop.to_dict(),
                peers_raw_rtt_ms=0.0248, server_stats=got["stats"], topology="client: pytest process; server: djinn "
                "serve child process; echo server: child process; all 127.0.0.1",
-               busy_poll_s={"client": BUSY_POLL_S, "server": BUSY_POLL_S}, reply_path=got["reply_path"],
-               zeromq_replies={"noop_rpc": got["noop_zmq"].to_dict(),
+               busy_poll_s={"client": BUSY_POLL_S, "server": BUSY_POLL_S}, path=got["path"], paths=got["paths"],
+               zeromq_only={"noop_rpc": got["noop_zmq"].to_dict(),
                                **{f"L={L}": {"remote": got[("zmq", L)][0].to_dict(),
                                              "in_process": got[("zmq", L)][1].to_dict(),
                                              "remote_minus_in_process_ms": got[("zmq", L)][0].median_ms
@@ -319,14 +321,14 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
     claim.check("framework_overhead_noop_rpc_minus_raw_tcp_rtt", method="djinn-rpc-zmq",
                 value=noop.median_ms - raw.median_ms, bound=0.2, op="<=", unit="ms",
                 params={"msg_bytes": MSG_BYTES, "rounds": noop.n, "busy_poll_s": BUSY_POLL_S,
-                        "reply_path": got["reply_path"]})
+                        "path": got["path"]})
     for layer in LAYERS_13B:
         remote, local, equal, server, _ = got[layer]
         claim.check("remote_resume_minus_in_process_resume", method="djinn-rpc-zmq",
                     value=remote.median_ms - local.median_ms, bound=0.3, op="<=", unit="ms", check=False,
                     params={"model": "llama2-13b", "L": layer, "prompt_tokens": prompt_2048_ids.shape[1],
                             "logits": "last", "repeats": remote.n, "busy_poll_s": BUSY_POLL_S,
-                            "reply_path": got["reply_path"]})
+                            "path": got["path"]})
     for rec in claim.records:  # all recorded (with their numbers) first, then asserted
         if not rec["passed"]:
             raise ClaimFailed(rec)
@@ -367,13 +369,13 @@ def test_32_clients_x_100_pause_resume_cycles_lose_nothing_and_match_their_solo_
 def test_rpc_decomposition_and_load_plumbing_on_cpu(llama_tiny_fp32, claim):
     model = llama_tiny_fp32
     srv = Server(BreakpointRuntime(model, budget_bytes=32 << 20),
-                 ServerConfig(port=0, stats_interval_s=0, tick_s=0.02)).start()
+                 ServerConfig(port=0, stats_interval_s=0, tick_s=0.02, busy_poll_s=0.02)).start()
     local_rt = BreakpointRuntime(model, budget_bytes=32 << 20)
     got: dict = {}
     try:
         def measure() -> None:
             got["raw"] = raw_tcp_rtt(rounds=100, warmup=10)
-            with Client(srv.address, timeout_s=30, busy_poll_s=0.05) as c:  # as on the H100: spinning, local replies
+            with Client(srv.address, timeout_s=30, busy_poll_s=0.05) as c:  # as on the H100: spinning, local channel
                 got["noop"] = host_timed(c.ping, rounds=100, warmup=10)
                 got["resume"] = resume_remote_vs_local(c, local_rt, _prompts(1, 16, 512)[0], 3, rounds=5, warmup=1)
             got["load"] = run_load(srv.address, _prompts(4, 8, 512), layer=3, cycles=5, new_tokens=3,
@@ -386,7 +388,7 @@ def test_rpc_decomposition_and_load_plumbing_on_cpu(llama_tiny_fp32, claim):
     v = load_verdict(*got["load"], cycles=5)
     v.pop("_timings")
     remote, local, equal, _, phases = got["resume"]
-    assert set(phases) == {"request", "dispatch", "op", "reply"}
+    assert set(phases) == {"request", "dispatch", "op", "reply", "reply_decode"}
     claim.info(raw_tcp_rtt=got["raw"].to_dict(), noop_rpc=got["noop"].to_dict(), remote_resume=remote.to_dict(),
                in_process_resume=local.to_dict(), load=v)
     assert equal, "remote resume logits differ from in-process ones"

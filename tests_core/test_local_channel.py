@@ -1,0 +1,155 @@
+"""local_channel.py: messages round-trip both ways, what does not fit is refused whole, a request goes into the slot
+only while the server says it polls it, stale and corrupt slots are handled, names and sizes are checked, and the file
+is private and removable."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import time
+
+import pytest
+import torch
+
+from djinn_core import local_channel
+from djinn_core.errors import ConfigError, ProtocolError
+from djinn_core.local_channel import MAX_FRAMES, ClientChannel, ServerChannel
+from djinn_core.wire import decode, encode
+
+pytestmark = [pytest.mark.cpu,
+              pytest.mark.skipif(not local_channel.supported(), reason="shared-memory channels need Linux on x86-64")]
+
+
+@pytest.fixture
+def pair():
+    server = ServerChannel(1 << 16, (b"route",))
+    client = ClientChannel(server.name, server.capacity)
+    yield server, client
+    client.close()
+    server.close()
+
+
+def _polling(server: ServerChannel, seconds: float = 10.0) -> None:
+    server.publish_polling(time.monotonic() + seconds)
+
+
+def test_replies_round_trip_and_only_the_awaited_id_is_ready(pair):
+    server, client = pair
+    t = torch.arange(100, dtype=torch.float16).view(4, 25)
+    frames = encode({"id": 7, "ok": True, "result": {"x": 1}}, [t])
+    assert not client.reply_ready(7)
+    assert server.write_reply(7, frames)
+    assert client.reply_ready(7) and not client.reply_ready(8)
+    msg = decode(client.read_reply(), max_bytes=1 << 20)
+    assert msg.header["result"] == {"x": 1} and torch.equal(msg.tensors[0], t)
+    assert server.write_reply(8, encode({"id": 8, "ok": True}))
+    assert client.reply_ready(8) and decode(client.read_reply(), max_bytes=1 << 20).header["id"] == 8
+    assert server.writes == 2
+
+
+def test_requests_go_into_the_slot_only_while_the_server_polls_it(pair):
+    server, client = pair
+    frames = encode({"id": 1, "op": "ping"})
+    assert not client.server_polling()  # nothing published yet
+    assert not client.send_request(1, frames) and server.take_request() is None
+    server.publish_polling(time.monotonic() + client.margin_s / 2)  # inside the margin: not to be relied on
+    assert not client.send_request(1, frames) and server.take_request() is None
+    _polling(server)
+    assert client.send_request(1, frames)
+    seq, got = server.take_request()
+    header = decode(got, max_bytes=1 << 20).header
+    assert seq == 1 and header["id"] == 1 and header["op"] == "ping"
+    assert server.take_request() is None  # taken once
+    assert server.reads == 1 and server.last_request == 1
+
+
+def test_a_slot_older_than_the_last_request_handled_is_ignored(pair):
+    server, client = pair
+    _polling(server)
+    assert client.send_request(5, [b"five"])
+    server.handled(6)  # request 6 came over ZeroMQ: the slot's 5 is history
+    assert server.take_request() is None
+    server.handled(True)  # not an id: ignored
+    server.handled("7")
+    assert server.last_request == 6
+    assert client.send_request(7, [b"seven"])
+    assert server.take_request() == (7, [bytearray(b"seven")])
+
+
+def test_messages_that_do_not_fit_are_refused_whole(pair):
+    server, client = pair
+    _polling(server)
+    assert server.write_reply(1, [b"small"])
+    big = [bytes(server.capacity)]
+    assert not server.fits(big) and not server.write_reply(2, big)
+    assert client.reply_ready(1) and client.read_reply() == [b"small"]
+    assert not client.send_request(3, big) and server.take_request() is None
+    too_many = [b"x"] * (MAX_FRAMES + 1)
+    assert not server.write_reply(4, too_many) and not client.send_request(4, too_many)
+
+
+def test_a_corrupt_request_slot_raises_once_and_is_consumed(pair):
+    server, client = pair
+    _polling(server)
+    assert client.send_request(3, [b"ok"])
+    m = client._map
+    base = local_channel._CONTROL + client.capacity
+    struct.pack_into("<I", m, base + 8, MAX_FRAMES + 1)  # a frame count beyond the limit
+    with pytest.raises(ProtocolError, match="frames"):
+        server.take_request()
+    assert server.take_request() is None and server.last_request == 3
+    assert client.send_request(4, [b"ok"])
+    struct.pack_into("<Q", m, base + 12, client.capacity)  # a frame length beyond the slot
+    with pytest.raises(ProtocolError, match="capacity"):
+        server.take_request()
+
+
+def test_close_tells_the_client_at_once(pair):
+    server, client = pair
+    _polling(server)
+    assert client.server_polling() and not client.closed
+    server.close()
+    server.close()  # idempotent
+    assert client.closed and not client.server_polling() and not client.send_request(1, [b"x"])
+    assert not server.write_reply(1, [b"x"]) and server.take_request() is None
+
+
+def test_the_file_is_private_and_unlink_leaves_the_mapping_working(pair):
+    server, client = pair
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    assert os.stat(server.path).st_size == local_channel.file_bytes(server.capacity)
+    server.unlink()
+    server.unlink()
+    assert not os.path.exists(server.path)
+    assert server.write_reply(3, [b"after unlink"]) and client.reply_ready(3)
+    assert client.read_reply() == [b"after unlink"]
+    with pytest.raises(FileNotFoundError):
+        ClientChannel(server.name, server.capacity)
+
+
+def test_decode_adopts_bytearray_frames(pair):
+    server, client = pair
+    t = torch.arange(12, dtype=torch.int64)
+    assert server.write_reply(1, encode({"id": 1}, [t]))
+    frames = client.read_reply()
+    assert all(isinstance(f, bytearray) for f in frames)
+    msg = decode(frames, max_bytes=1 << 20)
+    msg.tensors[0][0] = 99  # writable, and backed by the frame handed over (no second copy)
+    assert torch.frombuffer(frames[1], dtype=torch.int64)[0] == 99
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "other-name", "djinn-chan-x/../../y", 5])
+def test_clients_refuse_names_that_are_not_channels(name):
+    with pytest.raises((ProtocolError, FileNotFoundError)):
+        ClientChannel(name, 4096)
+
+
+def test_bad_sizes_are_refused(pair):
+    server, _ = pair
+    with pytest.raises(ConfigError):
+        ServerChannel(100, (b"r",))
+    with pytest.raises(ProtocolError):
+        ClientChannel(server.name, server.capacity * 2)  # larger than the file
+    with pytest.raises(ProtocolError):
+        ClientChannel(server.name, True)
