@@ -146,8 +146,9 @@ class Client:
         self._ids = itertools.count(1)
         self.last_server_ms: float | None = None  # server time of the last call: its op and the copies of its reply
         # the last call's round trip split on the host monotonic clock (meaningful with the server on this host):
-        # request (send -> server receipt), dispatch (receipt -> op start), op, reply (op end -> reply decoded), and
-        # of the reply leg, reply_decode (reply seen -> decoded)
+        # request (send -> server receipt), dispatch (receipt -> op start), op (split into op_launch: until the op
+        # returned, its device work queued, and op_wait: until its results were on the host), reply (op end -> reply
+        # decoded), and of the reply leg, reply_decode (reply seen -> decoded)
         self.last_phases_ms: dict[str, float] | None = None
         # which way each message went: request_local/request_zmq, reply_local/reply_zmq
         self.paths: collections.Counter[str] = collections.Counter()
@@ -179,9 +180,11 @@ class Client:
             reply, t_send, t_seen, t_reply = self._roundtrip(op, session, args, tensors, timeout_s)
         self.last_server_ms = reply.header.get("server_ms")
         st = reply.header.get("server_t")
-        if isinstance(st, list) and len(st) == 3 and all(isinstance(x, (int, float)) for x in st):
-            self.last_phases_ms = {"request": (st[0] - t_send) * 1e3, "dispatch": (st[1] - st[0]) * 1e3,
-                                   "op": (st[2] - st[1]) * 1e3, "reply": (t_reply - st[2]) * 1e3,
+        if isinstance(st, list) and len(st) == 4 and all(isinstance(x, (int, float)) for x in st):
+            t_recv, t_op, t_queued, t_done = st
+            self.last_phases_ms = {"request": (t_recv - t_send) * 1e3, "dispatch": (t_op - t_recv) * 1e3,
+                                   "op": (t_done - t_op) * 1e3, "op_launch": (t_queued - t_op) * 1e3,
+                                   "op_wait": (t_done - t_queued) * 1e3, "reply": (t_reply - t_done) * 1e3,
                                    "reply_decode": (t_reply - t_seen) * 1e3}
         else:
             self.last_phases_ms = None

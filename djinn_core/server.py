@@ -475,12 +475,14 @@ class Server:
                 raise ProtocolError(f"unknown op {req.op!r}; known: {sorted(self.ops)}")
             t0 = time.perf_counter()
             result, tensors = fn(req)
+            t_fn = time.perf_counter()
             descs, bufs = encode_tensors(tensors)  # device -> host copies: the op's work is done after this
             t1 = time.perf_counter()
-            # server_t: host monotonic clock (system-wide on Linux) at receipt, op start and op end, so a client on
-            # the same host can split its round trip into request transit, dispatch, op and reply
+            # server_t: host monotonic clock (system-wide on Linux) at receipt, op start, op returned (its device
+            # work queued) and op end (its results on the host), so a client on the same host can split its round
+            # trip into request transit, dispatch, op (launch and wait) and reply
             head = encode_header({"id": rid, "ok": True, "result": result, "server_ms": (t1 - t0) * 1e3,
-                                  "server_t": [t_recv, t0, t1]}, descs)
+                                  "server_t": [t_recv, t0, t_fn, t1]}, descs)
             self._send_frames(route, [head, *bufs], channel, rid)
             self.counters["ok"] += 1
         except Exception as e:  # one bad request never stops the server
@@ -572,9 +574,13 @@ class Server:
         swapped = by_state[SessionState.PAUSED.value] + by_state[SessionState.SWAPPED.value]  # checkpoint or decoding
         vram = None
         if rt.device.type == "cuda":
+            ms = torch.cuda.memory_stats(rt.device)
             vram = {"allocated": torch.cuda.memory_allocated(rt.device),
                     "reserved": torch.cuda.memory_reserved(rt.device),
-                    "max_allocated": torch.cuda.max_memory_allocated(rt.device)}
+                    "max_allocated": torch.cuda.max_memory_allocated(rt.device),
+                    # the caching allocator's calls to the driver: each costs far more than a cached block
+                    "device_allocs": ms.get("num_device_alloc", 0), "device_frees": ms.get("num_device_free", 0),
+                    "alloc_retries": ms.get("num_alloc_retries", 0)}
         return {
             "sessions": len(self._entries), "resident": resident, "swapped": swapped,
             "by_state": dict(by_state), "clients": len({e.owner for e in self._entries.values()}),

@@ -153,7 +153,7 @@ def _check_descriptor(i: int, d: Any) -> tuple[torch.dtype, tuple[int, ...], int
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise ProtocolError(f"tensor {i}: nbytes must be an int, got {nbytes!r}")
     dtype = ALLOWED_DTYPES[name]
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * dtype.itemsize
     if nbytes != expected:
         raise ProtocolError(f"tensor {i}: nbytes {nbytes} != prod(shape {shape}) * itemsize = {expected}")
     return dtype, tuple(shape), nbytes

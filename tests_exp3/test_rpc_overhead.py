@@ -102,9 +102,25 @@ def host_timed(fn, rounds: int, warmup: int, before=None) -> TimingStats:
     return TimingStats(tuple(samples), clock="host")
 
 
+@dataclass
+class ResumeComparison:
+    """Remote against in-process resumes of one checkpoint (host clock, ms), see :func:`resume_remote_vs_local`."""
+
+    remote: TimingStats
+    local: TimingStats
+    equal: bool  # every remote logits row bitwise equal to the in-process one
+    server: TimingStats  # the server's own time per resume: the op and the copy of its reply to the host
+    phases: dict[str, TimingStats]  # the remote round trip split (Client.last_phases_ms)
+    local_phases: dict[str, TimingStats]  # in process: op_launch (resume returned), op_wait (logits on the host)
+    blocks: list[dict]  # per block of each side: the caching allocator's device allocations and frees meanwhile
+
+
+def _allocator_calls(stats: dict | None) -> tuple[int, int]:
+    return (stats or {}).get("device_allocs", 0), (stats or {}).get("device_frees", 0)
+
+
 def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torch.Tensor, layer: int, rounds: int,
-                           warmup: int, block: int = 10
-                           ) -> tuple[TimingStats, TimingStats, bool, TimingStats, dict[str, TimingStats]]:
+                           warmup: int, block: int = 10) -> ResumeComparison:
     """A resume RPC (last-position logits back) against the same resume in process (last-position logits to the
     host), in alternating blocks of ``block`` timed repeats per side, each block after ``warmup`` untimed ones.
 
@@ -112,17 +128,21 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
     first kernels after the other context ran pay a GPU context switch that a deployed server (the only process on
     its GPU) never pays; the untimed repeats at the start of each block absorb it, and alternating blocks still
     spread drift over both sides. Each repeat resumes a fresh fork of one checkpoint per side (forked untimed).
-    Also returns whether every remote logits row equals the in-process one bitwise, and the server's own time for
-    each resume (the op and the copy of its reply to the host: ``server_ms``), which splits remote - in-process into
-    execution and transport, and the remote round trip's phases (``Client.last_phases_ms``)."""
+    Also checks every remote logits row against the in-process one bitwise, takes the server's own time for each
+    resume (``server_ms``: splits remote - in-process into execution and transport), the remote round trip's phases
+    (``Client.last_phases_ms``), the same launch/wait split in process, and per block the device allocations each
+    side's caching allocator made (a resume that allocates from the driver pays for it)."""
     rbase = client.open(ids.cpu(), max_new_tokens=1)
     rbase.run_to(layer)
     lbase = runtime.open(ids, max_new_tokens=1)
     lbase.run_to(layer)
     remote, local, server = [], [], []
     phases: dict[str, list[float]] = {}  # the remote round trip split on the host clock (client.last_phases_ms)
+    local_phases: dict[str, list[float]] = {"op_launch": [], "op_wait": []}
+    blocks: list[dict] = []
     r_logits: list[torch.Tensor] = []
     l_logits: list[torch.Tensor] = []
+    cuda = runtime.device.type == "cuda"
 
     def remote_once(timed: bool) -> None:
         (rc,) = rbase.fork(1)
@@ -143,25 +163,52 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
     def local_once(timed: bool) -> None:
         (lc,) = lbase.fork(1)
         t0 = time.perf_counter()
-        logits = lc.resume()[:, -1].cpu()
-        dt = (time.perf_counter() - t0) * 1e3
+        out = lc.resume()
+        t_fn = time.perf_counter()
+        logits = out[:, -1].cpu()
+        t1 = time.perf_counter()
         lc.close()
         l_logits.append(logits)
         if timed:
-            local.append(dt)
+            local.append((t1 - t0) * 1e3)
+            local_phases["op_launch"].append((t_fn - t0) * 1e3)
+            local_phases["op_wait"].append((t1 - t_fn) * 1e3)
+
+    def allocator_calls(side: str) -> tuple[int, int]:
+        if side == "remote":
+            return _allocator_calls(client.stats().get("vram"))
+        if not cuda:
+            return 0, 0
+        ms = torch.cuda.memory_stats(runtime.device)
+        return ms.get("num_device_alloc", 0), ms.get("num_device_free", 0)
 
     try:
         for b in range(max(1, -(-rounds // block))):
             n = min(block, rounds - b * block)
-            for once in (remote_once, local_once):
+            for side, once in (("remote", remote_once), ("in_process", local_once)):
+                before = allocator_calls(side)
                 for i in range(warmup + n):
                     once(i >= warmup)
+                after = allocator_calls(side)
+                blocks.append({"block": b, "side": side, "device_allocs": after[0] - before[0],
+                               "device_frees": after[1] - before[1]})
     finally:
         rbase.close()
         lbase.close()
     equal = all(torch.equal(r, l_logits[0]) for r in r_logits) and all(torch.equal(x, l_logits[0]) for x in l_logits)
-    return (TimingStats(tuple(remote), "host"), TimingStats(tuple(local), "host"), equal,
-            TimingStats(tuple(server), "host"), {k: TimingStats(tuple(v), "host") for k, v in phases.items()})
+    stats = {k: TimingStats(tuple(v), "host") for k, v in phases.items()}
+    return ResumeComparison(TimingStats(tuple(remote), "host"), TimingStats(tuple(local), "host"), equal,
+                            TimingStats(tuple(server), "host"), stats,
+                            {k: TimingStats(tuple(v), "host") for k, v in local_phases.items()}, blocks)
+
+
+def _comparison_info(c: ResumeComparison) -> dict:
+    return {"remote": c.remote.to_dict(), "in_process": c.local.to_dict(), "server_ms": c.server.to_dict(),
+            "logits_bitwise_equal": c.equal, "remote_minus_in_process_ms": c.remote.median_ms - c.local.median_ms,
+            "execution_ms": c.server.median_ms - c.local.median_ms,
+            "transport_ms": c.remote.median_ms - c.server.median_ms,
+            "remote_phases": {k: t.to_dict() for k, t in c.phases.items()},
+            "in_process_phases": {k: t.to_dict() for k, t in c.local_phases.items()}, "blocks": c.blocks}
 
 
 @dataclass
@@ -304,26 +351,17 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
                "serve child process; echo server: child process; all 127.0.0.1",
                busy_poll_s={"client": BUSY_POLL_S, "server": BUSY_POLL_S}, path=got["path"], paths=got["paths"],
                zeromq_only={"noop_rpc": got["noop_zmq"].to_dict(),
-                               **{f"L={L}": {"remote": got[("zmq", L)][0].to_dict(),
-                                             "in_process": got[("zmq", L)][1].to_dict(),
-                                             "remote_minus_in_process_ms": got[("zmq", L)][0].median_ms
-                                             - got[("zmq", L)][1].median_ms,
-                                             "remote_phases": {k: t.to_dict() for k, t in got[("zmq", L)][4].items()}}
-                                  for L in LAYERS_13B}},
+                             **{f"L={L}": _comparison_info(got[("zmq", L)]) for L in LAYERS_13B}},
                medians_ms={"raw_tcp_rtt": raw.median_ms, "noop_rpc": noop.median_ms,
-                           **{f"L={L}": {"remote": got[L][0].median_ms, "in_process": got[L][1].median_ms,
-                                         "server": got[L][3].median_ms} for L in LAYERS_13B}},
-               resume={f"L={L}": {"remote": got[L][0].to_dict(), "in_process": got[L][1].to_dict(),
-                                  "server_ms": got[L][3].to_dict(), "logits_bitwise_equal": got[L][2],
-                                  "execution_ms": got[L][3].median_ms - got[L][1].median_ms,
-                                  "remote_phases": {k: t.to_dict() for k, t in got[L][4].items()},
-                                  "transport_ms": got[L][0].median_ms - got[L][3].median_ms} for L in LAYERS_13B})
+                           **{f"L={L}": {"remote": got[L].remote.median_ms, "in_process": got[L].local.median_ms,
+                                         "server": got[L].server.median_ms} for L in LAYERS_13B}},
+               resume={f"L={L}": _comparison_info(got[L]) for L in LAYERS_13B})
     claim.check("framework_overhead_noop_rpc_minus_raw_tcp_rtt", method="djinn-rpc-zmq",
                 value=noop.median_ms - raw.median_ms, bound=0.2, op="<=", unit="ms",
                 params={"msg_bytes": MSG_BYTES, "rounds": noop.n, "busy_poll_s": BUSY_POLL_S,
                         "path": got["path"]})
     for layer in LAYERS_13B:
-        remote, local, equal, server, _ = got[layer]
+        remote, local = got[layer].remote, got[layer].local
         claim.check("remote_resume_minus_in_process_resume", method="djinn-rpc-zmq",
                     value=remote.median_ms - local.median_ms, bound=0.3, op="<=", unit="ms", check=False,
                     params={"model": "llama2-13b", "L": layer, "prompt_tokens": prompt_2048_ids.shape[1],
@@ -333,8 +371,7 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
         if not rec["passed"]:
             raise ClaimFailed(rec)
     for layer in LAYERS_13B:
-        equal = got[layer][2]
-        assert equal, f"L={layer}: remote logits differ from in-process logits"
+        assert got[layer].equal, f"L={layer}: remote logits differ from in-process logits"
 
 
 @pytest.mark.h100
@@ -387,8 +424,10 @@ def test_rpc_decomposition_and_load_plumbing_on_cpu(llama_tiny_fp32, claim):
         local_rt.close_all()
     v = load_verdict(*got["load"], cycles=5)
     v.pop("_timings")
-    remote, local, equal, _, phases = got["resume"]
-    assert set(phases) == {"request", "dispatch", "op", "reply", "reply_decode"}
+    cmp = got["resume"]
+    remote, local, equal = cmp.remote, cmp.local, cmp.equal
+    assert set(cmp.phases) == {"request", "dispatch", "op", "op_launch", "op_wait", "reply", "reply_decode"}
+    assert set(cmp.local_phases) == {"op_launch", "op_wait"} and len(cmp.blocks) == 2
     claim.info(raw_tcp_rtt=got["raw"].to_dict(), noop_rpc=got["noop"].to_dict(), remote_resume=remote.to_dict(),
                in_process_resume=local.to_dict(), load=v)
     assert equal, "remote resume logits differ from in-process ones"
