@@ -515,8 +515,8 @@ def test_a_local_channel_carries_requests_and_replies_and_leaves_no_file_behind(
         with pytest.raises(InvalidLayer):  # errors come back through it too, typed as ever
             c.open(ids, max_new_tokens=1).run_to(99)
         _drop_sessions(c)
-        assert c.last_phases_ms is not None and set(c.last_phases_ms) == {"request", "dispatch", "op", "reply",
-                                                                          "reply_decode"}
+        assert c.last_phases_ms is not None and set(c.last_phases_ms) == {
+            "request", "dispatch", "op", "op_launch", "op_wait", "reply", "reply_decode"}
     _wait_gone(spinning_server, name)
 
 
