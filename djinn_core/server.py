@@ -48,7 +48,16 @@ from .errors import (
     UnknownSession,
 )
 from .local_channel import ServerChannel
-from .wire import DEFAULT_MAX_HEADER_BYTES, Message, decode, decode_header, encode, encode_header, encode_tensors
+from .wire import (
+    DEFAULT_MAX_HEADER_BYTES,
+    HostStaging,
+    Message,
+    decode,
+    decode_header,
+    encode,
+    encode_header,
+    encode_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +241,8 @@ class Server:
         self._sock: zmq.Socket | None = None
         self._channels: dict[str, ServerChannel] = {}  # shared-memory channels by name (server-made only)
         self._hot: list[ServerChannel] = []  # channels told that the loop polls their request slot (this spin)
+        # device tensors of replies bound for a channel reach the host through pinned memory (wire.HostStaging)
+        self._staging = HostStaging(self.config.local_channel_bytes)
         self.address: str | None = None
         self.started_at = time.monotonic()
         self.counters = collections.Counter()
@@ -408,9 +419,10 @@ class Server:
         self._send_frames(route, encode(header, tensors), channel, header.get("id"))
 
     def _send_frames(self, route: tuple[bytes, ...], frames: list[Any], channel: ServerChannel | None = None,
-                     rid: Any = None) -> None:
+                     rid: Any = None, *, staged: bool = False) -> None:
         """The reply goes into the client's shared-memory channel when it has one and the reply fits, else over
-        ZeroMQ. With it goes how long this loop keeps polling the channel's request slot (while serving)."""
+        ZeroMQ (copied there when ``staged``: its frames are views of the reusable staging buffer). With it goes how
+        long this loop keeps polling the channel's request slot (while serving)."""
         if channel is not None and channel.open:
             if self.config.busy_poll_s and not self._stopping.is_set():
                 # before the reply, so the client reads it with the reply; the loop's own deadline, set after this
@@ -422,7 +434,7 @@ class Server:
                     and channel.write_reply(rid, frames)):
                 channel.unlink()  # the client mapped it before asking for this reply: the name is no longer needed
                 return
-        self._sock.send_multipart([*route, *frames], copy=_all_small(frames))
+        self._sock.send_multipart([*route, *frames], copy=staged or _all_small(frames))
 
     def _reply_channel(self, name: Any, route: tuple[bytes, ...]) -> ServerChannel | None:
         """The channel a request names in ``reply_to``, if this server made it for the same connection."""
@@ -476,14 +488,16 @@ class Server:
             t0 = time.perf_counter()
             result, tensors = fn(req)
             t_fn = time.perf_counter()
-            descs, bufs = encode_tensors(tensors)  # device -> host copies: the op's work is done after this
+            # device -> host copies: the op's work is done after this
+            staged = channel is not None and channel.open and self._staging.fits(tensors)
+            descs, bufs = self._staging.encode(tensors) if staged else encode_tensors(tensors)
             t1 = time.perf_counter()
             # server_t: host monotonic clock (system-wide on Linux) at receipt, op start, op returned (its device
             # work queued) and op end (its results on the host), so a client on the same host can split its round
             # trip into request transit, dispatch, op (launch and wait) and reply
             head = encode_header({"id": rid, "ok": True, "result": result, "server_ms": (t1 - t0) * 1e3,
                                   "server_t": [t_recv, t0, t_fn, t1]}, descs)
-            self._send_frames(route, [head, *bufs], channel, rid)
+            self._send_frames(route, [head, *bufs], channel, rid, staged=staged)
             self.counters["ok"] += 1
         except Exception as e:  # one bad request never stops the server
             self.counters["errors"] += 1
