@@ -153,9 +153,13 @@ def _layer_output(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def replay_from(model: nn.Module, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Run ``layers[layer:]``, the final norm and the LM head on ``hidden``; return full logits (batch, seq, vocab)."""
-    layers = model_layers(model)
+def replay_from(model: nn.Module, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any] | None,
+                layers: nn.ModuleList | None = None) -> torch.Tensor:
+    """Run ``layers[layer:]``, the final norm and the LM head on ``hidden``; return full logits (batch, seq, vocab).
+
+    ``kwargs`` (the layers' call arguments) may be None when no layer is left; ``layers``: the model's decoder
+    layers, if the caller has them (default: looked up and checked)."""
+    layers = model_layers(model) if layers is None else layers
     for i in range(layer, len(layers)):
         hidden = _layer_output(layers[i](hidden, **kwargs))
     hidden = model.model.norm(hidden)
@@ -655,8 +659,10 @@ class BreakpointSession:
         self.state = SessionState.RUNNING  # not evictable from here on
         self.runtime._touch(self)
         self.cache.allocate(range(self.layer, self.num_layers))
+        layers = self.runtime.layers
+        kwargs = self._replay_kwargs() if self.layer < len(layers) else None  # none needed past the last layer
         with exact_attention():
-            logits = replay_from(self.runtime.model, self.layer, self._head.view(HIDDEN), self._replay_kwargs())
+            logits = replay_from(self.runtime.model, self.layer, self._head.view(HIDDEN), kwargs, layers)
         if free_head:
             self._free_head()
         self.state = SessionState.RUNNING
@@ -756,7 +762,7 @@ class BreakpointRuntime:
     def __init__(self, model: nn.Module, *, slab: Slab | None = None, host_pool: HostPool | None = None,
                  budget_bytes: int | None = None, swap: SwapEngine | None = None, trace: bool = False,
                  reserve_bytes: int = 0, decode_graphs: bool = True):
-        model_layers(model)
+        self.layers = model_layers(model)  # checked once: the decoder layers every replay runs
         if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
             raise ConfigError(f"reserve_bytes must be an int >= 0, got {reserve_bytes!r}")
         self.reserve_bytes = reserve_bytes

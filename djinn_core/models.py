@@ -242,7 +242,7 @@ def load_smollm2(dtype: torch.dtype | str = torch.float32, device: torch.device 
     return model, tok
 
 
-def exact_attention():
+class exact_attention:
     """A context in which scaled-dot-product attention never uses cuDNN's fused kernel.
 
     Measured on the lent H100 (torch 2.11 + CUDA 13.0, 2026-11-27, ``scripts/probe_determinism.py``): two identical
@@ -251,7 +251,21 @@ def exact_attention():
     or with eager attention -- both runs were bitwise equal. Breakpoint sessions promise bitwise equality with an
     uninterrupted run, so they compute under this context; a reference run must exclude cuDNN attention too (the
     claims suite does so for the whole session). Harmless where cuDNN attention is absent (the CPU).
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    It turns the cuDNN backend off for its duration (the other backends stay as they are) and back on after, if it
+    was on; entering costs two flag reads and writes, not ``torch.nn.attention.sdpa_kernel``'s tens of microseconds
+    (it runs on every resume and decode step). Like ``sdpa_kernel``, the flag is process-wide.
+    """
+
+    __slots__ = ("_was_on",)
+
+    def __enter__(self) -> "exact_attention":
+        self._was_on = torch.backends.cuda.cudnn_sdp_enabled()
+        if self._was_on:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        if self._was_on:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+        return False

@@ -136,6 +136,8 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
     rbase.run_to(layer)
     lbase = runtime.open(ids, max_new_tokens=1)
     lbase.run_to(layer)
+    if runtime.device.type == "cuda":  # the prefill must not share the GPU with the first timed block
+        torch.cuda.synchronize(runtime.device)
     remote, local, server = [], [], []
     phases: dict[str, list[float]] = {}  # the remote round trip split on the host clock (client.last_phases_ms)
     local_phases: dict[str, list[float]] = {"op_launch": [], "op_wait": []}
