@@ -19,7 +19,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -90,13 +90,18 @@ class HostStaging:
     Args:
         max_bytes: the most one call stages (the buffer grows to what is asked, up to this).
         spin_s: how long to poll before blocking on the event instead.
+        warm: called every ``warm_every_s`` while polling (the caller keeps the code that follows the wait warm:
+            after milliseconds of polling it runs several times slower, see ``Client._warm``).
     """
 
     ALIGN = 64
 
-    def __init__(self, max_bytes: int, *, spin_s: float = 1.0):
+    def __init__(self, max_bytes: int, *, spin_s: float = 1.0, warm: Callable[[], None] | None = None,
+                 warm_every_s: float = 100e-6):
         self.max_bytes = max_bytes
         self.spin_s = spin_s
+        self.warm = warm
+        self.warm_every_s = warm_every_s
         self._buf: torch.Tensor | None = None
         self._event: Any = None
 
@@ -135,11 +140,16 @@ class HostStaging:
         if self._event is None:
             self._event = torch.cuda.Event()
         self._event.record(stream)
-        deadline = time.monotonic() + self.spin_s
+        now = time.monotonic()
+        deadline, next_warm = now + self.spin_s, now + self.warm_every_s
         while not self._event.query():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 self._event.synchronize()
                 break
+            if self.warm is not None and now >= next_warm:
+                self.warm()
+                next_warm = time.monotonic() + self.warm_every_s
         return descs, [memoryview(v.numpy()) if v.numel() else b"" for v in views]
 
 

@@ -614,3 +614,23 @@ def test_a_server_without_channels_leaves_everything_on_zeromq(llama_tiny_fp32):
             assert c.open(_ids(23), max_new_tokens=1).run_to(1).layer == 1
     finally:
         srv.stop()
+
+
+@needs_shm
+def test_a_spinning_client_keeps_only_small_replies_to_warm_with(spinning_server):
+    ids = _ids(24, seq=40)
+    with Client(spinning_server.address, timeout_s=20, busy_poll_s=0.05) as c:
+        s = c.open(ids, max_new_tokens=1)
+        s.run_to(2)
+        last = s.resume(logits="last")
+        assert c._warm_frames is not None  # a small reply: kept to decode again while spinning
+        c._warm()
+        assert c._warm_frames is not None
+        assert torch.equal(decode(c._warm_frames, max_bytes=1 << 30).tensors[0], last)  # untouched by warming
+        c._warm_frames = [b"not json"]  # a kept reply that no longer decodes is dropped, never raised
+        c._warm()
+        assert c._warm_frames is None
+        _drop_sessions(c)
+    with Client(spinning_server.address, timeout_s=20) as c:  # not spinning: nothing kept
+        c.ping()
+        assert c._warm_frames is None
