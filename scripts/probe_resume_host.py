@@ -1,0 +1,66 @@
+"""Diagnostic: where the host time of an in-process resume goes (cProfile), at one depth of the Llama-2-13B
+architecture at 2048 tokens, last logits to the host, as the RPC claim times it.
+
+    PYTHONPATH=. python3 scripts/probe_resume_host.py [--layer 40] [--repeats 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layer", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=50)
+    a = p.parse_args()
+    from djinn_core.breakpoints import BreakpointRuntime
+    from djinn_core.host_pool import HostPool
+    from djinn_core.models import build_model
+    from djinn_core.slab import Slab
+
+    dev = torch.device("cuda")
+    model = build_model("llama2-13b", device=dev, dtype=torch.float16, seed=0)
+    rt = BreakpointRuntime(model, slab=Slab(3 << 30, dev), host_pool=HostPool(1 << 30))
+    ids = torch.randint(3, 32000, (1, 2048), generator=torch.Generator().manual_seed(0)).to(dev)
+    base = rt.open(ids, max_new_tokens=1)
+    base.run_to(a.layer)
+    torch.cuda.synchronize()
+    launch, total = [], []
+
+    def once() -> None:
+        (c,) = base.fork(1)
+        t0 = time.perf_counter()
+        out = c.resume()
+        t1 = time.perf_counter()
+        out[:, -1].cpu()
+        t2 = time.perf_counter()
+        c.close()
+        launch.append((t1 - t0) * 1e3)
+        total.append((t2 - t0) * 1e3)
+
+    for _ in range(10):
+        once()
+    launch.clear()
+    total.clear()
+    for _ in range(a.repeats):
+        once()
+    print(f"launch {statistics.median(launch):.3f} ms, total {statistics.median(total):.3f} ms (medians)")
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(a.repeats):
+        once()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
