@@ -288,11 +288,12 @@ class Client:
         return reply, t_send, t_seen, time.perf_counter()
 
     def _keep_warm(self, frames: list[Any]) -> None:
-        """Keep a small reply's frames to decode while spinning for the next (see :meth:`_warm`)."""
-        if self.busy_poll_s and sum(len(memoryview(getattr(f, "buffer", f))) for f in frames) <= _WARM_MAX_BYTES:
+        """Keep a small reply that carries tensors, to decode while spinning for the next (see :meth:`_warm`); a
+        reply without tensors (most calls between two resumes) leaves the kept one in place."""
+        if not self.busy_poll_s or len(frames) < 2:
+            return
+        if sum(len(memoryview(getattr(f, "buffer", f))) for f in frames) <= _WARM_MAX_BYTES:
             self._warm_frames = frames
-        else:
-            self._warm_frames = None
 
     def _warm(self) -> None:
         """Decode the last small reply again, to keep the decoding path warm while spinning.

@@ -623,7 +623,10 @@ def test_a_spinning_client_keeps_only_small_replies_to_warm_with(spinning_server
         s = c.open(ids, max_new_tokens=1)
         s.run_to(2)
         last = s.resume(logits="last")
-        assert c._warm_frames is not None  # a small reply: kept to decode again while spinning
+        assert c._warm_frames is not None  # a small reply with a tensor: kept to decode again while spinning
+        kept = c._warm_frames
+        c.ping()  # a reply without tensors leaves it in place
+        assert c._warm_frames is kept
         c._warm()
         assert c._warm_frames is not None
         assert torch.equal(decode(c._warm_frames, max_bytes=1 << 30).tensors[0], last)  # untouched by warming
