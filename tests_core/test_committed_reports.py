@@ -30,17 +30,6 @@ KNOWN_SHORTFALLS: dict[str, str] = {
     "exp3_memory_pressure::tests_exp3/test_memory_pressure.py::test_paused_sessions_oversubscribe_vram_and_all_"
     "complete[N=64]::swap_out_bandwidth_worst_over_ceiling[sessions=64,model=llama2-13b,prompt_tokens=2048,layer=20,"
     "swaps=100]": "measured slowest swap-out 0.893x of the pinned D2H ceiling < 0.9x",
-    # H100, 2026-11-27, commit d990e49: remote resume (last-position logits back) minus the same resume in process.
-    # L=40: 1.605 against 1.233 ms; the reply leg (op end -> logits decoded on the client) is 0.217 ms where a no-op's
-    # whole round trip is 0.135 ms. L=20: 61.44 against 60.77 ms, the reply leg 0.773 ms after the 60 ms op (the
-    # server's own time, 60.49 ms, is below the in-process one). At 53a8b14 L=40 missed by more (0.460 ms) and L=20
-    # passed (-0.13 ms). The framework overhead passes (0.114 ms).
-    "exp3_rpc::tests_exp3/test_rpc_overhead.py::test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within"
-    "_0_3_ms::remote_resume_minus_in_process_resume[model=llama2-13b,L=40,prompt_tokens=2048,logits=last,repeats=30,"
-    "busy_poll_s=0.2]": "measured remote - in-process = 0.372 ms > 0.3 ms",
-    "exp3_rpc::tests_exp3/test_rpc_overhead.py::test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within"
-    "_0_3_ms::remote_resume_minus_in_process_resume[model=llama2-13b,L=20,prompt_tokens=2048,logits=last,repeats=30,"
-    "busy_poll_s=0.2]": "measured remote - in-process = 0.667 ms > 0.3 ms",
 }
 
 
