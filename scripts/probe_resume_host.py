@@ -21,15 +21,9 @@ def main() -> int:
     p.add_argument("--layer", type=int, default=40)
     p.add_argument("--repeats", type=int, default=50)
     a = p.parse_args()
-    from djinn_core.breakpoints import BreakpointRuntime
-    from djinn_core.host_pool import HostPool
-    from djinn_core.models import build_model
-    from djinn_core.slab import Slab
+    from scripts.probe_setup import llama2_13b_runtime
 
-    dev = torch.device("cuda")
-    model = build_model("llama2-13b", device=dev, dtype=torch.float16, seed=0)
-    rt = BreakpointRuntime(model, slab=Slab(3 << 30, dev), host_pool=HostPool(1 << 30))
-    ids = torch.randint(3, 32000, (1, 2048), generator=torch.Generator().manual_seed(0)).to(dev)
+    _, rt, ids = llama2_13b_runtime()
     base = rt.open(ids, max_new_tokens=1)
     base.run_to(a.layer)
     torch.cuda.synchronize()

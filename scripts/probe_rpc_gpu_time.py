@@ -65,16 +65,12 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args()
 
-    from djinn_core.breakpoints import BreakpointRuntime
     from djinn_core.client import Client
-    from djinn_core.host_pool import HostPool
-    from djinn_core.models import build_model
-    from djinn_core.slab import Slab
+    from scripts.probe_setup import llama2_13b_runtime
 
-    dev = torch.device("cuda")
-    model = build_model("llama2-13b", device=dev, dtype=torch.float16, seed=0)
-    rt = BreakpointRuntime(model, slab=Slab(3 << 30, dev), host_pool=HostPool(1 << 30))
-    ids = torch.randint(3, 32000, (1, 2048), generator=torch.Generator().manual_seed(0))
+    _, rt, dev_ids = llama2_13b_runtime()
+    ids = dev_ids.cpu()
+    dev = dev_ids.device
     proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
     try:
         address = proc.stdout.readline().strip()

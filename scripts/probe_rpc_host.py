@@ -57,17 +57,11 @@ def main() -> int:
     print(f"this process on CPU {a.cpu}; its siblings {sib}; another core's CPU {other}", flush=True)
     os.sched_setaffinity(0, {a.cpu})
 
-    from djinn_core.breakpoints import BreakpointRuntime
-    from djinn_core.host_pool import HostPool
     from djinn_core.local_channel import ClientChannel, ServerChannel
-    from djinn_core.models import build_model
-    from djinn_core.slab import Slab
     from djinn_core.wire import decode, encode
+    from scripts.probe_setup import llama2_13b_runtime
 
-    dev = torch.device("cuda")
-    model = build_model("llama2-13b", device=dev, dtype=torch.float16, seed=0)
-    rt = BreakpointRuntime(model, slab=Slab(3 << 30, dev), host_pool=HostPool(1 << 30))
-    ids = torch.randint(3, 32000, (1, 2048), generator=torch.Generator().manual_seed(0)).to(dev)
+    _, rt, ids = llama2_13b_runtime()
     base = rt.open(ids, max_new_tokens=1)
     base.run_to(40)
     server = ServerChannel(1 << 20, (b"r",))

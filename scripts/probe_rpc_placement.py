@@ -17,8 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 
 def last_cpu(pid: int, tid: int | None = None) -> int:
     path = Path(f"/proc/{pid}/task/{tid or pid}/stat")
@@ -42,18 +40,12 @@ def main() -> int:
     p.add_argument("--cycles", type=int, default=2)
     a = p.parse_args()
 
-    from djinn_core.breakpoints import BreakpointRuntime
     from djinn_core.client import Client
-    from djinn_core.host_pool import HostPool
-    from djinn_core.models import build_model
     from djinn_core.server import ServerProcess
-    from djinn_core.slab import Slab
+    from scripts.probe_setup import llama2_13b_runtime
     from tests_exp3.test_rpc_overhead import BUSY_POLL_S, resume_remote_vs_local
 
-    dev = torch.device("cuda")
-    model = build_model("llama2-13b", device=dev, dtype=torch.float16, seed=0)
-    rt = BreakpointRuntime(model, slab=Slab(3 << 30, dev), host_pool=HostPool(1 << 30))
-    ids = torch.randint(3, 32000, (1, 2048), generator=torch.Generator().manual_seed(0)).to(dev)
+    _, rt, ids = llama2_13b_runtime()
     args = ["--model", "llama2-13b", "--device", "cuda", "--dtype", "float16", "--seed", "0", "--slab-bytes", "4GiB",
             "--host-pool-bytes", "2GiB", "--max-sessions", "256", "--stats-interval-s", "0",
             "--busy-poll-s", str(BUSY_POLL_S)]
