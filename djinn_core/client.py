@@ -154,7 +154,7 @@ class Client:
         self.last_phases_ms: dict[str, float] | None = None
         # which way each message went: request_local/request_zmq, reply_local/reply_zmq
         self.paths: collections.Counter[str] = collections.Counter()
-        self._warm_frames: list[Any] | None = None  # the last small reply, decoded again while spinning
+        self._warm_frames: list[Any] | None = None  # the last small reply with tensors, decoded again while spinning
         self._lock = threading.Lock()
         if local_channel is not None and not isinstance(local_channel, bool):
             raise ConfigError(f"local_channel must be a bool or None, got {local_channel!r}")
@@ -255,18 +255,14 @@ class Client:
                 spins += 1
                 if spins & 7:  # spinning on the channel: the costlier checks (ZeroMQ, closed) every 8th time
                     if self.busy_poll_s and (now := time.monotonic()) < spin_until:
-                        if now >= next_warm:
-                            self._warm()
-                            next_warm = time.monotonic() + _WARM_EVERY_S
+                        next_warm = self._warm_if_due(now, next_warm)
                         continue
                 elif local_request and ch.closed:
                     self._drop_channel()
                     raise ServerUnavailable(f"{self.address} gave up this client's shared-memory channel before "
                                             f"replying to {op!r} (server shutting down)")
             if self.busy_poll_s and (now := time.monotonic()) < spin_until and not self._sock.poll(0, zmq.POLLIN):
-                if now >= next_warm:
-                    self._warm()
-                    next_warm = time.monotonic() + _WARM_EVERY_S
+                next_warm = self._warm_if_due(now, next_warm)
                 continue  # spinning: this thread stays awake and sees the reply at once
             left_ms = int((deadline - time.monotonic()) * 1000)
             # with a channel, ZeroMQ is waited on in 1 ms slices so the channel is checked between them
@@ -294,6 +290,13 @@ class Client:
             return
         if sum(len(memoryview(getattr(f, "buffer", f))) for f in frames) <= _WARM_MAX_BYTES:
             self._warm_frames = frames
+
+    def _warm_if_due(self, now: float, due: float) -> float:
+        """:meth:`_warm` if ``now`` has reached ``due``; the next time it is due."""
+        if now < due:
+            return due
+        self._warm()
+        return time.monotonic() + _WARM_EVERY_S
 
     def _warm(self) -> None:
         """Decode the last small reply again, to keep the decoding path warm while spinning.

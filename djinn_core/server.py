@@ -364,13 +364,9 @@ class Server:
         """Refuse what arrives during ``drain_s`` after a stop: those requests were in flight when it came."""
         deadline = time.monotonic() + self.config.drain_s
         while deadline - time.monotonic() > 0:
-            for ch in list(self._channels.values()):  # requests in slots (their clients saw the loop polling)
-                try:
-                    got = ch.take_request()
-                except ProtocolError:
-                    got = (ch.last_request, None)
-                if got is not None:
-                    self._refuse(ch.route, got[0], ch)
+            # requests in slots (their clients saw the loop polling), readable or not
+            for ch, rid, _, _ in self._local_requests(list(self._channels.values())):
+                self._refuse(ch.route, rid, ch)
             if not self._sock.poll(1, zmq.POLLIN):
                 continue
             route, body = self._split_route(self._sock.recv_multipart(copy=False))
@@ -452,21 +448,30 @@ class Server:
             return None
         return ch
 
-    def _serve_local(self, channels: list[ServerChannel]) -> bool:
-        """Handle the requests waiting in the request slots of ``channels``; whether there were any."""
-        served = False
+    @staticmethod
+    def _local_requests(channels: list[ServerChannel]):
+        """The requests waiting in the request slots of ``channels``: (channel, id, frames, None), or (channel, id,
+        None, error) for a slot that could not be read (it is consumed all the same)."""
         for ch in channels:
             try:
                 got = ch.take_request()
-            except ProtocolError as e:  # unreadable slot: answered through the channel, like any bad request
-                self.counters["requests"] += 1
-                self.counters["errors"] += 1
-                self._send(ch.route, self._error_header(ch.last_request, type(e).__name__, str(e)), [], ch)
-                served = True
+            except ProtocolError as e:
+                yield ch, ch.last_request, None, e
                 continue
             if got is not None:
-                self._handle(ch.route, got[1], local=(ch, got[0]))
-                served = True
+                yield ch, got[0], got[1], None
+
+    def _serve_local(self, channels: list[ServerChannel]) -> bool:
+        """Handle the requests waiting in the request slots of ``channels``; whether there were any."""
+        served = False
+        for ch, rid, frames, error in self._local_requests(channels):
+            served = True
+            if error is not None:  # unreadable slot: answered through the channel, like any bad request
+                self.counters["requests"] += 1
+                self.counters["errors"] += 1
+                self._send(ch.route, self._error_header(rid, type(error).__name__, str(error)), [], ch)
+            else:
+                self._handle(ch.route, frames, local=(ch, rid))
         return served
 
     def _handle(self, route: tuple[bytes, ...], body: list[Any],
