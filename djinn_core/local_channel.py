@@ -158,6 +158,7 @@ class ServerChannel:
         self._requests = _Slot(self._map, _CONTROL + capacity, capacity)
         self.last_request = 0  # the highest request id of this connection handled, whichever way it came
         self.last_used = time.monotonic()  # when a request of its connection last came (the idle sweep reads it)
+        self.polling_until = 0.0  # the last polling time published: until then the client may use the slot
         self.writes = 0  # replies written
         self.reads = 0  # requests taken
 
@@ -170,6 +171,7 @@ class ServerChannel:
 
     def publish_polling(self, until: float) -> None:
         """Tell the client the server checks the request slot without sleeping until ``until`` (host monotonic)."""
+        self.polling_until = until
         if self._map is not None:
             _POLLING.pack_into(self._map, 0, until)
 

@@ -589,7 +589,8 @@ class Server:
         for sid in idle:
             log.info("session %d of client %r idle for more than %.1f s: freed", sid, self._entries[sid].owner, limit)
             self._free(sid, f"idle for more than {limit:g} s")
-        for name in [n for n, ch in self._channels.items() if now - ch.last_used > limit]:
+        # a channel also outlives the polling window it last published: its client may be writing a request into it
+        for name in [n for n, ch in self._channels.items() if now - ch.last_used > limit and now > ch.polling_until]:
             self._channels.pop(name).close()
         return len(idle)
 

@@ -637,3 +637,22 @@ def test_a_spinning_client_keeps_only_small_replies_to_warm_with(spinning_server
     with Client(spinning_server.address, timeout_s=20) as c:  # not spinning: nothing kept
         c.ping()
         assert c._warm_frames is None
+
+
+@needs_shm
+def test_the_idle_sweep_keeps_a_channel_while_its_client_may_still_write_to_it(llama_tiny_fp32):
+    srv = _server(llama_tiny_fp32, busy_poll_s=0.5, idle_timeout_s=0.01, tick_s=0.005)
+    try:
+        with Client(srv.address, timeout_s=20, busy_poll_s=0.05) as c:
+            c.ping()
+            name = c._channel.name
+            time.sleep(0.05)  # idle past the timeout (the server sweeps every 5 ms), inside its 0.5 s polling window
+            assert name in srv._channels
+            c.ping()
+            assert c.local_channel and c.paths["request_local"] >= 1
+            deadline = time.monotonic() + 5
+            while name in srv._channels and time.monotonic() < deadline:  # past both: freed by the server's sweep
+                time.sleep(0.02)
+            assert name not in srv._channels
+    finally:
+        srv.stop()
