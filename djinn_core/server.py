@@ -214,6 +214,15 @@ def _route_key(route: list[Any]) -> tuple[bytes, ...]:
     return tuple(bytes(getattr(f, "bytes", f)) for f in route)
 
 
+def _reply_id(rid: Any) -> int | str | None:
+    """A request id fit to echo: an int (64-bit, as the header parser bounds it) or a short string, else None."""
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        return None
+    if isinstance(rid, str) and len(rid) > 128:
+        return None
+    return rid
+
+
 def _all_small(frames: list[Any]) -> bool:
     return all(memoryview(f).nbytes < _ZERO_COPY_BYTES for f in frames)
 
@@ -340,7 +349,7 @@ class Server:
                                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                             except zmq.Again:
                                 break
-                            self._handle(*self._split_route(frames))
+                            self._handle_guarded(frames)
                     if served or ready:
                         spin_until = time.monotonic() + self.config.busy_poll_s
                     self._housekeeping(time.monotonic())
@@ -372,8 +381,8 @@ class Server:
             route, body = self._split_route(self._sock.recv_multipart(copy=False))
             rid = None
             try:
-                rid = decode_header(body[0], max_header_bytes=self.config.max_header_bytes).get("id") if body else None
-            except ProtocolError:
+                rid = _reply_id(decode_header(body[0], max_header_bytes=self.config.max_header_bytes).get("id"))
+            except Exception:  # decode_header raises ProtocolError only; a refusal must never stop the drain
                 pass
             self._refuse(route, rid)
 
@@ -474,6 +483,14 @@ class Server:
                 self._handle(ch.route, frames, local=(ch, rid))
         return served
 
+    def _handle_guarded(self, frames: list[Any]) -> None:
+        """One ZeroMQ message, whatever it holds: nothing a peer sends may end the loop."""
+        try:
+            self._handle(*self._split_route(frames))
+        except Exception:  # _handle answers every error itself; this is the last line
+            self.counters["errors"] += 1
+            log.exception("a message could not be handled")
+
     def _handle(self, route: tuple[bytes, ...], body: list[Any],
                 local: tuple[ServerChannel, int] | None = None) -> None:
         """One request: from ``route`` over ZeroMQ, or (``local``) from that channel's request slot with that id."""
@@ -482,21 +499,27 @@ class Server:
         rid: Any = None if local is None else local[1]
         channel: ServerChannel | None = None if local is None else local[0]
         try:
-            msg = decode(body, max_bytes=self.config.max_request_bytes, max_header_bytes=self.config.max_header_bytes)
+            if not body:
+                raise ProtocolError("empty message")
+            # the header is bounded (bytes, depth, numbers) and parsed once; the token is checked before anything
+            # else of the request is looked at
+            header = decode_header(body[0], max_header_bytes=self.config.max_header_bytes)
             if local is None:
-                rid = msg.header.get("id")
-                channel = self._reply_channel(msg.header.get("reply_to"), route)
+                rid = _reply_id(header.get("id"))
+            elif header.get("id") != rid:
+                raise ProtocolError(f"request id {header.get('id')!r} differs from its slot's ({rid})")
+            self._authenticate(header.get("token"))
+            if local is None:
+                channel = self._reply_channel(header.get("reply_to"), route)
                 if channel is not None:
                     channel.handled(rid)
-            elif msg.header.get("id") != rid:
-                raise ProtocolError(f"request id {msg.header.get('id')!r} differs from its slot's ({rid})")
             if channel is not None:
                 channel.last_used = time.monotonic()
+            msg = decode(body, max_bytes=self.config.max_request_bytes, header=header)
             req = _Request(msg, route)
-            self._authenticate(msg.header.get("token"))
             fn = self.ops.get(req.op)
             if fn is None:
-                raise ProtocolError(f"unknown op {req.op!r}; known: {sorted(self.ops)}")
+                raise ProtocolError(f"unknown op {str(req.op)[:64]!r}; known: {sorted(self.ops)}")
             t0 = time.perf_counter()
             result, tensors = fn(req)
             t_fn = time.perf_counter()
@@ -516,18 +539,12 @@ class Server:
         except Exception as e:  # one bad request never stops the server
             self.counters["errors"] += 1
             if isinstance(e, DjinnError):
-                log.info("request %r refused: %s: %s", rid, type(e).__name__, e)
+                log.info("request %r refused: %s: %s", rid, type(e).__name__, str(e)[:500])
             else:
                 log.exception("request %r failed", rid)
-            if rid is None and body:  # refused before the header was read (too large): still answer its id
-                try:
-                    rid = decode_header(body[0], max_header_bytes=self.config.max_header_bytes).get("id")
-                except ProtocolError:
-                    pass
-            rid = rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
-            try:
-                self._send(route, self._error_header(rid, type(e).__name__, str(e)), [], channel)
-            except Exception:  # pragma: no cover - an error reply is plain JSON; log rather than die
+            try:  # the reply echoes only what was already checked: nothing untrusted is parsed again here
+                self._send(route, self._error_header(_reply_id(rid), type(e).__name__, str(e)[:2000]), [], channel)
+            except Exception:  # an error reply is plain JSON; log rather than die
                 log.exception("could not send the error reply to request %r", rid)
 
     def _authenticate(self, token: Any) -> None:

@@ -27,6 +27,9 @@ from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_HEADER_BYTES = 64 << 10
+MAX_HEADER_DEPTH = 8  # nesting of JSON objects and arrays in a header (requests use 3: header, args, a list)
+MAX_INT_DIGITS = 19  # an int in a header fits a signed 64-bit integer
+_INT64 = 1 << 63
 
 # The dtypes a tensor frame may carry (name on the wire -> torch dtype). Anything else is refused.
 ALLOWED_DTYPES: dict[str, torch.dtype] = {
@@ -200,15 +203,75 @@ def _header_bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else _frame_bytes(frame).tobytes()
 
 
+def _json_depth(raw: bytes) -> int:
+    """The deepest nesting of JSON objects and arrays in ``raw`` (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for b in raw:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text) - (text[0] == "-")
+    if digits > MAX_INT_DIGITS:
+        raise ProtocolError(f"header holds an integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    value = int(text)
+    if not -_INT64 <= value < _INT64:
+        raise ProtocolError(f"header holds an integer outside the signed 64-bit range: {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    if len(text) > 64:
+        raise ProtocolError(f"header holds a number of {len(text)} characters (at most 64)")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"header holds a number that is not finite: {text}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(f"header holds {name}, which JSON does not allow")
+
+
+_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
+
+
 def decode_header(frame: Any, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
-    """Parse and check frame 0: a JSON object of at most ``max_header_bytes`` with a known protocol version."""
+    """Parse and check frame 0: a JSON object of at most ``max_header_bytes`` with a known protocol version.
+
+    The header is untrusted: its size is checked before it is read, its nesting depth (at most
+    :data:`MAX_HEADER_DEPTH`) before it is parsed, and every number while it is parsed (ints within 64 bits, floats
+    finite, no NaN/Infinity). Whatever is wrong raises :class:`ProtocolError`, never anything else.
+    """
     size = _frame_len(frame)
     if size > max_header_bytes:
         raise ProtocolError(f"header of {size} bytes exceeds the {max_header_bytes}-byte limit")
+    raw = _header_bytes(frame)
+    if raw.count(b"[") + raw.count(b"{") > MAX_HEADER_DEPTH and _json_depth(raw) > MAX_HEADER_DEPTH:
+        raise ProtocolError(f"header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(_header_bytes(frame).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"header is not UTF-8 JSON: {e}") from None
+        header = _DECODER.decode(raw.decode("utf-8"))
+    except ProtocolError:
+        raise
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"header is not UTF-8: {e}") from None
+    except (ValueError, RecursionError, MemoryError) as e:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"header is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a JSON object, got {type(header).__name__}")
     if header.get("v") != PROTOCOL_VERSION:
@@ -234,19 +297,24 @@ def _check_descriptor(i: int, d: Any) -> tuple[torch.dtype, tuple[int, ...], int
     return dtype, tuple(shape), nbytes
 
 
-def decode(frames: Sequence[Any], *, max_bytes: int, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Message:
+def decode(frames: Sequence[Any], *, max_bytes: int, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+           header: dict[str, Any] | None = None) -> Message:
     """Validate and decode a message; tensors come back as fresh, writable CPU tensors (a ``bytearray`` frame becomes
     its tensor's storage: the caller hands it over).
 
-    ``max_bytes`` bounds the whole message (header and tensor frames). Raises :class:`ProtocolError` on anything
-    malformed, before any tensor is built.
+    ``max_bytes`` bounds the whole message (header and tensor frames). ``header``: frame 0 already parsed by
+    :func:`decode_header` (a server reads it first, to authenticate before anything else is looked at). Raises
+    :class:`ProtocolError` on anything malformed, before any tensor is built.
     """
     if not frames:
         raise ProtocolError("empty message")
     total = sum(_frame_len(f) for f in frames)
     if total > max_bytes:
         raise ProtocolError(f"message of {total} bytes exceeds the {max_bytes}-byte limit")
-    header = decode_header(frames[0], max_header_bytes=max_header_bytes)
+    if header is None:
+        header = decode_header(frames[0], max_header_bytes=max_header_bytes)
+    else:
+        header = dict(header)
     descs = header.pop("tensors", [])
     if not isinstance(descs, list):
         raise ProtocolError("'tensors' must be a list of descriptors")
