@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Add GPU, driver, CUDA, torch, transformers, host RAM and PCIe link to pytest-benchmark's machine_info."""
-    from djinn_core.provenance import machine_facts
+    from djinn_core.bench.provenance import machine_facts
 
     import os
 

@@ -33,7 +33,7 @@ def _suite_root(root: str | None) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from djinn_core.bench.report import write_report
 
     root = _suite_root(args.root)
     profile = args.profile if args.profile != "auto" else detect_profile()
@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from djinn_core.bench.report import write_report
 
     md = write_report(args.json, out_dir=args.out_dir, name=args.name)
     print(md)
@@ -62,7 +62,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .provenance import machine_facts
+    from djinn_core.bench.provenance import machine_facts
 
     print(json.dumps(machine_facts(), indent=1, default=str))
     return 0
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib.util
 
-    if importlib.util.find_spec("djinn_core.server") is not None:
-        from .server import add_serve_parser
+    if importlib.util.find_spec("djinn_core.rpc.server") is not None:
+        from djinn_core.rpc.server import add_serve_parser
 
         add_serve_parser(sub)
     return p
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except Exception as e:  # a clear message, not a traceback, for bad input
-        from .errors import DjinnError
+        from djinn_core.errors import DjinnError
 
         if isinstance(e, DjinnError):
             log.error("%s", e)

@@ -21,7 +21,7 @@ class DeviceUnavailable(DjinnError, RuntimeError):
 
 
 class CudaDriverError(DjinnError, RuntimeError):
-    """A CUDA driver call made through :mod:`djinn_core.cuda_driver` failed (carries the driver's error name)."""
+    """A CUDA driver call made through :mod:`djinn_core.memory.cuda_driver` failed (carries the driver's error name)."""
 
 
 class SlabExhausted(DjinnError, MemoryError):

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from djinn_core.breakpoints import BreakpointRuntime
+from djinn_core.runtime import BreakpointRuntime
 from djinn_core.models import load_smollm2
 
 PROMPT = "Describe the ocean in one sentence."

@@ -18,8 +18,8 @@ import time
 import torch
 import zmq
 
-from djinn_core.local_channel import ClientChannel, ServerChannel
-from djinn_core.wire import decode, encode
+from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
+from djinn_core.rpc.wire import decode, encode
 
 
 def main() -> int:

@@ -17,11 +17,11 @@ import sys
 
 import torch
 
-from djinn_core import slab as slab_mod
-from djinn_core.breakpoints import BreakpointRuntime
-from djinn_core.host_pool import HostPool
+from djinn_core.memory import slab as slab_mod
+from djinn_core.runtime import BreakpointRuntime
+from djinn_core.memory.host_pool import HostPool
 from djinn_core.models import build_model
-from djinn_core.slab import Slab
+from djinn_core.memory.slab import Slab
 from tests_exp3.test_resume_latency import time_resume_to_next_token
 
 

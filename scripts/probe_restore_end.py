@@ -16,10 +16,10 @@ import sys
 
 import torch
 
-from djinn_core import breakpoints as bp
-from djinn_core.host_pool import HostPool
+from djinn_core.runtime import breakpoints as bp
+from djinn_core.memory.host_pool import HostPool
 from djinn_core.models import build_model
-from djinn_core.slab import Slab
+from djinn_core.memory.slab import Slab
 
 
 def _restore_head_via_swap_in(self) -> None:

@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from djinn_core.breakpoints import HEAD, BreakpointRuntime
-from djinn_core.host_pool import HostPool
+from djinn_core.runtime import HEAD, BreakpointRuntime
+from djinn_core.memory.host_pool import HostPool
 from djinn_core.models import build_model
-from djinn_core.slab import Slab
-from djinn_core.timing import time_cuda
+from djinn_core.memory.slab import Slab
+from djinn_core.bench.timing import time_cuda
 
 WARMUP = 3
 

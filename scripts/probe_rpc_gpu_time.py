@@ -21,8 +21,8 @@ import torch
 
 SERVER = r"""
 import sys, torch
-from djinn_core import server as S
-from djinn_core.server import Server, ServerConfig, load_model, make_runtime
+from djinn_core.rpc import server as S
+from djinn_core.rpc.server import Server, ServerConfig, load_model, make_runtime
 model = load_model("llama2-13b", device="cuda", dtype="float16", seed=0)
 rt = make_runtime(model, slab_bytes=4 << 30, host_pool_bytes=2 << 30)
 srv = Server(rt, ServerConfig(port=0, busy_poll_s=0.2, stats_interval_s=0, max_sessions=256))
@@ -65,7 +65,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args()
 
-    from djinn_core.client import Client
+    from djinn_core.rpc.client import Client
     from scripts.probe_setup import llama2_13b_runtime
 
     _, rt, dev_ids = llama2_13b_runtime()

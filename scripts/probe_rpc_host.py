@@ -57,8 +57,8 @@ def main() -> int:
     print(f"this process on CPU {a.cpu}; its siblings {sib}; another core's CPU {other}", flush=True)
     os.sched_setaffinity(0, {a.cpu})
 
-    from djinn_core.local_channel import ClientChannel, ServerChannel
-    from djinn_core.wire import decode, encode
+    from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
+    from djinn_core.rpc.wire import decode, encode
     from scripts.probe_setup import llama2_13b_runtime
 
     _, rt, ids = llama2_13b_runtime()

@@ -40,8 +40,8 @@ def main() -> int:
     p.add_argument("--cycles", type=int, default=2)
     a = p.parse_args()
 
-    from djinn_core.client import Client
-    from djinn_core.server import ServerProcess
+    from djinn_core.rpc.client import Client
+    from djinn_core.rpc.server import ServerProcess
     from scripts.probe_setup import llama2_13b_runtime
     from tests_exp3.test_rpc_overhead import BUSY_POLL_S, resume_remote_vs_local
 

@@ -25,11 +25,11 @@ import time
 import torch
 import zmq
 
-from djinn_core.breakpoints import BreakpointRuntime
-from djinn_core.client import Client
+from djinn_core.runtime import BreakpointRuntime
+from djinn_core.rpc.client import Client
 from djinn_core.models import build_model
-from djinn_core import server as server_mod
-from djinn_core.server import Server, ServerConfig
+from djinn_core.rpc import server as server_mod
+from djinn_core.rpc.server import Server, ServerConfig
 
 zmq_context = zmq.Context
 

@@ -9,10 +9,10 @@ import torch
 
 def llama2_13b_runtime(seq: int = 2048):
     """(model, runtime, prompt ids on the device)."""
-    from djinn_core.breakpoints import BreakpointRuntime
-    from djinn_core.host_pool import HostPool
+    from djinn_core.runtime import BreakpointRuntime
+    from djinn_core.memory.host_pool import HostPool
     from djinn_core.models import build_model
-    from djinn_core.slab import Slab
+    from djinn_core.memory.slab import Slab
 
     dev = torch.device("cuda")
     model = build_model("llama2-13b", device=dev, dtype=torch.float16, seed=0)

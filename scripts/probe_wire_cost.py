@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from djinn_core.local_channel import ClientChannel, ServerChannel
-from djinn_core.wire import decode, decode_header, encode, encode_header, encode_tensors
+from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
+from djinn_core.rpc.wire import decode, decode_header, encode, encode_header, encode_tensors
 
 
 def timed(fn, n: int = 2000) -> float:

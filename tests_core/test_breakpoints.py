@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn_core.breakpoints import BreakpointRuntime, SessionState, plain_run
+from djinn_core.runtime import BreakpointRuntime, SessionState, plain_run
 from djinn_core.errors import CacheCapacityExceeded, CheckpointStateError, ConfigError, InvalidEdit, InvalidLayer, UnknownSession
-from djinn_core.host_pool import HostPool
+from djinn_core.memory.host_pool import HostPool
 from djinn_core.models import build_model
-from djinn_core.slab import Slab
+from djinn_core.memory.slab import Slab
 
 pytestmark = pytest.mark.cpu
 

@@ -1,8 +1,8 @@
 import pytest
 
-from djinn_core.claims import ClaimFailed, ClaimRecorder, evaluate, make_record
+from djinn_core.bench.claims import ClaimFailed, ClaimRecorder, evaluate, make_record
 from djinn_core.errors import ConfigError
-from djinn_core.timing import TimingStats
+from djinn_core.bench.timing import TimingStats
 
 pytestmark = pytest.mark.cpu
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from djinn_core.report import claim_rows, load_benchmark_json, provenance
+from djinn_core.bench.report import claim_rows, load_benchmark_json, provenance
 
 pytestmark = pytest.mark.cpu
 

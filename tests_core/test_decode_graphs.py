@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
-from djinn_core.breakpoints import BreakpointRuntime, decode_step, plain_run
-from djinn_core.decode_graphs import GRAPHABLE, DecodeGraphs
+from djinn_core.runtime import BreakpointRuntime, decode_step, plain_run
+from djinn_core.runtime.decode_graphs import GRAPHABLE, DecodeGraphs
 from djinn_core.errors import ConfigError
-from djinn_core.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
+from djinn_core.runtime.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
 from djinn_core.models import build_model, decoder_layers
 
 ARCHS = ["llama-tiny", "mistral-tiny", "qwen2-tiny"]

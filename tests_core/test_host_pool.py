@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from djinn_core.errors import (ConfigError, DeviceUnavailable, DoubleFree, HostPoolExhausted, InsufficientHostMemory,
                                UnknownAllocation)
-from djinn_core.host_pool import HostBlock, HostPool
+from djinn_core.memory.host_pool import HostBlock, HostPool
 
 pytestmark = pytest.mark.cpu
 
@@ -131,7 +131,7 @@ def test_pinning_without_cuda_is_device_unavailable():
 
 
 def test_creation_time_is_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="djinn_core.host_pool"):
+    with caplog.at_level(logging.INFO, logger="djinn_core.memory.host_pool"):
         p = HostPool(8 * KiB, chunk_bytes=4 * KiB, pin=False)
     assert "2 chunk(s)" in caplog.text and "ms/GiB" in caplog.text
     assert p.stats.pin_ms >= 0.0

@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from djinn_core.errors import CacheCapacityExceeded, ConfigError
-from djinn_core.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
+from djinn_core.runtime.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
 from djinn_core.models import build_model
-from djinn_core.slab import Slab
+from djinn_core.memory.slab import Slab
 
 pytestmark = pytest.mark.cpu
 

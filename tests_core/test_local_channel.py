@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from djinn_core import local_channel
+from djinn_core.rpc import local_channel
 from djinn_core.errors import ConfigError, ProtocolError
-from djinn_core.local_channel import MAX_FRAMES, ClientChannel, ServerChannel
-from djinn_core.wire import decode, encode
+from djinn_core.rpc.local_channel import MAX_FRAMES, ClientChannel, ServerChannel
+from djinn_core.rpc.wire import decode, encode
 
 pytestmark = [pytest.mark.cpu,
               pytest.mark.skipif(not local_channel.supported(), reason="shared-memory channels need Linux on x86-64")]

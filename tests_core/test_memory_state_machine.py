@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from djinn_core.errors import DoubleFree, HostPoolExhausted, SlabExhausted
-from djinn_core.host_pool import HostPool
-from djinn_core.slab import Slab, SlabTensor
-from djinn_core.swap import SwapEngine, SwappedState
+from djinn_core.memory.host_pool import HostPool
+from djinn_core.memory.slab import Slab, SlabTensor
+from djinn_core.memory.swap import SwapEngine, SwappedState
 
 MAX_EXAMPLES = 125
 STEPS_PER_EXAMPLE = 120

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from djinn_core.claims import make_record
+from djinn_core.bench.claims import make_record
 from djinn_core.errors import ConfigError
-from djinn_core.report import claim_rows, load_benchmark_json, write_report
-from djinn_core.timing import TimingStats
+from djinn_core.bench.report import claim_rows, load_benchmark_json, write_report
+from djinn_core.bench.timing import TimingStats
 
 pytestmark = pytest.mark.cpu
 
@@ -83,7 +83,7 @@ def test_resume_benchmarks_get_a_crossover_plot_of_every_method(tmp_path):
 
 @pytest.mark.cpu
 def test_capabilities_table_takes_every_figure_from_the_runs():
-    from djinn_core.report import capabilities_table, load_benchmark_json
+    from djinn_core.bench.report import capabilities_table, load_benchmark_json
 
     h100 = Path(__file__).resolve().parent.parent / "reports" / "h100"
     resume = load_benchmark_json(h100 / "exp3_resume.json")

@@ -17,9 +17,9 @@ import pytest
 import torch
 import zmq
 
-from djinn_core import local_channel
-from djinn_core.breakpoints import BreakpointRuntime, plain_run
-from djinn_core.client import Client, RemoteSession
+from djinn_core.rpc import local_channel
+from djinn_core.runtime import BreakpointRuntime, plain_run
+from djinn_core.rpc.client import Client, RemoteSession
 from djinn_core.errors import (
     AuthenticationFailed,
     CacheCapacityExceeded,
@@ -33,8 +33,8 @@ from djinn_core.errors import (
     SessionLimitReached,
     UnknownSession,
 )
-from djinn_core.server import Server, ServerConfig, ServerProcess, load_model
-from djinn_core.wire import PROTOCOL_VERSION, decode, encode
+from djinn_core.rpc.server import Server, ServerConfig, ServerProcess, load_model
+from djinn_core.rpc.wire import PROTOCOL_VERSION, decode, encode
 
 pytestmark = pytest.mark.cpu
 

@@ -7,10 +7,10 @@ import torch
 
 from djinn_core.errors import (AdmissionRefused, BudgetTooSmall, CheckpointStateError, ConfigError, DoubleFree,
                                SlabExhausted, UnknownAllocation, UnknownSession)
-from djinn_core.host_pool import HostPool
-from djinn_core.sessions import ResidencyManager
-from djinn_core.slab import Admission, Slab
-from djinn_core.swap import SwapEngine
+from djinn_core.memory.host_pool import HostPool
+from djinn_core.memory.residency import ResidencyManager
+from djinn_core.memory.slab import Admission, Slab
+from djinn_core.memory.swap import SwapEngine
 
 pytestmark = pytest.mark.cpu
 

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from djinn_core import slab as slab_mod
+from djinn_core.memory import slab as slab_mod
 from djinn_core.errors import ConfigError, DeviceUnavailable, DoubleFree, SlabExhausted, UnknownAllocation
-from djinn_core.slab import Admission, FreeList, Move, Slab, SlabBookkeeper, SlabTensor
+from djinn_core.memory.slab import Admission, FreeList, Move, Slab, SlabBookkeeper, SlabTensor
 
 pytestmark = pytest.mark.cpu
 
@@ -300,7 +300,7 @@ def test_cuda_slab_without_cuda_is_device_unavailable():
 
 
 def test_slab_logs_its_size(caplog):
-    with caplog.at_level(logging.INFO, logger="djinn_core.slab"):
+    with caplog.at_level(logging.INFO, logger="djinn_core.memory.slab"):
         Slab(4 * A, "cpu")
     assert "slab:" in caplog.text
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn_core.cuda_driver import driver_copier
+from djinn_core.memory.cuda_driver import driver_copier
 from djinn_core.errors import (ChecksumMismatch, CheckpointStateError, ConfigError, HostPoolExhausted, SlabExhausted,
                                UnknownAllocation)
-from djinn_core.host_pool import HostPool
-from djinn_core.slab import Slab
-from djinn_core.swap import SwapEngine, SwappedState, checksum
+from djinn_core.memory.host_pool import HostPool
+from djinn_core.memory.slab import Slab
+from djinn_core.memory.swap import SwapEngine, SwappedState, checksum
 
 KiB = 1024
 
@@ -366,7 +366,7 @@ def test_swapped_state_reports_sizes():
 @pytest.mark.cpu
 def test_swap_timing_records_need_cuda_events():
     from djinn_core.errors import DeviceUnavailable
-    from djinn_core.swap import SwapRecord
+    from djinn_core.memory.swap import SwapRecord
 
     rec = SwapRecord("out", 10, 1, None, None)
     with pytest.raises(DeviceUnavailable):
@@ -416,7 +416,7 @@ class _FakeEvent:
 
 @pytest.mark.cpu
 def test_swap_timeline_measures_overlap_with_the_other_direction():
-    from djinn_core.swap import SwapRecord, swap_timeline
+    from djinn_core.memory.swap import SwapRecord, swap_timeline
 
     def rec(d, t0, t1):
         return SwapRecord(d, 100, 1, _FakeEvent(t0), _FakeEvent(t1), issue_ms=t0 / 10)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from djinn_core.errors import ConfigError, DeviceUnavailable
-from djinn_core.timing import GCMeter, TimingStats, time_cuda, time_host
+from djinn_core.bench.timing import GCMeter, TimingStats, time_cuda, time_host
 
 pytestmark = pytest.mark.cpu
 

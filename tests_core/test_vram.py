@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from djinn_core.errors import ConfigError, DeviceUnavailable
-from djinn_core.vram import VramSampler
+from djinn_core.bench.vram import VramSampler
 
 pytestmark = pytest.mark.cpu
 

@@ -3,7 +3,7 @@
 import pytest
 
 from djinn_core.errors import ProtocolError
-from djinn_core.wire import MAX_HEADER_DEPTH, decode_header
+from djinn_core.rpc.wire import MAX_HEADER_DEPTH, decode_header
 
 pytestmark = pytest.mark.cpu
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn_core.wire import HostStaging, decode, encode_header, encode_tensors
+from djinn_core.rpc.wire import HostStaging, decode, encode_header, encode_tensors
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

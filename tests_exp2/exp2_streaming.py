@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from djinn_core.ceilings import CopyCeiling
+from djinn_core.bench.ceilings import CopyCeiling
 from fixtures.reference import greedy_reference
 from djinn_core.models import build_model, init_parameters_
 from djinn_core.streaming import (StreamedModel, StreamingPolicy, WeightPack, place_resident_, plan_budget)
-from djinn_core.timing import TimingStats, time_cuda, time_host
+from djinn_core.bench.timing import TimingStats, time_cuda, time_host
 
 log = logging.getLogger(__name__)
 

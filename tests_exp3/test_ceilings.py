@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn_core.ceilings import CopyCeiling, measure_copy_ceiling
+from djinn_core.bench.ceilings import CopyCeiling, measure_copy_ceiling
 from djinn_core.errors import ConfigError, DeviceUnavailable
-from djinn_core.provenance import gpu_facts, pcie_link_GBps
-from djinn_core.timing import TimingStats
+from djinn_core.bench.provenance import gpu_facts, pcie_link_GBps
+from djinn_core.bench.timing import TimingStats
 
 MiB = 2**20
 SIZES_MIB = [1, 16, 64, 256, 1024, 4096]

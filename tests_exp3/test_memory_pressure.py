@@ -21,14 +21,14 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from djinn_core.breakpoints import BreakpointRuntime, SessionState
+from djinn_core.runtime import BreakpointRuntime, SessionState
 from djinn_core.errors import AdmissionRefused, ConfigError
-from djinn_core.host_pool import HostPool
-from djinn_core.kv_cache import KVGeometry
+from djinn_core.memory.host_pool import HostPool
+from djinn_core.runtime.kv_cache import KVGeometry
 from djinn_core.models import build_model
-from djinn_core.slab import Slab
-from djinn_core.swap import SwapEngine, swap_timeline
-from djinn_core.timing import TimingStats
+from djinn_core.memory.slab import Slab
+from djinn_core.memory.swap import SwapEngine, swap_timeline
+from djinn_core.bench.timing import TimingStats
 
 log = logging.getLogger(__name__)
 GiB = 2**30

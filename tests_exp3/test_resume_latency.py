@@ -26,12 +26,12 @@ import time
 import pytest
 import torch
 
-from djinn_core.breakpoints import BreakpointRuntime, capture_at
-from djinn_core.host_pool import HostPool
-from djinn_core.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
+from djinn_core.runtime import BreakpointRuntime, capture_at
+from djinn_core.memory.host_pool import HostPool
+from djinn_core.runtime.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
 from djinn_core.models import build_model
-from djinn_core.slab import Slab
-from djinn_core.timing import GCMeter, TimingStats, time_cuda
+from djinn_core.memory.slab import Slab
+from djinn_core.bench.timing import GCMeter, TimingStats, time_cuda
 
 LAYERS = [1, 10, 20, 30, 40]
 WARMUP, REPEATS = 3, 20

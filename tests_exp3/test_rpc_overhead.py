@@ -11,7 +11,7 @@ thread and each server in its own process, as in use (``djinn serve`` owns the G
   a GPU context switch a deployed server never pays), and checked bitwise equal.
 
 The client spins for its replies (``busy_poll_s``) and, the server being on this host, exchanges requests and replies
-with it through a shared-memory channel (:mod:`djinn_core.local_channel`; the claims' ``path`` says which path was
+with it through a shared-memory channel (:mod:`djinn_core.rpc.local_channel`; the claims' ``path`` says which path was
 measured, the info's ``paths`` which way each message went); the same resumes with everything over ZeroMQ, what a
 client on another host gets, are recorded beside them.
 
@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from djinn_core.breakpoints import BreakpointRuntime
-from djinn_core.claims import ClaimFailed
-from djinn_core.client import Client
-from djinn_core.host_pool import HostPool
-from djinn_core.server import Server, ServerConfig, ServerProcess
-from djinn_core.slab import Slab
-from djinn_core.timing import TimingStats
+from djinn_core.runtime import BreakpointRuntime
+from djinn_core.bench.claims import ClaimFailed
+from djinn_core.rpc.client import Client
+from djinn_core.memory.host_pool import HostPool
+from djinn_core.rpc.server import Server, ServerConfig, ServerProcess
+from djinn_core.memory.slab import Slab
+from djinn_core.bench.timing import TimingStats
 
 MSG_BYTES = 64
 

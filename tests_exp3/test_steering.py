@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from djinn_core.breakpoints import BreakpointRuntime
+from djinn_core.runtime import BreakpointRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,12 +21,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from djinn_core.ceilings import CopyCeiling, copy_ceiling_on
-from djinn_core.host_pool import HostPool
+from djinn_core.bench.ceilings import CopyCeiling, copy_ceiling_on
+from djinn_core.memory.host_pool import HostPool
 from djinn_core.models import architecture_config, model_sizes
-from djinn_core.slab import Slab, SlabTensor
-from djinn_core.swap import ResidentState, SwapEngine, SwappedState
-from djinn_core.timing import TimingStats, time_cuda, time_host
+from djinn_core.memory.slab import Slab, SlabTensor
+from djinn_core.memory.swap import ResidentState, SwapEngine, SwappedState
+from djinn_core.bench.timing import TimingStats, time_cuda, time_host
 
 MODEL = "llama2-13b"
 TOKENS = 2048

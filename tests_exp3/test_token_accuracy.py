@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from djinn_core.breakpoints import BreakpointRuntime, plain_run
-from djinn_core.host_pool import HostPool
-from djinn_core.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
-from djinn_core.slab import Slab
+from djinn_core.runtime import BreakpointRuntime, plain_run
+from djinn_core.memory.host_pool import HostPool
+from djinn_core.runtime.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
+from djinn_core.memory.slab import Slab
 
 NEW_TOKENS = 64
 LAYERS_13B = [1, 10, 20, 30, 40]

@@ -1,6 +1,6 @@
 """Reports: pytest-benchmark JSON in, a Markdown claims table, a provenance block and PNG plots out.
 
-Every verdict in a report is recomputed from the raw statistics (:func:`djinn_core.claims.evaluate`), never copied
+Every verdict in a report is recomputed from the raw statistics (:func:`djinn_core.bench.claims.evaluate`), never copied
 from the JSON; a stored verdict that disagrees with the recomputed one is flagged.
 
 Plots are drawn from what the tests put in ``extra_info``:
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .claims import describe, evaluate
-from .errors import ConfigError
+from djinn_core.bench.claims import describe, evaluate
+from djinn_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, DeviceUnavailable, InsufficientHostMemory, StreamingBudgetTooSmall
-from .models import _rebuild_rotary, build_model, decoder_layers, init_parameters_, resolve_dtype
+from djinn_core.errors import ConfigError, DeviceUnavailable, InsufficientHostMemory, StreamingBudgetTooSmall
+from djinn_core.models import _rebuild_rotary, build_model, decoder_layers, init_parameters_, resolve_dtype
 
 log = logging.getLogger(__name__)
 

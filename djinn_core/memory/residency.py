@@ -1,8 +1,8 @@
 """Residency policy: which sessions' state lives in the slab, under a VRAM budget, with LRU eviction of paused ones.
 
 A *session* is an opaque, hashable id owning named slab tensors ("hidden", "kv.0", ... -- names are opaque here).
-The :class:`ResidencyManager` composes the mechanisms (:class:`~djinn_core.slab.Slab`,
-:class:`~djinn_core.swap.SwapEngine`) and decides:
+The :class:`ResidencyManager` composes the mechanisms (:class:`~djinn_core.memory.slab.Slab`,
+:class:`~djinn_core.memory.swap.SwapEngine`) and decides:
 
 * **Budget** -- ``budget_bytes`` of slab (aligned bytes) for session state. Model weights live outside the slab and are
   shared by every session; this policy never swaps them. Pass ``weight_bytes`` to state the budget as a *total* VRAM
@@ -17,7 +17,7 @@ The :class:`ResidencyManager` composes the mechanisms (:class:`~djinn_core.slab.
   NEVER (larger than the budget). An allocation that would make one session alone exceed the budget raises
   :class:`~djinn_core.errors.AdmissionRefused`.
 
-Handles: after a session is evicted its :class:`~djinn_core.slab.SlabTensor` s are freed; after
+Handles: after a session is evicted its :class:`~djinn_core.memory.slab.SlabTensor` s are freed; after
 :meth:`ensure_resident` they are new handles -- read them from :meth:`items` (or the returned ``ResidentState``).
 
 Errors never leave a half-changed state: inputs are validated before anything is mutated, and a failed allocation or
@@ -33,10 +33,10 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 
-from .errors import (AdmissionRefused, BudgetTooSmall, CheckpointStateError, ConfigError, SlabExhausted,
+from djinn_core.errors import (AdmissionRefused, BudgetTooSmall, CheckpointStateError, ConfigError, SlabExhausted,
                      UnknownAllocation, UnknownSession)
-from .slab import Admission, Slab, SlabTensor, _check_int, tensor_nbytes
-from .swap import ResidentState, SwapEngine, SwappedState
+from djinn_core.memory.slab import Admission, Slab, SlabTensor, _check_int, tensor_nbytes
+from djinn_core.memory.swap import ResidentState, SwapEngine, SwappedState
 
 log = logging.getLogger(__name__)
 

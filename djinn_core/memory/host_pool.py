@@ -5,7 +5,7 @@ Pinning (``cudaHostAlloc`` through ``torch.empty(..., pin_memory=True)``) is slo
 host's available RAM (minus ``reserve_bytes``) *before* anything is pinned, so an impossible pool fails fast with
 :class:`~djinn_core.errors.InsufficientHostMemory` instead of driving the host into swap. Pinning time is logged.
 
-Sub-allocation: each chunk has its own first-fit, coalescing free list (:class:`~djinn_core.slab.FreeList`); a block
+Sub-allocation: each chunk has its own first-fit, coalescing free list (:class:`~djinn_core.memory.slab.FreeList`); a block
 never spans chunks, so one request can be at most ``chunk_bytes`` (larger requests raise ConfigError naming the
 limit -- create the pool with a larger ``chunk_bytes``). Blocks are ``alignment``-aligned.
 
@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ConfigError, DeviceUnavailable, DoubleFree, HostPoolExhausted, InsufficientHostMemory, UnknownAllocation
-from .slab import DEFAULT_ALIGNMENT, FreeList, _check_alignment, _check_int, event_pending, tensor_nbytes, typed_view
+from djinn_core.errors import ConfigError, DeviceUnavailable, DoubleFree, HostPoolExhausted, InsufficientHostMemory, UnknownAllocation
+from djinn_core.memory.slab import DEFAULT_ALIGNMENT, FreeList, _check_alignment, _check_int, event_pending, tensor_nbytes, typed_view
 
 log = logging.getLogger(__name__)
 

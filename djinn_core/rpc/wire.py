@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import ProtocolError
+from djinn_core.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_HEADER_BYTES = 64 << 10

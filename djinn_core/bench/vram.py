@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError, DeviceUnavailable
+from djinn_core.errors import ConfigError, DeviceUnavailable
 
 log = logging.getLogger(__name__)
 

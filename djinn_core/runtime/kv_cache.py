@@ -6,7 +6,7 @@ position ``n`` and returns strided views ``[:, :, :n + s]``; the views are re-fe
 every access because the slab may compact (move) allocations between calls.
 
 Where the bytes come from is the caller's decision: a :class:`KVAllocator` hands out handles with a ``view()``
-method (a :class:`djinn_core.slab.SlabTensor` is one; :class:`TorchKVAllocator` gives ordinary tensors, for
+method (a :class:`djinn_core.memory.slab.SlabTensor` is one; :class:`TorchKVAllocator` gives ordinary tensors, for
 references and tests). Copy-on-write prefix sharing (forks) is by reference-counted :class:`KVBlock`\\ s: a layer
 whose block is shared copies its prefix into a fresh block at its first ``update`` (on the current stream).
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .errors import CacheCapacityExceeded, CheckpointStateError, ConfigError
+from djinn_core.errors import CacheCapacityExceeded, CheckpointStateError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import ConfigError, DeviceUnavailable, DoubleFree, SlabExhausted, UnknownAllocation
+from djinn_core.errors import ConfigError, DeviceUnavailable, DoubleFree, SlabExhausted, UnknownAllocation
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .timing import TimingStats, require_cuda, time_cuda
+from djinn_core.errors import ConfigError
+from djinn_core.bench.timing import TimingStats, require_cuda, time_cuda
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError, DeviceUnavailable
+from djinn_core.errors import ConfigError, DeviceUnavailable
 
 
 @dataclass(frozen=True)

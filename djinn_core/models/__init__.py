@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .errors import ConfigError
+from djinn_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def build_model(
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import DeviceUnavailable
+        from djinn_core.errors import DeviceUnavailable
 
         raise DeviceUnavailable("build_model(device='cuda') needs a CUDA GPU; none is available")
     t0 = time.perf_counter()

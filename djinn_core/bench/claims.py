@@ -18,8 +18,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import ConfigError
-from .timing import TimingStats
+from djinn_core.errors import ConfigError
+from djinn_core.bench.timing import TimingStats
 
 OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, "==": operator.eq,
                                                   ">": operator.gt, "<": operator.lt}

@@ -11,7 +11,7 @@ A :class:`ServerChannel` is created by the server, one per client connection tha
 in ``/dev/shm`` (mode 0600: only the server's user can map it) that the server unlinks once the client has mapped it,
 so nothing is left behind if either side dies. The client maps it too (:class:`ClientChannel`). The server reads
 requests from a channel only as coming from the connection the channel was made for, validates them exactly as
-ZeroMQ frames (:func:`djinn_core.wire.decode`, with its size limits and the auth token), and writes replies into it
+ZeroMQ frames (:func:`djinn_core.rpc.wire.decode`, with its size limits and the auth token), and writes replies into it
 only for that connection.
 
 Layout: a control block, then the reply slot, then the request slot, each slot ``capacity`` bytes. Control:
@@ -44,7 +44,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .errors import ConfigError, ProtocolError
+from djinn_core.errors import ConfigError, ProtocolError
 
 _POLLING = struct.Struct("<d")
 _CLOSED = struct.Struct("<I")
@@ -109,7 +109,7 @@ class _Slot:
 
     def read(self) -> list[bytearray]:
         """The frames held, copied into memory the caller owns (checked against the slot's bounds only: the
-        message itself is validated by :func:`djinn_core.wire.decode`)."""
+        message itself is validated by :func:`djinn_core.rpc.wire.decode`)."""
         m, base = self._m, self._off
         count = _COUNT.unpack_from(m, base + _SEQ.size)[0]
         if count > MAX_FRAMES:

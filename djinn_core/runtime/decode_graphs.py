@@ -24,7 +24,7 @@ hold, and runs eagerly otherwise:
 * the module's parameters are where they were at capture (a moved or reloaded weight means a new capture).
 
 Returned tensors are the graph's output buffers, overwritten at its next replay: safe for the decoder layer, which
-consumes them at once, and for a cache that copies K/V in (:class:`~djinn_core.kv_cache.SlabKVCache`, what the
+consumes them at once, and for a cache that copies K/V in (:class:`~djinn_core.runtime.kv_cache.SlabKVCache`, what the
 runtime decodes with) -- not for one that keeps the key tensor it is handed. Only modules inside decoder layers are
 wrapped, and only classes known to be pure functions of their input (:data:`GRAPHABLE`, :data:`GRAPHABLE_ATTENTION`);
 a mixture-of-experts MLP, with routing decided on the host, is not among them. The rotary wrapper replaces a name in
@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .models import decoder_layers
+from djinn_core.models import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class DecodeGraphs:
 
     def __init__(self, model: nn.Module, *, max_tokens: int = 1, enabled: bool = True):
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            from .errors import ConfigError
+            from djinn_core.errors import ConfigError
 
             raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
         self.max_tokens = max_tokens

@@ -25,7 +25,7 @@ Ordering, all by events and ``wait_event`` / ``wait_stream`` (never a device-wid
   copy, and the current stream waits for it. The fewest host calls before the copy.
 * one item into a buffer prepared beforehand (``swap_in_into``, the runtime's spare head): the current stream waits
   for the buffer's handed-over fences and the item's D2H event, then copies. Where the CUDA driver can be called
-  (``driver``, :mod:`djinn_core.cuda_driver`), those waits, the copy and the ready event's record are driver calls on
+  (``driver``, :mod:`djinn_core.memory.cuda_driver`), those waits, the copy and the ready event's record are driver calls on
   the raw handles, which cost the host a fraction of ``Tensor.copy_``; the stream order is the same.
 * Slab and host memory are owned by long-lived buffers (the slab buffer, the pinned chunks), so no caching-allocator
   block crosses streams; lifetimes of reused ranges are governed by the fences above.
@@ -48,11 +48,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .cuda_driver import DriverCopier, driver_copier
-from .errors import (ChecksumMismatch, CheckpointStateError, ConfigError, DeviceUnavailable, HostPoolExhausted,
+from djinn_core.memory.cuda_driver import DriverCopier, driver_copier
+from djinn_core.errors import (ChecksumMismatch, CheckpointStateError, ConfigError, DeviceUnavailable, HostPoolExhausted,
                      SlabExhausted, UnknownAllocation)
-from .host_pool import HostBlock, HostPool
-from .slab import Slab, SlabTensor
+from djinn_core.memory.host_pool import HostBlock, HostPool
+from djinn_core.memory.slab import Slab, SlabTensor
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """The Djinn server: breakpoint sessions behind a ZeroMQ ROUTER socket.
 
-The server owns the model, the device and every session's state; clients (:mod:`djinn_core.client`) hold nothing
+The server owns the model, the device and every session's state; clients (:mod:`djinn_core.rpc.client`) hold nothing
 but session ids and receive only what they ask for (logits, token ids, a hidden state), never the KV cache.
 
-One thread (the *server thread*) owns the socket and the :class:`~djinn_core.breakpoints.BreakpointRuntime`: it polls
+One thread (the *server thread*) owns the socket and the :class:`~djinn_core.runtime.breakpoints.BreakpointRuntime`: it polls
 the socket, executes requests one at a time in arrival order (the runtime is single-threaded) and, between
 requests, frees sessions idle for longer than ``idle_timeout_s`` and logs stats. All model compute therefore runs on
 the server thread's current CUDA stream.
 
-Wire format: :mod:`djinn_core.wire` (a JSON header, then raw tensor buffers; nothing is ever unpickled). A request
+Wire format: :mod:`djinn_core.rpc.wire` (a JSON header, then raw tensor buffers; nothing is ever unpickled). A request
 header carries ``op``, ``id`` (echoed in the reply), ``client`` (the client-chosen id that owns the sessions it
 opens), ``token``, ``session`` and ``args``. A reply carries ``ok`` and ``result`` or ``error: {type, message}``.
 
@@ -36,9 +36,9 @@ from typing import Any, Callable
 import torch
 import zmq
 
-from . import local_channel
-from .breakpoints import BreakpointRuntime, BreakpointSession, SessionState
-from .errors import (
+from djinn_core.rpc import local_channel
+from djinn_core.runtime import BreakpointRuntime, BreakpointSession, SessionState
+from djinn_core.errors import (
     AuthenticationFailed,
     CheckpointStateError,
     ConfigError,
@@ -47,8 +47,8 @@ from .errors import (
     SessionLimitReached,
     UnknownSession,
 )
-from .local_channel import ServerChannel
-from .wire import (
+from djinn_core.rpc.local_channel import ServerChannel
+from djinn_core.rpc.wire import (
     DEFAULT_MAX_HEADER_BYTES,
     HostStaging,
     Message,
@@ -99,7 +99,7 @@ class ServerConfig:
         busy_poll_s: after a request, spin on the socket (one core busy) for this long before sleeping again, so the
             next request of an active client is picked up without a wake-up (0 = always sleep between requests).
         local_channel_bytes: size of each direction of the shared-memory channel a client on this host may ask for
-            (:mod:`djinn_core.local_channel`; messages that do not fit go over ZeroMQ); 0 turns the channels off.
+            (:mod:`djinn_core.rpc.local_channel`; messages that do not fit go over ZeroMQ); 0 turns the channels off.
     """
 
     host: str = "127.0.0.1"
@@ -650,7 +650,7 @@ class Server:
         return {}, []
 
     def _op_attach_local(self, req: _Request) -> Result:
-        """A shared-memory channel for this connection (:mod:`djinn_core.local_channel`); at most one per
+        """A shared-memory channel for this connection (:mod:`djinn_core.rpc.local_channel`); at most one per
         connection (a new one replaces it) and ``max_sessions`` in all."""
         if not self.config.local_channel_bytes or not local_channel.supported():
             raise ConfigError("this server offers no shared-memory channels")
@@ -775,7 +775,7 @@ class ServerProcess:
         import subprocess
         import sys
 
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         env = dict(os.environ if env is None else env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -834,7 +834,7 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: str | to
 
     ``dtype`` defaults to float16 on CUDA and float32 on the CPU.
     """
-    from .models import ARCHITECTURES, build_model, load_smollm2, resolve_dtype
+    from djinn_core.models import ARCHITECTURES, build_model, load_smollm2, resolve_dtype
 
     device = torch.device(device)
     dtype = resolve_dtype(dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32))
@@ -860,7 +860,7 @@ def make_runtime(model: torch.nn.Module, *, slab_bytes: int | None = None,
                  host_pool_bytes: int | None = None) -> BreakpointRuntime:
     """A :class:`BreakpointRuntime` over ``model`` with a slab of ``slab_bytes`` and a host pool of
     ``host_pool_bytes`` (defaults: the runtime's own)."""
-    from .host_pool import HostPool
+    from djinn_core.memory.host_pool import HostPool
 
     pool = None
     if host_pool_bytes is not None:

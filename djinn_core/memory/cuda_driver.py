@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .errors import CudaDriverError
+from djinn_core.errors import CudaDriverError
 
 log = logging.getLogger(__name__)
 

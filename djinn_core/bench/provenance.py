@@ -63,7 +63,7 @@ def gpu_facts(index: int = 0) -> dict[str, Any]:
 
 def git_commit(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
     """Commit id and dirty flag of the checkout at ``cwd`` (``{}`` outside a git checkout)."""
-    cwd = Path(cwd or Path(__file__).resolve().parent.parent)
+    cwd = Path(cwd or Path(__file__).resolve().parents[2])
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
@@ -96,7 +96,7 @@ _PCIE_GEN = {1: (2.5, 8 / 10), 2: (5.0, 8 / 10), 3: (8.0, 128 / 130), 4: (16.0, 
 
 def pcie_link_GBps(gen: int, width: int) -> float:
     """Theoretical one-direction data rate of a PCIe link after line coding, in GB/s (no protocol overhead)."""
-    from .errors import ConfigError
+    from djinn_core.errors import ConfigError
 
     if gen not in _PCIE_GEN or not isinstance(width, int) or width <= 0:
         raise ConfigError(f"unknown PCIe link gen={gen!r} width={width!r}")

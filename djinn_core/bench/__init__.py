@@ -1,0 +1,1 @@
+"""Measurement: timing, copy ceilings, VRAM sampling, claim records, reports and provenance."""

@@ -1,0 +1,1 @@
+"""Memory virtualization: the device slab, the pinned host pool, the swap engine between them, and the residency policy."""
