@@ -10,10 +10,11 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from djinn_core.runtime import BreakpointRuntime, decode_step, plain_run
-from djinn_core.runtime.decode_graphs import GRAPHABLE, DecodeGraphs
+from djinn_core.runtime.decode_graphs import DecodeGraphs
 from djinn_core.errors import ConfigError
 from djinn_core.runtime.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
 from djinn_core.models import build_model, decoder_layers
+from djinn_core.models.llama import GRAPHABLE
 
 ARCHS = ["llama-tiny", "mistral-tiny", "qwen2-tiny"]
 _ROTARY_ORIG = modeling_llama.apply_rotary_pos_emb
@@ -43,7 +44,7 @@ def test_off_cuda_active_is_a_no_op_and_the_model_is_untouched(llama_tiny_fp32):
         assert all("forward" not in m.__dict__ for m in g.modules)
         assert [getattr(home, name) for home, name in g.functions] == orig
     assert g.graph_count == 0
-    rt = BreakpointRuntime(model, budget_bytes=8 << 20)
+    rt = BreakpointRuntime(model, slab_bytes=8 << 20)
     assert rt.graphs is None  # a CPU runtime does not use them
 
 
@@ -134,7 +135,7 @@ def test_gpu_hooks_prefill_and_moved_weights_take_the_eager_path(gpu_tiny):
 def test_gpu_sessions_generate_through_graphs_bitwise_equal_to_plain_run(gpu_tiny, cuda_device):
     model, ids = gpu_tiny
     ref = plain_run(model, ids, 8)
-    rt = BreakpointRuntime(model, budget_bytes=64 << 20)
+    rt = BreakpointRuntime(model, slab_bytes=64 << 20)
     try:
         s = rt.open(ids, max_new_tokens=8)
         s.run_to(2)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from djinn_core.errors import ConfigError, DeviceUnavailable
-from djinn_core.models import (architecture_config, build_model, decoder_layers, init_parameters_, model_sizes,
-                               resolve_dtype, smollm2_gguf_path)
+from djinn_core.models import (architecture_config, build_model, decoder_layers, init_parameters_, load_gguf,
+                               model_sizes, resolve_dtype, smollm2_gguf_path)
 
 pytestmark = pytest.mark.cpu
 GiB = 2**30
@@ -49,9 +49,26 @@ def test_truncation_and_bad_inputs():
         resolve_dtype(torch.int32)
     with pytest.raises(ConfigError):
         resolve_dtype("float8")
-    if not torch.cuda.is_available():
-        with pytest.raises(DeviceUnavailable):
-            build_model("llama-tiny", device="cuda")
+    with pytest.raises(ConfigError):
+        architecture_config("llama-tiny", num_layers=True)
+    with pytest.raises(ConfigError, match="not an existing .gguf file"):
+        load_gguf("no-such-model.gguf", dtype="float32")
+
+
+def test_cuda_without_a_gpu_is_device_unavailable(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceUnavailable):
+        build_model("llama-tiny", device="cuda")
+
+
+def test_architecture_names_import_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from djinn_core.models import ARCHITECTURES, family_of; "
+            "assert 'llama2-13b' in ARCHITECTURES; print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_smollm2_gguf_is_found_without_importing_the_package():

@@ -1,15 +1,16 @@
 """CUDA graphs of a decoder's fixed-shape pieces, replayed during decode steps.
 
-A decode step of a large model is bound by host work: each Llama decoder layer calls about 65 operators for one
-token (torch profiler count), so the GPU waits for the host. Three pieces of every layer see the same input shapes
-at every decode step, unlike attention itself, whose key length grows: the two RMS norms and the MLP (modules), and
-the rotary embedding of the query and key (``apply_rotary_pos_emb``, a function the attention module looks up in its
-modeling module at call time). Together they are more than half of the layer's kernels. This module captures each
-once per input shape as a CUDA graph and replays it: input copies and one graph launch instead of the kernels and
-their Python. One rotary graph serves every layer; its ``cos`` and ``sin`` inputs, the same tensors for all layers
-of a step, are copied in once per step. On the lent H100 the norm and MLP graphs took the resident
-resume-to-next-token of the Llama-2-13B architecture at L=40 (mostly one decode step) from 27.9 to 19.8 ms
-(``scripts/probe_next_token.py``, variants ``current`` and ``no_graphs`` in one run, commit 5afd181).
+A decode step of a large model is bound by host work: a decoder layer calls tens of operators for one token, so the
+GPU waits for the host. Some pieces of every layer see the same input shapes at every decode step, unlike attention
+itself, whose key length grows: in a Llama layer the two RMS norms and the MLP (modules), and the rotary embedding of
+the query and key (``apply_rotary_pos_emb``, a function the attention module looks up in its modeling module at call
+time). Together they are more than half of the layer's kernels. This module captures each once per input shape as a
+CUDA graph and replays it: input copies and one graph launch instead of the kernels and their Python. One rotary
+graph serves every layer; its ``cos`` and ``sin`` inputs, the same tensors for all layers of a step, are copied in
+once per step. Which modules and which function those are is the model family's knowledge
+(:meth:`~djinn_core.models.family.ModelFamily.graphable_modules` and
+:meth:`~djinn_core.models.family.ModelFamily.rotary_function`), asked once at construction. What the graphs save is
+in ``docs/notes/models.md``.
 
 A replay runs the kernels the eager code would launch, with the same shapes, strides, alignment and weights, so
 its output is bitwise equal to the eager one. To keep it so, a call goes through a graph only when all of these
@@ -26,10 +27,9 @@ hold, and runs eagerly otherwise:
 Returned tensors are the graph's output buffers, overwritten at its next replay: safe for the decoder layer, which
 consumes them at once, and for a cache that copies K/V in (:class:`~djinn_core.runtime.kv_cache.SlabKVCache`, what the
 runtime decodes with) -- not for one that keeps the key tensor it is handed. Only modules inside decoder layers are
-wrapped, and only classes known to be pure functions of their input (:data:`GRAPHABLE`, :data:`GRAPHABLE_ATTENTION`);
-a mixture-of-experts MLP, with routing decided on the host, is not among them. The rotary wrapper replaces a name in
-a modeling module for the duration of :meth:`DecodeGraphs.active`, so it is process-wide while active: the runtime
-decodes on one thread.
+wrapped, and only those the family knows to be pure functions of their input's shape; a mixture-of-experts MLP, with
+routing decided on the host, is not among them. The rotary wrapper replaces a name in a modeling module for the
+duration of :meth:`DecodeGraphs.active`, so it is process-wide while active: the runtime decodes on one thread.
 
 Captures happen on first use (one per module or function and input shapes), on a side stream ordered after the
 current one, without a device synchronize; their memory comes from one private pool of the caching allocator.
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -48,18 +47,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from djinn_core.models import decoder_layers
+from djinn_core.models import family_of
+from djinn_core.validation import check_int
 
 log = logging.getLogger(__name__)
 
-# sub-modules of a decoder layer whose forward is a fixed sequence of kernels given the input's shape
-GRAPHABLE = frozenset({
-    "LlamaRMSNorm", "LlamaMLP", "MistralRMSNorm", "MistralMLP", "Qwen2RMSNorm", "Qwen2MLP",
-})
-_LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp")
-# attention classes whose forward calls ``apply_rotary_pos_emb(q, k, cos, sin)`` from their modeling module
-GRAPHABLE_ATTENTION = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
-_ROTARY = "apply_rotary_pos_emb"
 _ALIGN = 512
 
 
@@ -89,27 +81,15 @@ class DecodeGraphs:
     _registry: "weakref.WeakKeyDictionary[nn.Module, DecodeGraphs]" = weakref.WeakKeyDictionary()
 
     def __init__(self, model: nn.Module, *, max_tokens: int = 1, enabled: bool = True):
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            from djinn_core.errors import ConfigError
-
-            raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        self.max_tokens = max_tokens
+        self.max_tokens = check_int("max_tokens", max_tokens, minimum=1)
         p = next(model.parameters(), None)
         self.enabled = bool(enabled) and p is not None and p.device.type == "cuda"
-        self.modules: list[nn.Module] = []
-        # (python module, attribute): functions the decoder layers' attention looks up at call time
-        self.functions: list[tuple[types.ModuleType, str]] = []
-        for layer in decoder_layers(model):
-            for part in _LAYER_PARTS:
-                m = getattr(layer, part, None)
-                if isinstance(m, nn.Module) and type(m).__name__ in GRAPHABLE:
-                    self.modules.append(m)
-            attn = getattr(layer, "self_attn", None)
-            if attn is not None and type(attn).__name__ in GRAPHABLE_ATTENTION:
-                home = sys.modules.get(type(attn).__module__)
-                fn = getattr(home, _ROTARY, None)
-                if callable(fn) and (home, _ROTARY) not in self.functions:
-                    self.functions.append((home, _ROTARY))
+        family = family_of(model)
+        self.modules: list[nn.Module] = [m for layer in family.decoder_layers(model)
+                                         for m in family.graphable_modules(layer)]
+        # (python module, attribute): the rotary function the decoder layers' attention looks up at call time
+        rotary = family.rotary_function(model)
+        self.functions: list[tuple[types.ModuleType, str]] = [] if rotary is None else [rotary]
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
         self._failed: set[int] = set()  # ids of modules / functions whose capture failed: always eager
         self._depth = 0
@@ -141,7 +121,7 @@ class DecodeGraphs:
             for home, name in self.functions:
                 orig = getattr(home, name)
                 self._saved.append((home, name, orig))
-                setattr(home, name, self._rotary_wrapper(orig))
+                setattr(home, name, self._rotary_wrapper(orig, name))
         self._depth += 1
         try:
             yield
@@ -187,24 +167,24 @@ class DecodeGraphs:
 
         return forward
 
-    def _rotary_wrapper(self, eager: Callable[..., Any]) -> Callable[..., Any]:
-        """``apply_rotary_pos_emb(q, k, cos, sin)``: one graph per shape serves every layer. ``cos`` and ``sin`` are
+    def _rotary_wrapper(self, eager: Callable[..., Any], what: str) -> Callable[..., Any]:
+        """The rotary function ``fn(q, k, cos, sin)``: one graph per shape serves every layer. ``cos`` and ``sin`` are
         the same tensors for all layers of a step, so they are copied in only when a different tensor comes."""
         fid = id(eager)
 
-        def apply_rotary_pos_emb(*args: Any, **kwargs: Any) -> Any:
+        def rotary(*args: Any, **kwargs: Any) -> Any:
             if (kwargs or len(args) != 4 or fid in self._failed or torch.is_grad_enabled()
                     or not all(_eligible(a, self.max_tokens) for a in args)):
                 return eager(*args, **kwargs)
             key = (fid, *((a.shape, a.dtype) for a in args))
             g = self._graphs.get(key)
             if g is None:
-                g = self._capture(key, eager, args, (), "apply_rotary_pos_emb")
+                g = self._capture(key, eager, args, (), what)
                 if g is None:
                     return eager(*args)
             return self._replay(g, args, shared=(2, 3))
 
-        return apply_rotary_pos_emb
+        return rotary
 
     def _replay(self, g: _Graph, args: tuple[torch.Tensor, ...], shared: tuple[int, ...] = ()) -> Any:
         for i, (dst, src) in enumerate(zip(g.static_in, args)):

@@ -1,7 +1,7 @@
 """SlabKVCache: a transformers ``Cache`` whose per-layer K and V live in fixed-capacity allocations.
 
 Each decoder layer's keys and values share one allocation of shape ``(2, batch, kv_heads, capacity, head_dim)``
-(index 0 = K, 1 = V), so a layer's KV is one swap item (``"kv.<i>"``). ``update`` copies the new tokens in at
+(index 0 = K, 1 = V), so a layer's KV is one swap item (``ItemKey("kv", i)``, :mod:`djinn_core.runtime.packing`). ``update`` copies the new tokens in at
 position ``n`` and returns strided views ``[:, :, :n + s]``; the views are re-fetched from the allocation handle at
 every access because the slab may compact (move) allocations between calls.
 
@@ -23,6 +23,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from djinn_core.errors import CacheCapacityExceeded, CheckpointStateError, ConfigError
+from djinn_core.models import family_of
+from djinn_core.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class KVHandle(Protocol):
 
 
 class KVAllocator(Protocol):
-    """Where a cache's blocks come from. ``name`` is ``"kv.<layer>"`` (a swap item name)."""
+    """Where a cache's blocks come from. ``name`` is ``"kv.<layer>"`` (the allocation's tag)."""
 
     def allocate_kv(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> KVHandle: ...
 
@@ -100,9 +102,7 @@ class KVGeometry:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "batch", "kv_heads", "head_dim", "capacity"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"KVGeometry.{name} must be a positive int, got {v!r}")
+            check_int(f"KVGeometry.{name}", getattr(self, name), minimum=1)
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
@@ -118,10 +118,10 @@ class KVGeometry:
 
     @classmethod
     def for_model(cls, config: Any, *, batch: int, capacity: int, dtype: torch.dtype) -> "KVGeometry":
-        """The geometry of a Llama-family ``config`` (``num_key_value_heads``, ``head_dim``)."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, batch, kv_heads, head_dim, capacity, dtype)
+        """The geometry of a model with ``config``, as its family lays out the cache
+        (:meth:`~djinn_core.models.family.ModelFamily.kv_shape`)."""
+        num_layers, kv_heads, head_dim = family_of(config).kv_shape(config)
+        return cls(num_layers, batch, kv_heads, head_dim, capacity, dtype)
 
 
 class SlabKVLayer(DynamicLayer):
