@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn_core.runtime import BreakpointRuntime, SessionState, plain_run
+from djinn_core.runtime import HEAD, BreakpointRuntime, SessionState, plain_run
 from djinn_core.errors import CacheCapacityExceeded, CheckpointStateError, ConfigError, InvalidEdit, InvalidLayer, UnknownSession
 from djinn_core.memory.host_pool import HostPool
 from djinn_core.models import build_model
@@ -26,8 +26,9 @@ def tiny(request):
 
 @pytest.fixture
 def rt(tiny):
-    runtime = BreakpointRuntime(tiny[0], budget_bytes=32 << 20)
+    runtime = BreakpointRuntime(tiny[0], slab_bytes=32 << 20)
     yield runtime
+    runtime.check_invariants()
     runtime.close_all()
     assert runtime.slab.stats.used == 0 and runtime.host_pool.stats.used == 0
 
@@ -134,7 +135,7 @@ def test_forks_are_independent_and_share_the_prefix(tiny, rt):
 
 def test_pause_returns_memory_and_lru_eviction_pauses_idle_checkpoints(tiny):
     model, ids = tiny
-    probe = BreakpointRuntime(model, budget_bytes=32 << 20)
+    probe = BreakpointRuntime(model, slab_bytes=32 << 20)
     s = probe.open(ids, max_new_tokens=NEW)
     s.run_to(model.config.num_hidden_layers)
     one = probe.slab.stats.used
@@ -142,7 +143,7 @@ def test_pause_returns_memory_and_lru_eviction_pauses_idle_checkpoints(tiny):
     assert probe.slab.stats.used == probe.spare_bytes > 0 and probe.host_pool.stats.used > 0
     probe.close_all()
     # a slab for about two checkpoints: the third evicts the least recently used idle one
-    rt = BreakpointRuntime(model, budget_bytes=int(one * 2.5), host_pool=HostPool(8 << 20, chunk_bytes=1 << 20))
+    rt = BreakpointRuntime(model, slab_bytes=int(one * 2.5), host_pool=HostPool(8 << 20, segment_bytes=1 << 20))
     a, b, c = (rt.open(ids, max_new_tokens=NEW) for _ in range(3))
     a.run_to(model.config.num_hidden_layers)
     b.run_to(model.config.num_hidden_layers)
@@ -262,30 +263,30 @@ def test_restore_then_edit_a_paused_checkpoint_and_generate_in_pieces(tiny, rt):
 def test_restore_phase_trace_is_recorded_only_when_asked():
     model = build_model("llama-tiny", dtype=torch.float32, seed=0)
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
-    quiet = BreakpointRuntime(model, budget_bytes=64 << 20)
-    traced = BreakpointRuntime(model, budget_bytes=64 << 20, trace=True)
+    quiet = BreakpointRuntime(model, slab_bytes=64 << 20)
+    traced = BreakpointRuntime(model, slab_bytes=64 << 20, trace=True)
     for rt in (quiet, traced):
         s = rt.open(ids, max_new_tokens=4)
         s.run_to(3)
         s.pause()
         s.restore()
         s.close()
-    assert quiet.trace_log == []
+    assert quiet.tracer.marks == []
     # the first pause prepared the spare head buffer: the restore lands there, with no room to make
-    assert [label for label, _, _ in traced.trace_log] == ["restore.start", "restore.ready", "restore.kv_issued"]
+    assert [m.label for m in traced.tracer.marks] == ["restore.start", "restore.ready", "restore.kv_issued"]
 
 
 def test_spare_head_buffer_is_used_by_a_restore_and_given_up_under_pressure():
     model = build_model("llama-tiny", dtype=torch.float32, seed=7)
     ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(1))
     other = torch.randint(0, model.config.vocab_size, (1, 31), generator=torch.Generator().manual_seed(2))
-    rt = BreakpointRuntime(model, budget_bytes=32 << 20)
+    rt = BreakpointRuntime(model, slab_bytes=32 << 20)
     a = rt.open(ids, max_new_tokens=NEW)
     ck = a.run_to(2)
     hidden = ck.hidden.clone()
     a.pause()
     spare = rt.spare_bytes
-    assert spare >= a._swapped.items["head"].nbytes > 0  # prepared at pause, before the pause freed anything
+    assert spare >= a.swapped.items[HEAD].nbytes > 0  # prepared at pause, before the pause freed anything
     a.restore()
     assert rt.spare_bytes == 0 and torch.equal(a.checkpoint.hidden, hidden)  # the head landed in it
     b = rt.open(other, max_new_tokens=NEW)
@@ -307,12 +308,12 @@ def test_spare_head_buffer_is_used_by_a_restore_and_given_up_under_pressure():
 def test_spare_head_never_evicts_and_is_dropped_before_any_session():
     model = build_model("llama-tiny", dtype=torch.float32, seed=7)
     ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(1))
-    probe = BreakpointRuntime(model, budget_bytes=32 << 20)
+    probe = BreakpointRuntime(model, slab_bytes=32 << 20)
     s = probe.open(ids, max_new_tokens=NEW)
     s.run_to(model.config.num_hidden_layers)
     one = probe.slab.stats.used  # one session at the last layer: all its KV and its head
     probe.close_all()
-    rt = BreakpointRuntime(model, slab=Slab(one + 4096, "cpu"), host_pool=HostPool(8 << 20, chunk_bytes=1 << 20))
+    rt = BreakpointRuntime(model, slab=Slab(one + 4096, "cpu"), host_pool=HostPool(8 << 20, segment_bytes=1 << 20))
     x, y = rt.open(ids, max_new_tokens=NEW), rt.open(ids, max_new_tokens=NEW)
     x.run_to(1)
     x.pause()  # made from memory free at that moment, beyond the reserve

@@ -28,7 +28,7 @@ MIN_STEPS = 10_000
 KiB = 1024
 SLAB_BYTES = 12 * KiB
 POOL_BYTES = 2 * SLAB_BYTES
-CHUNK_BYTES = SLAB_BYTES  # any slab item fits one chunk
+SEGMENT_BYTES = SLAB_BYTES  # any slab item fits one segment
 DTYPES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int64]
 
 COUNTS = {"steps": 0, "compactions": 0, "swap_ins": 0, "swap_outs": 0}
@@ -42,7 +42,7 @@ class MemoryLayer(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.slab = Slab(SLAB_BYTES, "cpu")
-        self.pool = HostPool(POOL_BYTES, chunk_bytes=CHUNK_BYTES, pin=False)
+        self.pool = HostPool(POOL_BYTES, segment_bytes=SEGMENT_BYTES, pin=False)
         self.engine = SwapEngine(self.slab, self.pool, checksums=True)
         self.resident: dict[str, tuple[SlabTensor, torch.Tensor]] = {}  # name -> (handle, expected bytes)
         self.swapped: list[tuple[SwappedState, dict[str, torch.Tensor]]] = []

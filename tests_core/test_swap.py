@@ -16,9 +16,9 @@ KiB = 1024
 
 
 def _engine(device: str = "cpu", slab_bytes: int = 64 * KiB, pool_bytes: int = 64 * KiB, checksums: bool = True,
-            chunk_bytes: int = 16 * KiB) -> SwapEngine:
+            segment_bytes: int = 16 * KiB) -> SwapEngine:
     pin = device != "cpu"
-    return SwapEngine(Slab(slab_bytes, device), HostPool(pool_bytes, chunk_bytes=chunk_bytes, pin=pin),
+    return SwapEngine(Slab(slab_bytes, device), HostPool(pool_bytes, segment_bytes=segment_bytes, pin=pin),
                       checksums=checksums)
 
 
@@ -131,7 +131,7 @@ def test_without_free_source_the_slab_tensors_stay():
 
 @pytest.mark.cpu
 def test_a_full_host_pool_changes_nothing():
-    eng = _engine(pool_bytes=4 * KiB, chunk_bytes=4 * KiB)
+    eng = _engine(pool_bytes=4 * KiB, segment_bytes=4 * KiB)
     handles, ref = _put(eng, {"a": ((3 * KiB,), torch.uint8), "b": ((3 * KiB,), torch.uint8)})
     with pytest.raises(HostPoolExhausted):
         eng.swap_out(handles)
@@ -240,7 +240,7 @@ def test_swap_in_survives_compaction_of_its_own_destinations():
 
 @pytest.mark.gpu
 def test_gpu_round_trip_of_data_just_written_by_the_compute_stream(cuda_device):
-    eng = _engine(str(cuda_device), slab_bytes=256 << 20, pool_bytes=256 << 20, chunk_bytes=64 << 20)
+    eng = _engine(str(cuda_device), slab_bytes=256 << 20, pool_bytes=256 << 20, segment_bytes=64 << 20)
     n = 16 << 20  # bytes per item
     handles = {f"kv.{i}": eng.slab.allocate((n // 2,), torch.float16) for i in range(4)}
     refs = {}
@@ -261,7 +261,7 @@ def test_gpu_round_trip_of_data_just_written_by_the_compute_stream(cuda_device):
 
 @pytest.mark.gpu
 def test_gpu_compaction_waits_for_an_in_flight_swap_in(cuda_device):
-    eng = _engine(str(cuda_device), slab_bytes=192 << 20, pool_bytes=128 << 20, chunk_bytes=64 << 20)
+    eng = _engine(str(cuda_device), slab_bytes=192 << 20, pool_bytes=128 << 20, segment_bytes=64 << 20)
     pad = eng.slab.allocate((32 << 20,), torch.uint8)
     a = eng.slab.allocate((32 << 20,), torch.uint8)
     a.view().copy_(torch.arange(32 << 20, device=cuda_device, dtype=torch.int64).remainder(251).to(torch.uint8))
@@ -277,7 +277,7 @@ def test_gpu_compaction_waits_for_an_in_flight_swap_in(cuda_device):
 
 @pytest.mark.gpu
 def test_gpu_concurrent_swap_out_and_swap_in_keep_their_bytes(cuda_device):
-    eng = _engine(str(cuda_device), slab_bytes=512 << 20, pool_bytes=512 << 20, chunk_bytes=128 << 20)
+    eng = _engine(str(cuda_device), slab_bytes=512 << 20, pool_bytes=512 << 20, segment_bytes=128 << 20)
     h1, r1 = _put(eng, {f"a.{i}": ((8 << 20,), torch.float16) for i in range(4)}, seed=10)
     h2, r2 = _put(eng, {f"b.{i}": ((8 << 20,), torch.float16) for i in range(4)}, seed=20)
     s1 = eng.swap_out(h1)
@@ -298,7 +298,7 @@ def test_gpu_one_item_swap_ins_keep_their_bytes_while_the_rest_is_in_flight(cuda
     """swap_in_now (in stream, fences handed over) and swap_in_into (a prepared buffer, current stream; through the
     CUDA driver or through torch), each issued right behind the swap-out that wrote the item (no host wait), the rest
     of the state following. swap_in_into runs once with a new ready event and once with one recorded beforehand."""
-    eng = _engine(str(cuda_device), slab_bytes=512 << 20, pool_bytes=512 << 20, chunk_bytes=128 << 20,
+    eng = _engine(str(cuda_device), slab_bytes=512 << 20, pool_bytes=512 << 20, segment_bytes=128 << 20,
                   checksums=False)
     if driver:
         assert eng.driver is not None, "libcuda could not be used: restores would take the slower torch path"
@@ -344,7 +344,7 @@ def test_no_driver_copier_off_cuda():
 
 @pytest.mark.gpu
 def test_gpu_checksum_catches_corruption(cuda_device):
-    eng = _engine(str(cuda_device), slab_bytes=8 << 20, pool_bytes=8 << 20, chunk_bytes=8 << 20)
+    eng = _engine(str(cuda_device), slab_bytes=8 << 20, pool_bytes=8 << 20, segment_bytes=8 << 20)
     handles, _ = _put(eng, {"x": ((1 << 20,), torch.float16)})
     state = eng.swap_out(handles)
     state.wait_host()
@@ -366,11 +366,14 @@ def test_swapped_state_reports_sizes():
 @pytest.mark.cpu
 def test_swap_timing_records_need_cuda_events():
     from djinn_core.errors import DeviceUnavailable
-    from djinn_core.memory.swap import SwapRecord
+    from djinn_core.memory.swap import swap_timeline
+    from djinn_core.trace import Mark, Span
 
-    rec = SwapRecord("out", 10, 1, None, None)
+    rec = Span("out", Mark("start", 0.0), Mark("end", 0.001), {"nbytes": 10, "items": 1})
     with pytest.raises(DeviceUnavailable):
-        rec.elapsed_ms()
+        swap_timeline([rec])
+    cpu = SwapEngine(Slab(KiB, "cpu"), HostPool(KiB, segment_bytes=KiB, pin=False), record_timing=True)
+    assert not cpu.record_timing  # a CPU engine keeps no timing records
 
 
 @pytest.mark.cpu
@@ -416,10 +419,12 @@ class _FakeEvent:
 
 @pytest.mark.cpu
 def test_swap_timeline_measures_overlap_with_the_other_direction():
-    from djinn_core.memory.swap import SwapRecord, swap_timeline
+    from djinn_core.memory.swap import swap_timeline
+    from djinn_core.trace import Mark, Span
 
-    def rec(d, t0, t1):
-        return SwapRecord(d, 100, 1, _FakeEvent(t0), _FakeEvent(t1), issue_ms=t0 / 10)
+    def rec(d, t0, t1):  # issued in t0 / 10 ms of host time
+        return Span(d, Mark("start", 0.0, _FakeEvent(t0)), Mark("end", t0 / 1e4, _FakeEvent(t1)),
+                    {"nbytes": 100, "items": 1})
 
     records = [rec("out", 10.0, 20.0), rec("in", 15.0, 30.0), rec("in", 30.0, 35.0), rec("out", 32.0, 40.0)]
     tl = swap_timeline(records)
@@ -427,7 +432,7 @@ def test_swap_timeline_measures_overlap_with_the_other_direction():
     assert [t["ms"] for t in tl] == [10.0, 15.0, 5.0, 8.0]
     # in [15, 30] shares 15..20 with the first out; in [30, 35] shares 32..35 with the second; outs likewise
     assert [t["overlap_ms"] for t in tl] == [5.0, 5.0, 3.0, 3.0]
-    assert [t["host_issue_ms"] for t in tl] == [1.0, 1.5, 3.0, 3.2]
+    assert [t["host_issue_ms"] for t in tl] == pytest.approx([1.0, 1.5, 3.0, 3.2])
     assert swap_timeline([]) == []
 
 
@@ -442,7 +447,7 @@ def test_gpu_swap_in_waits_for_the_fence_of_the_range_it_reuses(cuda_device, dri
     was, while x's D2H may still be reading there: the in stream must wait for that fence (handed over by the
     allocation), not only for y's own, earlier D2H. y's bytes and x's host copy (checked by swapping x back) must both
     be intact."""
-    eng = _engine(str(cuda_device), slab_bytes=256 << 20, pool_bytes=256 << 20, chunk_bytes=128 << 20,
+    eng = _engine(str(cuda_device), slab_bytes=256 << 20, pool_bytes=256 << 20, segment_bytes=128 << 20,
                   checksums=False)
     if not driver:
         eng.driver = None
@@ -465,7 +470,7 @@ def test_gpu_swap_in_waits_for_the_fence_of_the_range_it_reuses(cuda_device, dri
 @pytest.mark.cpu
 def test_a_swap_in_lands_in_the_range_freed_last_first_fit():
     """The layout the GPU fence test relies on: y, swapped out before x, comes back at x's offset."""
-    eng = _engine(slab_bytes=8 * KiB, pool_bytes=8 * KiB, chunk_bytes=8 * KiB, checksums=False)
+    eng = _engine(slab_bytes=8 * KiB, pool_bytes=8 * KiB, segment_bytes=8 * KiB, checksums=False)
     handles, ref = _put(eng, {"x": ((1 * KiB,), torch.uint8), "y": ((1 * KiB,), torch.uint8)})
     x_at = _offset(handles["x"])
     state = eng.swap_out({"y": handles["y"], "x": handles["x"]})
@@ -473,3 +478,30 @@ def test_a_swap_in_lands_in_the_range_freed_last_first_fit():
     assert _offset(first.tensors["y"]) == x_at
     second = eng.swap_in(first.pending)
     assert _same_bytes(first.tensors["y"].view(), ref["y"]) and _same_bytes(second.tensors["x"].view(), ref["x"])
+
+
+@pytest.mark.cpu
+def test_typed_item_keys_and_kept_items():
+    """Items may be named by interned ItemKeys; ``keep`` copies an item out but leaves its slab range allocated (a KV
+    block another session still reads), fenced by its copy."""
+    from djinn_core.memory.swap import ItemKey
+
+    head, kv0 = ItemKey("head"), ItemKey("kv", 0)
+    assert ItemKey("kv", 0) is kv0 and repr(kv0) == "kv.0" and kv0.index == 0 and head.index is None
+    ItemKey("kv", 1)  # interned first: True or 1.0 must not find it
+    for bad in (("", 1), ("kv", -1), ("kv", True), ("kv", 1.0), (3, None)):
+        with pytest.raises(ConfigError):
+            ItemKey(*bad)
+    with pytest.raises(AttributeError):
+        kv0.index = 1
+    eng = _engine()
+    handles, ref = _put(eng, {"a": ((64,), torch.float32), "b": ((32,), torch.float16)})
+    items = {head: handles["a"], kv0: handles["b"]}
+    state = eng.swap_out(items, keep=[kv0])
+    assert not handles["a"].alive and handles["b"].alive
+    assert eng.slab.stats.allocations == 1 and state.names == [head, kv0]
+    assert _same_bytes(handles["b"].view(), ref["b"])
+    res = eng.swap_in(state, order=[kv0, head])
+    res.wait_all()
+    assert res.names == [kv0, head] and _same_bytes(res.tensors[kv0].view(), ref["b"])
+    assert _same_bytes(res.tensors[head].view(), ref["a"])

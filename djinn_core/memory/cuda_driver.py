@@ -1,9 +1,8 @@
 """The CUDA driver calls a restore's critical path makes, through ``ctypes`` on ``libcuda`` (no compiled extension).
 
-A breakpoint restore is host-bound: right after a pause's large device-to-host copy the host runs several times
-slower (``scripts/probe_host_wake.py``), and every call made before the head's copy is issued adds to the resume
-latency. ``Tensor.copy_`` spends most of its time outside the copy itself (dispatch, TensorIterator, the pinned-pointer
-lookup, the host allocator's event bookkeeping). :class:`DriverCopier` issues the same stream-ordered operations --
+A breakpoint restore is host-bound: every call made before the head's copy is issued adds to the resume latency
+(measurements: ``docs/notes/runtime.md``), and ``Tensor.copy_`` spends most of its time outside the copy itself
+(dispatch, TensorIterator, the pinned-pointer lookup, the host allocator's event bookkeeping). :class:`DriverCopier` issues the same stream-ordered operations --
 waits on events, one host-to-device ``cuMemcpyHtoDAsync`` from pinned memory, an event record -- as three kinds of
 driver calls on the raw handles torch already owns (``torch.cuda.Event.cuda_event``, the current stream's handle).
 Ordering and bytes are the same as ``copy_(non_blocking=True)`` on the current stream; the memory on both sides

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from djinn_core.errors import ConfigError, DeviceUnavailable, DoubleFree, SlabExhausted, UnknownAllocation
+from djinn_core.validation import check_int, check_number, is_int
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,14 @@ class SlabStats:
     moved_bytes: int = 0  # bytes copied by compaction, in total
 
 
-def _check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_alignment(alignment: Any) -> int:
-    _check_int("alignment", alignment, 1)
+def check_alignment(alignment: Any) -> int:
+    """``alignment`` if it is a power of two (bytes), else ConfigError."""
+    check_int("alignment", alignment, 1)
     if alignment & (alignment - 1):
         raise ConfigError(f"alignment must be a power of two, got {alignment}")
     return alignment
+
+
 
 
 class FreeList:
@@ -186,8 +184,8 @@ class SlabBookkeeper:
     """
 
     def __init__(self, capacity_bytes: int, alignment: int = DEFAULT_ALIGNMENT):
-        _check_int("capacity_bytes", capacity_bytes)
-        self.alignment = _check_alignment(alignment)
+        check_int("capacity_bytes", capacity_bytes)
+        self.alignment = check_alignment(alignment)
         self.capacity = capacity_bytes - capacity_bytes % alignment
         self._free = FreeList(self.capacity)
         self._live: dict[int, tuple[int, int]] = {}  # alloc_id -> (offset, aligned size)
@@ -200,7 +198,8 @@ class SlabBookkeeper:
     # -- sizes -------------------------------------------------------------------------------------------------------
     def aligned_size(self, nbytes: int) -> int:
         """Bytes an allocation of ``nbytes`` occupies: rounded up to ``alignment``, at least ``alignment``."""
-        _check_int("nbytes", nbytes)
+        if nbytes.__class__ is not int or nbytes < 0:  # NOTE: the fast test first: every allocation comes here
+            check_int("nbytes", nbytes)
         a = self.alignment
         return max(a, -(-nbytes // a) * a)
 
@@ -253,7 +252,7 @@ class SlabBookkeeper:
         """Release an allocation. :class:`DoubleFree` if already freed, :class:`UnknownAllocation` if never issued."""
         rec = self._live.pop(alloc_id, None) if isinstance(alloc_id, int) else None
         if rec is None:
-            if isinstance(alloc_id, int) and not isinstance(alloc_id, bool) and 0 < alloc_id < self._next_id:
+            if is_int(alloc_id) and 0 < alloc_id < self._next_id:
                 raise DoubleFree(f"slab allocation {alloc_id} freed twice")
             raise UnknownAllocation(f"slab allocation {alloc_id!r} was never issued by this slab")
         offset, size = rec
@@ -355,14 +354,14 @@ def tensor_nbytes(shape: Sequence[int] | int, dtype: torch.dtype) -> tuple[tuple
     """Validate ``(shape, dtype)``; return ``(shape tuple, bytes)``."""
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"dtype must be a torch.dtype, got {dtype!r}")
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if is_int(shape):
         shape = (shape,)
     try:
         shape_t = tuple(shape)
     except TypeError:
         raise ConfigError(f"shape must be a sequence of ints, got {shape!r}") from None
     for d in shape_t:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+        if d.__class__ is not int and not is_int(d) or d < 0:  # NOTE: the fast test first (every allocation)
             raise ConfigError(f"shape must be a sequence of ints >= 0, got {shape!r}")
     return shape_t, math.prod(shape_t) * dtype.itemsize
 
@@ -467,9 +466,8 @@ class Slab:
         ``headroom_bytes`` is left for activations and the torch caching allocator. On the CPU, "free" is the host's
         available RAM (psutil). Raises ConfigError when nothing would be left to reserve.
         """
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise ConfigError(f"fraction must be in (0, 1], got {fraction!r}")
-        _check_int("headroom_bytes", headroom_bytes)
+        check_number("fraction", fraction, 0.0, 1.0, strict_minimum=True)
+        check_int("headroom_bytes", headroom_bytes)
         dev = resolve_device(device)
         if dev.type == "cuda":
             free, _total = torch.cuda.mem_get_info(dev)
@@ -498,8 +496,8 @@ class Slab:
     def raw_bytes(self, offset: int, nbytes: int) -> torch.Tensor:
         """``nbytes`` of the underlying uint8 buffer at ``offset``, bypassing the bookkeeping (copy ceilings measured
         on the slab's own memory, diagnostics). Writing it can corrupt live allocations."""
-        _check_int("offset", offset)
-        _check_int("nbytes", nbytes)
+        check_int("offset", offset)
+        check_int("nbytes", nbytes)
         if offset + nbytes > self.capacity:
             raise ConfigError(f"range [{offset}, {offset + nbytes}) exceeds the slab capacity {self.capacity}")
         return self._buffer[offset : offset + nbytes]

@@ -42,234 +42,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import torch
 
+from djinn_core.errors import CheckpointStateError, ConfigError, HostPoolExhausted, SlabExhausted, UnknownAllocation
 from djinn_core.memory.cuda_driver import DriverCopier, driver_copier
-from djinn_core.errors import (ChecksumMismatch, CheckpointStateError, ConfigError, DeviceUnavailable, HostPoolExhausted,
-                     SlabExhausted, UnknownAllocation)
-from djinn_core.memory.host_pool import HostBlock, HostPool
+from djinn_core.memory.host_pool import HostPool
 from djinn_core.memory.slab import Slab, SlabTensor
+from djinn_core.memory.swap_items import (ItemKey, Key, ResidentState, SwappedItem, SwappedState, SwapStats, checksum,
+                                          swap_timeline)
+from djinn_core.trace import Mark, Span, Tracer, make_mark
 
 log = logging.getLogger(__name__)
 
-_CHECKSUM_MODULUS = 65521  # largest prime < 2**16: position weights 1..65521
-
-
-def checksum(t: torch.Tensor) -> torch.Tensor:
-    """Position-weighted checksum of a contiguous tensor's bytes: an int64 tensor ``[sum(w), sum(w * (i % M + 1))]``.
-
-    Words are int32 when the byte count allows (uint8 otherwise); sums wrap modulo 2**64, which is associative, so the
-    result does not depend on reduction order or device. Runs on the current stream of ``t``'s device.
-    """
-    b = t.reshape(-1).view(torch.uint8)
-    w = (b.view(torch.int32) if b.numel() % 4 == 0 else b).to(torch.int64)
-    pos = torch.arange(w.numel(), dtype=torch.int64, device=w.device).remainder_(_CHECKSUM_MODULUS).add_(1)
-    return torch.stack([w.sum(), (w * pos).sum()])
-
-
-@dataclass
-class SwappedItem:
-    """One item in the host pool. ``event``: recorded on the out stream after its D2H copy (None on the CPU)."""
-
-    name: str
-    block: HostBlock
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-    tag: str | None
-    event: Any = None
-    checksum: torch.Tensor | None = None  # on the device, written on the out stream before ``event``
-    # with driver copies: an event whose driver object exists already (made at swap-out), recorded by the swap-in
-    # through the driver after the item's H2D copy -- no event creation on the restore's path
-    in_event: Any = None
-
-
-class SwappedState:
-    """A set of named items living in the host pool (the result of :meth:`SwapEngine.swap_out`).
-
-    ``items`` keeps insertion order. :meth:`SwapEngine.swap_in` removes the items it brings back; once empty the
-    state is consumed. :meth:`SwapEngine.release` discards it.
-    """
-
-    def __init__(self, engine: "SwapEngine", items: dict[str, SwappedItem]):
-        self._engine = engine
-        self.items = items
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.items)
-
-    @property
-    def nbytes(self) -> int:
-        """Requested bytes of all items (unaligned)."""
-        return sum(it.nbytes for it in self.items.values())
-
-    def slab_bytes(self, names: Iterable[str] | None = None) -> int:
-        """Aligned slab bytes the items (all, or ``names``) need when swapped back in."""
-        names = self.items if names is None else names
-        return sum(self._engine.slab.aligned_size(self.items[n].nbytes) for n in names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def wait(self, name: str | None = None) -> None:
-        """Make the current stream wait for the D2H copy of ``name`` (all items when None). Non-blocking."""
-        for it in self._select(name):
-            if it.event is not None:
-                torch.cuda.current_stream(self._engine.device).wait_event(it.event)
-
-    def wait_host(self, name: str | None = None) -> None:
-        """Block the host until the D2H copy of ``name`` (all when None) is done, e.g. before reading ``host_view``."""
-        for it in self._select(name):
-            if it.event is not None:
-                it.event.synchronize()
-
-    def host_view(self, name: str) -> torch.Tensor:
-        """The host copy of ``name`` (a CPU tensor; call :meth:`wait_host` before reading it)."""
-        return self._select(name)[0].block.view()
-
-    def is_complete(self) -> bool:
-        """True when every D2H copy has finished (non-blocking query)."""
-        return all(it.event is None or it.event.query() for it in self.items.values())
-
-    def absorb(self, other: "SwappedState") -> None:
-        """Move every item of ``other`` (same engine, disjoint names) into this state; ``other`` becomes empty."""
-        if not isinstance(other, SwappedState) or other._engine is not self._engine:
-            raise ConfigError("can only absorb a swapped state of the same engine")
-        clash = set(self.items) & set(other.items)
-        if clash:
-            raise ConfigError(f"swapped states share item names {sorted(clash)}")
-        self.items.update(other.items)
-        other.items = {}
-
-    def _select(self, name: str | None) -> list[SwappedItem]:
-        if name is None:
-            return list(self.items.values())
-        if name not in self.items:
-            raise UnknownAllocation(f"no item {name!r} in this swapped state (has {self.names})")
-        return [self.items[name]]
-
-    def __repr__(self) -> str:
-        return f"SwappedState({len(self.items)} items, {self.nbytes} B)"
-
-
-@dataclass
-class ResidentState:
-    """Items brought back into the slab by :meth:`SwapEngine.swap_in`.
-
-    ``tensors[name]`` is the slab handle; ``events[name]`` is recorded on the in stream after its H2D copy (None when
-    nothing is in flight). ``pending`` is the rest of the swapped state when only some items were swapped in.
-    """
-
-    tensors: dict[str, SlabTensor]
-    events: dict[str, Any] = field(default_factory=dict)
-    pending: SwappedState | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # name -> (checksum before swap-out, its event, checksum after swap-in, its event); debug mode only
-    _checks: dict[str, tuple[torch.Tensor, Any, torch.Tensor, Any]] = field(default_factory=dict, repr=False)
-    # the engine's driver copier: waits go through the driver (a decode step waits once per restored layer)
-    _driver: DriverCopier | None = field(default=None, repr=False)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def wait(self, name: str) -> None:
-        """Make the current stream wait until ``name`` has arrived (non-blocking, except in checksum mode)."""
-        if name not in self.tensors:
-            raise UnknownAllocation(f"no item {name!r} in this resident state (has {self.names})")
-        ev = self.events.get(name)
-        if ev is not None:
-            drv = self._driver
-            if drv is not None:
-                drv.wait(drv.current_stream(), ev.cuda_event)
-            else:
-                torch.cuda.current_stream(self.device).wait_event(ev)
-        if name in self._checks:
-            self.verify([name])
-
-    def wait_all(self) -> None:
-        """:meth:`wait` for every item."""
-        for name in self.tensors:
-            self.wait(name)
-
-    def is_ready(self, name: str) -> bool:
-        """Whether ``name``'s copy has finished (non-blocking query)."""
-        ev = self.events.get(name)
-        return ev is None or bool(ev.query())
-
-    def verify(self, names: Sequence[str] | None = None) -> None:
-        """Debug mode: block on the items' events and compare checksums; raise :class:`ChecksumMismatch`."""
-        for name in list(self._checks if names is None else names):
-            check = self._checks.pop(name, None)
-            if check is None:
-                continue
-            before, ev_before, after, ev_after = check
-            for ev in (ev_before, ev_after):
-                if ev is not None:
-                    ev.synchronize()
-            b, a = before.cpu().tolist(), after.cpu().tolist()
-            if b != a:
-                raise ChecksumMismatch(f"item {name!r}: checksum {b} before swap-out, {a} after swap-in")
-
-
-@dataclass(frozen=True)
-class SwapStats:
-    """Bytes (requested, unaligned) and item counts moved since creation."""
-
-    bytes_out: int
-    bytes_in: int
-    items_out: int
-    items_in: int
-    swaps_out: int
-    swaps_in: int
-
-
-@dataclass
-class SwapRecord:
-    """One swap's copies on its side stream, for per-event latency: ``start`` is recorded on the stream right before
-    its first copy, ``end`` after its last (CUDA events with timing; None on the CPU)."""
-
-    direction: str  # "out" (device to host) or "in"
-    nbytes: int
-    items: int
-    start: Any
-    end: Any
-    issue_ms: float | None = None  # host time from recording ``start`` to recording ``end`` (the copies' issue)
-
-    def elapsed_ms(self) -> float:
-        """Milliseconds between the two events; waits (host) for ``end``: call it after the run, not inside one."""
-        if self.start is None or self.end is None:
-            raise DeviceUnavailable("swap timing needs CUDA events; this swap ran on the CPU")
-        self.end.synchronize()
-        return float(self.start.elapsed_time(self.end))
-
-
-def swap_timeline(records: Sequence[SwapRecord]) -> list[dict[str, Any]]:
-    """Each swap of ``records`` as ``{direction, nbytes, ms, start_ms, overlap_ms, host_issue_ms}``: ``start_ms`` from
-    the first record's start, ``overlap_ms`` the time it shared the link with swaps of the other direction (a copy
-    that overlaps one the other way runs slower: both directions at once reach about 85 GB/s on the lent H100, not
-    2 x 55), ``host_issue_ms`` how long the host took to issue its copies (a swap issued slower than its copies run
-    leaves the link idle inside its window). Waits for the last record's events: call it after the run."""
-    if not records:
-        return []
-    origin = records[0].start
-    spans = [(r.direction, r.nbytes, origin.elapsed_time(r.start), r.elapsed_ms()) for r in records]
-    out = []
-    for r, (d, n, t0, ms) in zip(records, spans):
-        t1 = t0 + ms
-        shared = sum(max(0.0, min(t1, u0 + ums) - max(t0, u0)) for e, _, u0, ums in spans if e != d)
-        out.append({"direction": d, "nbytes": n, "ms": ms, "start_ms": t0, "overlap_ms": shared,
-                    "host_issue_ms": r.issue_ms})
-    return out
-
+__all__ = ["ItemKey", "Key", "ResidentState", "SwapEngine", "SwapStats", "SwappedItem", "SwappedState", "checksum",
+           "swap_timeline"]
 
 class SwapEngine:
     """Moves named :class:`SlabTensor` s between ``slab`` and ``host_pool`` on one side stream per direction.
@@ -296,16 +84,16 @@ class SwapEngine:
         else:
             self.out_stream = self.in_stream = None
         self._bytes_out = self._bytes_in = self._items_out = self._items_in = self._swaps_out = self._swaps_in = 0
-        # record_timing: keep a SwapRecord (start/end timing events on the side stream) per swap in `records`
+        # record_timing: keep a Span (marks on the side stream before the first copy and after the last, labelled
+        # with the direction; data: nbytes, items) per swap in `records`
         self.record_timing = bool(record_timing) and self._cuda
-        self.records: list[SwapRecord] = []
-        self._issue_t0 = 0.0  # host time of the last swap start event (record_timing)
+        self.records: list[Span] = []
         self._in_saw_unfenced = -1  # slab.unfenced_frees when the in stream last waited for the current stream
         # driver_copies: swap_in_into issues its waits, copy and event through the CUDA driver (pinned pools only)
         self.driver: DriverCopier | None = (driver_copier(self.device)
                                             if driver_copies and self._cuda and host_pool.pinned else None)
-        # diagnostics: when a list, swap_in_now appends (label, time.perf_counter()) at each step (host time only)
-        self.host_marks: list[tuple[str, float]] | None = None
+        # diagnostics: an enabled host-time Tracer here gets a mark at each step of swap_in_now / swap_in_into
+        self.host_tracer: Tracer | None = None
 
     @property
     def stats(self) -> SwapStats:
@@ -320,19 +108,11 @@ class SwapEngine:
         ev.record(stream)
         return ev
 
-    def _timing_event(self, stream: Any) -> Any:
+    def _timing_start(self, stream: Any) -> Mark | None:
+        """A swap's start mark on ``stream`` (record_timing): a timing event and the host time it was issued."""
         if not self.record_timing or stream is None:
             return None
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(stream)
-        return ev
-
-    def _timing_start(self, stream: Any) -> Any:
-        """A swap's start event (record_timing), noting the host time it was issued (for ``SwapRecord.issue_ms``)."""
-        ev = self._timing_event(stream)
-        if ev is not None:
-            self._issue_t0 = time.perf_counter()
-        return ev
+        return make_mark("start", stream)
 
     @property
     def _driver_copies(self) -> bool:
@@ -353,20 +133,21 @@ class SwapEngine:
             self.out_stream.wait_stream(self.in_stream)
 
     # -- out ---------------------------------------------------------------------------------------------------------
-    def swap_out(self, items: Mapping[str, SlabTensor], *, free_source: bool = True) -> SwappedState:
+    def swap_out(self, items: Mapping[Key, SlabTensor], *, free_source: bool = True,
+                 keep: Collection[Key] = ()) -> SwappedState:
         """Copy ``items`` to the host pool on the out stream; one event per item; returns immediately (CUDA).
 
-        With ``free_source`` the slab tensors are freed at once, fenced by the swap's last copy event (one merged
-        fence per swap). Without it they stay
-        allocated and fenced; do not write them until ``state.wait(name)`` has been called on the writing stream.
+        With ``free_source`` the slab tensors (except those named in ``keep``) are freed at once, fenced by the
+        swap's last copy event (one merged fence per swap). The others stay allocated and fenced by their copy; do
+        not write them until ``state.wait(name)`` has been called on the writing stream.
         Raises :class:`~djinn_core.errors.HostPoolExhausted` (nothing copied, nothing freed) when the host blocks do
         not fit.
         """
         if not isinstance(items, Mapping):
             raise ConfigError(f"items must be a mapping name -> SlabTensor, got {type(items).__name__}")
         for name, t in items.items():
-            if not isinstance(name, str):
-                raise ConfigError(f"item names must be str, got {name!r}")
+            if not isinstance(name, (str, ItemKey)):
+                raise ConfigError(f"item names must be str or ItemKey, got {name!r}")
             if not isinstance(t, SlabTensor) or t.slab is not self.slab:
                 raise UnknownAllocation(f"item {name!r}: {t!r} is not a tensor of this engine's slab")
             if not t.alive:
@@ -399,7 +180,7 @@ class SwapEngine:
                 block.view().copy_(src, non_blocking=out is not None)
                 ev = self._record(out)
                 swapped[name] = SwappedItem(name, block, t.shape, t.dtype, t.nbytes, t.tag, ev, cs)
-                if not free_source:
+                if not free_source or (keep and name in keep):
                     self.slab.fence(t, ev)
         if self._driver_copies and not self.checksums:
             for it in swapped.values():  # after the copies (not delayed by these calls); recorded again at swap-in
@@ -407,8 +188,9 @@ class SwapEngine:
         if free_source and items:
             # freed behind the swap's last copy: one fence for all its ranges (adjacent ones merge into one entry,
             # so later allocations check a few fences, not one per item)
-            for t in items.values():
-                self.slab.free(t, after=ev)
+            for name, t in items.items():
+                if not (keep and name in keep):
+                    self.slab.free(t, after=ev)
         nbytes = sum(t.nbytes for t in items.values())
         self._account("out", nbytes, len(items), start, out)
         log.debug("swap-out: %d items, %d bytes", len(items), nbytes)
@@ -431,7 +213,7 @@ class SwapEngine:
         work queued after it (a resume's continuation) does not delay the copies; if the allocations themselves
         queue work on the current stream, the in stream still waits for all of it.
         """
-        if not isinstance(state, SwappedState) or state._engine is not self:
+        if not isinstance(state, SwappedState) or state.engine is not self:
             raise ConfigError("state was not produced by this swap engine")
         if not state.items:
             raise CheckpointStateError("swapped state is empty (already swapped in or released)")
@@ -528,11 +310,10 @@ class SwapEngine:
         """Bring one item back for the current stream's next work (a restore's packed head); return
         ``(tensor, event)`` with ``event`` recorded on the current stream once the bytes are there.
 
-        Built for the latency from the call to the copy's start, which is all host work: after a large swap-out
-        the host's first CUDA calls are several times slower than in a loop, so each call before the copy counts.
-        Before the copy the host does one allocation (no event queries) and one in-stream wait per distinct event
-        the copy depends on: the item's D2H and the fences of the range it lands in -- one event when the item was
-        the last of its swap-out. The in stream waits for the whole current stream only
+        Built for the latency from the call to the copy's start, which is all host work, so each call before the
+        copy counts (see ``docs/notes/runtime.md``). Before the copy the host does one allocation (no event
+        queries) and one in-stream wait per distinct event the copy depends on: the item's D2H and the fences of the
+        range it lands in -- one event when the item was the last of its swap-out. The in stream waits for the whole current stream only
         when the allocation queued work there or some slab memory was freed without a fence since it last did.
         The current stream's wait and ``event`` follow the copy (they overlap it). The copy runs on the in stream,
         ahead of any copies issued after it, so the current stream never waits for those.
@@ -550,19 +331,19 @@ class SwapEngine:
                 event = event if event is not None else torch.cuda.Event(enable_timing=True)
                 event.record(torch.cuda.current_stream(self.device))
             return rs.tensors[name], event
-        marks = self.host_marks
+        marks = self.host_tracer
         slab, inn = self.slab, self.in_stream
         epoch = slab.stream_epoch
         deps: list[Any] = []
         t = slab.allocate(it.shape, it.dtype, tag=it.tag, fences=deps)
         if marks is not None:
-            marks.append(("allocated", time.perf_counter()))
+            marks.mark("allocated")
         cur = torch.cuda.current_stream(self.device)
         if epoch != slab.stream_epoch or slab.unfenced_frees != self._in_saw_unfenced:
             self._in_waits_for(cur)
         waited = self._wait_distinct(inn, (*deps, it.event))
         if marks is not None:
-            marks.append((f"waited_{waited}", time.perf_counter()))
+            marks.mark(f"waited_{waited}")
         dst, src = t.view(), it.block.view()
         with torch.cuda.stream(inn):
             start = self._timing_start(inn)
@@ -570,16 +351,16 @@ class SwapEngine:
             copied = torch.cuda.Event()
             copied.record(inn)
         if marks is not None:
-            marks.append(("copy_issued", time.perf_counter()))
+            marks.mark("copy_issued")
         cur.wait_event(copied)
         if event is None:
             event = torch.cuda.Event(enable_timing=True)
         event.record(cur)
         if marks is not None:
-            marks.append(("event_recorded", time.perf_counter()))
+            marks.mark("event_recorded")
         self._took_one(state, name, t.nbytes, copied, start, inn)
         if marks is not None:
-            marks.append(("bookkept", time.perf_counter()))
+            marks.mark("bookkept")
         return t, event
 
     def swap_in_into(self, state: SwappedState, name: str, dst: SlabTensor, deps: Sequence[Any] = (), *,
@@ -601,7 +382,7 @@ class SwapEngine:
                               f"{it.dtype}")
         if it.checksum is not None:
             raise ConfigError("swap_in_into does not verify checksums: use swap_in in checksum mode")
-        marks = self.host_marks
+        marks = self.host_tracer
         if not self._cuda:
             dst.view().copy_(it.block.view())
             event = start = cur = None
@@ -614,7 +395,7 @@ class SwapEngine:
             drv.h2d(dst.view().data_ptr(), it.block.data_ptr(), dst.nbytes, drv.current_stream(), waits,
                     handle)
             if marks is not None:
-                marks.append((f"driver_copy_issued_{len(waits)}", time.perf_counter()))
+                marks.mark(f"driver_copy_issued_{len(waits)}")
             if not handle:
                 event.record(torch.cuda.current_stream(self.device))
             start = cur = None
@@ -622,11 +403,11 @@ class SwapEngine:
             cur = torch.cuda.current_stream(self.device)
             waited = self._wait_distinct(cur, (*deps, it.event))
             if marks is not None:
-                marks.append((f"waited_{waited}", time.perf_counter()))
+                marks.mark(f"waited_{waited}")
             start = self._timing_start(cur)
             dst.view().copy_(it.block.view(), non_blocking=True)  # both views are cached (same dtype and shape)
             if marks is not None:
-                marks.append(("copy_issued", time.perf_counter()))
+                marks.mark("copy_issued")
             if event is None:
                 event = torch.cuda.Event(enable_timing=True)
             event.record(cur)
@@ -634,7 +415,7 @@ class SwapEngine:
         return event
 
     def _item(self, state: SwappedState, name: str) -> SwappedItem:
-        if not isinstance(state, SwappedState) or state._engine is not self:
+        if not isinstance(state, SwappedState) or state.engine is not self:
             raise ConfigError("state was not produced by this swap engine")
         it = state.items.get(name)
         if it is None:
@@ -671,11 +452,10 @@ class SwapEngine:
         self._account("in", nbytes, 1, start, stream)
 
     def _account(self, direction: str, nbytes: int, items: int, start: Any, stream: Any) -> None:
-        """Count one swap in ``direction`` ("out" or "in"); with ``start`` (record_timing) keep its SwapRecord, ended
+        """Count one swap in ``direction`` ("out" or "in"); with ``start`` (record_timing) keep its Span, ended
         by an event on ``stream`` now."""
         if start is not None:
-            issue_ms = (time.perf_counter() - self._issue_t0) * 1e3
-            self.records.append(SwapRecord(direction, nbytes, items, start, self._timing_event(stream), issue_ms))
+            self.records.append(Span(direction, start, make_mark("end", stream), {"nbytes": nbytes, "items": items}))
         if direction == "out":
             self._bytes_out += nbytes
             self._items_out += items
@@ -715,7 +495,7 @@ class SwapEngine:
     def release(self, state: SwappedState, names: Iterable[str] | None = None) -> None:
         """Discard items of a swapped state (all when ``names`` is None): free their host blocks, fenced by their D2H
         events. Released items leave ``state``."""
-        if not isinstance(state, SwappedState) or state._engine is not self:
+        if not isinstance(state, SwappedState) or state.engine is not self:
             raise ConfigError("state was not produced by this swap engine")
         if isinstance(names, str):
             raise ConfigError("names must be a sequence of item names, not a str")
