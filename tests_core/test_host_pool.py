@@ -32,10 +32,10 @@ class FakeEvent:
         self.done = True
 
 
-def test_pool_is_split_into_chunks_and_hands_out_typed_views():
-    p = HostPool(10 * KiB, chunk_bytes=4 * KiB, pin=False)
+def test_pool_is_split_into_segments_and_hands_out_typed_views():
+    p = HostPool(10 * KiB, segment_bytes=4 * KiB, pin=False)
     s = p.stats
-    assert (s.capacity, s.chunks, s.chunk_bytes, s.pinned, s.used) == (10 * KiB, 3, 4 * KiB, False, 0)
+    assert (s.capacity, s.segments, s.segment_bytes, s.pinned, s.used) == (10 * KiB, 3, 4 * KiB, False, 0)
     b = p.allocate((3, 5), torch.float16)
     v = b.view()
     assert v.shape == (3, 5) and v.dtype == torch.float16 and v.device.type == "cpu" and v.is_contiguous()
@@ -47,7 +47,7 @@ def test_pool_is_split_into_chunks_and_hands_out_typed_views():
 
 
 def test_data_ptr_is_the_views_address_without_making_a_view():
-    p = HostPool(10 * KiB, chunk_bytes=4 * KiB, pin=False)
+    p = HostPool(10 * KiB, segment_bytes=4 * KiB, pin=False)
     blocks = [p.allocate((100 * (i + 1),), torch.uint8) for i in range(5)]
     for b in blocks:
         ptr = b.data_ptr()
@@ -58,28 +58,28 @@ def test_data_ptr_is_the_views_address_without_making_a_view():
         blocks[0].data_ptr()
 
 
-def test_blocks_never_span_chunks():
-    p = HostPool(8 * KiB, chunk_bytes=4 * KiB, pin=False)
+def test_blocks_never_span_segments():
+    p = HostPool(8 * KiB, segment_bytes=4 * KiB, pin=False)
     a = p.allocate((3 * KiB,), torch.uint8)
-    b = p.allocate((3 * KiB,), torch.uint8)  # does not fit the rest of chunk 0: goes to chunk 1
-    assert (a.chunk, b.chunk) == (0, 1)
-    c = p.allocate((KiB,), torch.uint8)  # fits the rest of chunk 0
-    assert c.chunk == 0 and c.offset == 3 * KiB
+    b = p.allocate((3 * KiB,), torch.uint8)  # does not fit the rest of segment 0: goes to segment 1
+    assert (a.segment, b.segment) == (0, 1)
+    c = p.allocate((KiB,), torch.uint8)  # fits the rest of segment 0
+    assert c.segment == 0 and c.offset == 3 * KiB
     with pytest.raises(HostPoolExhausted) as e:
-        p.allocate((2 * KiB,), torch.uint8)  # only 1 KiB left, at the end of chunk 1
+        p.allocate((2 * KiB,), torch.uint8)  # only 1 KiB left, at the end of segment 1
     assert e.value.requested == 2 * KiB and e.value.capacity == 8 * KiB
     p.check_invariants()
 
 
-def test_a_block_larger_than_a_chunk_is_a_config_error():
-    p = HostPool(8 * KiB, chunk_bytes=4 * KiB, pin=False)
-    with pytest.raises(ConfigError, match="chunk_bytes"):
+def test_a_block_larger_than_a_segment_is_a_config_error():
+    p = HostPool(8 * KiB, segment_bytes=4 * KiB, pin=False)
+    with pytest.raises(ConfigError, match="segment_bytes"):
         p.allocate((4 * KiB + 1,), torch.uint8)
     assert p.stats.used == 0
 
 
 def test_blocks_do_not_alias():
-    p = HostPool(16 * KiB, chunk_bytes=8 * KiB, pin=False)
+    p = HostPool(16 * KiB, segment_bytes=8 * KiB, pin=False)
     blocks = [p.allocate((100,), torch.int32) for _ in range(10)]
     for i, b in enumerate(blocks):
         b.view().fill_(i)
@@ -88,8 +88,8 @@ def test_blocks_do_not_alias():
 
 
 def test_double_free_and_foreign_blocks():
-    p = HostPool(4 * KiB, chunk_bytes=4 * KiB, pin=False)
-    q = HostPool(4 * KiB, chunk_bytes=4 * KiB, pin=False)
+    p = HostPool(4 * KiB, segment_bytes=4 * KiB, pin=False)
+    q = HostPool(4 * KiB, segment_bytes=4 * KiB, pin=False)
     b = p.allocate((8,), torch.float32)
     p.free(b)
     with pytest.raises(DoubleFree):
@@ -106,15 +106,15 @@ def test_double_free_and_foreign_blocks():
 
 def test_capacity_beyond_available_ram_fails_before_pinning():
     with pytest.raises(InsufficientHostMemory, match="nothing was pinned"):
-        HostPool(1 << 60, chunk_bytes=1 << 30, pin=False)
+        HostPool(1 << 60, segment_bytes=1 << 30, pin=False)
     with pytest.raises(InsufficientHostMemory):
-        HostPool(8 * KiB, pin=False, reserve_bytes=1 << 60)
+        HostPool(8 * KiB, pin=False, min_free_host_bytes=1 << 60)
 
 
-@pytest.mark.parametrize("kw", [dict(capacity_bytes=-1), dict(capacity_bytes=4 * KiB, chunk_bytes=0),
-                                dict(capacity_bytes=4 * KiB, chunk_bytes=1000),
+@pytest.mark.parametrize("kw", [dict(capacity_bytes=-1), dict(capacity_bytes=4 * KiB, segment_bytes=0),
+                                dict(capacity_bytes=4 * KiB, segment_bytes=1000),
                                 dict(capacity_bytes=4 * KiB, alignment=3), dict(capacity_bytes=4 * KiB, pin="yes"),
-                                dict(capacity_bytes=4 * KiB, reserve_bytes=-1)])
+                                dict(capacity_bytes=4 * KiB, min_free_host_bytes=-1)])
 def test_bad_arguments_are_config_errors(kw):
     cap = kw.pop("capacity_bytes")
     kw.setdefault("pin", False)
@@ -132,13 +132,13 @@ def test_pinning_without_cuda_is_device_unavailable():
 
 def test_creation_time_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="djinn_core.memory.host_pool"):
-        p = HostPool(8 * KiB, chunk_bytes=4 * KiB, pin=False)
-    assert "2 chunk(s)" in caplog.text and "ms/GiB" in caplog.text
+        p = HostPool(8 * KiB, segment_bytes=4 * KiB, pin=False)
+    assert "2 segment(s)" in caplog.text and "ms/GiB" in caplog.text
     assert p.stats.pin_ms >= 0.0
 
 
 def test_fits_predicts_allocate_without_changing_anything():
-    p = HostPool(8 * KiB, chunk_bytes=4 * KiB, pin=False)
+    p = HostPool(8 * KiB, segment_bytes=4 * KiB, pin=False)
     p.allocate((3 * KiB,), torch.uint8)
     before = p.stats
     assert p.fits([4 * KiB, KiB])
@@ -148,7 +148,7 @@ def test_fits_predicts_allocate_without_changing_anything():
 
 
 def test_a_reused_range_carries_the_fences_of_in_flight_copies():
-    p = HostPool(4 * KiB, chunk_bytes=4 * KiB, pin=False)
+    p = HostPool(4 * KiB, segment_bytes=4 * KiB, pin=False)
     b = p.allocate((KiB,), torch.uint8)
     ev = FakeEvent()
     p.free(b, after=ev)  # an H2D still reads b
@@ -164,7 +164,7 @@ def test_a_reused_range_carries_the_fences_of_in_flight_copies():
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 3 * KiB), st.integers(0, 1000)), max_size=80))
 def test_random_allocate_free_keeps_the_accounting_balanced(ops):
-    p = HostPool(8 * KiB, chunk_bytes=4 * KiB, pin=False)
+    p = HostPool(8 * KiB, segment_bytes=4 * KiB, pin=False)
     live: list[HostBlock] = []
     for is_alloc, n, pick in ops:
         if is_alloc or not live:
@@ -179,3 +179,11 @@ def test_random_allocate_free_keeps_the_accounting_balanced(ops):
             p.free(live.pop(pick % len(live)))
         p.check_invariants()
         assert p.stats.allocations == len(live)
+
+
+def test_raw_bytes_reads_a_segment_and_refuses_outside_it():
+    p = HostPool(8 * KiB, segment_bytes=4 * KiB, pin=False)
+    assert p.raw_bytes(1, KiB, 2 * KiB).numel() == 2 * KiB
+    for args in [(2, 0, 1), (-1, 0, 1), (True, 0, 1), (0, 3 * KiB, 2 * KiB)]:
+        with pytest.raises(ConfigError, match="segment"):
+            p.raw_bytes(*args)

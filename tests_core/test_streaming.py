@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from djinn_core import streaming
-from djinn_core.errors import (BudgetTooSmall, ConfigError, InsufficientHostMemory, StreamingBudgetTooSmall)
-from djinn_core.models import build_model, decoder_layers
+from djinn_core.errors import BudgetTooSmall, ConfigError, InsufficientHostMemory, StreamingBudgetTooSmall
+from djinn_core.memory import host_ram
+from djinn_core.models import build_model, decoder_layers, init_parameters_
 from djinn_core.streaming import (LayerLayout, StreamedModel, StreamingPolicy, build_streamed_model,
                                   pack_layer_weights, place_resident_, plan_budget)
-from fixtures.reference import greedy_reference
+from djinn_core.bench.experiments.reference import greedy_reference
 
 pytestmark = pytest.mark.cpu
 
@@ -184,6 +185,8 @@ def test_slots_rotate_in_ring_order_across_forwards():
         first = sm.read_timeline()
         sm(_prompt(8))
         second = sm.read_timeline()
+    assert all(set(r) == {"layer", "host_set", "slot", "copy_start_ms", "copy_end_ms", "compute_start_ms",
+                          "compute_end_ms"} for r in first + second)
     assert [r["slot"] for r in first] == [i % 3 for i in range(7)]
     assert [r["slot"] for r in second] == [(7 + i) % 3 for i in range(7)]
     for r in first:  # CPU copies are synchronous: a layer's copy ends before its compute starts
@@ -219,6 +222,10 @@ def test_ring_smaller_than_one_layer_is_rejected_before_pinning(monkeypatch):
         build_streamed_model("llama-tiny", budget_bytes=1 << 30, device="cpu", dtype=DTYPE, policy=policy)
 
 
+def _fill_seeded(layer, index: int) -> None:
+    init_parameters_(layer, SEED, prefix=f"model.layers.{index}.")
+
+
 def _never(what: str):
     def fail(*a, **k):
         raise AssertionError(f"{what} before the input was validated")
@@ -234,7 +241,7 @@ def test_budget_too_small_for_a_70b_layer_is_a_config_error_before_pinning(monke
 
 def test_plan_counts_slots_beside_resident_kv_and_activations():
     model = build_model("llama2-70b", num_layers=48, materialize=False)
-    plan = plan_budget(model, 12 << 30, max_tokens=2064, prefill_tokens=2048, reserve_bytes=1 << 30)
+    plan = plan_budget(model, 12 << 30, max_tokens=2064, prefill_tokens=2048, device_overhead_bytes=1 << 30)
     assert plan.layer_bytes == 1_711_308_800  # one Llama-2-70B layer in fp16, 1.594 GiB
     assert plan.resident_bytes == 2 * 32000 * 8192 * 2 + 8192 * 2
     assert plan.kv_bytes == 2 * 8 * 128 * 2 * 2064 * 49
@@ -243,14 +250,13 @@ def test_plan_counts_slots_beside_resident_kv_and_activations():
     assert plan_budget(model, 12 << 30, max_tokens=2064, max_slots=2).slots == 2
     with pytest.raises(StreamingBudgetTooSmall):
         plan_budget(model, plan.fixed_bytes + plan.layer_bytes - 1, max_tokens=2064, prefill_tokens=2048,
-                    reserve_bytes=1 << 30)
+                    device_overhead_bytes=1 << 30)
 
 
 def test_a_ring_beyond_the_budget_is_rejected():
     model = build_model("llama-tiny", dtype=DTYPE, num_layers=4, materialize=False)
     plan = plan_budget(model, 1 << 30, max_tokens=64, max_slots=2)
-    pack = pack_layer_weights(model, device="cpu", fill=streaming.partial(streaming._init_layer, SEED),
-                              progress=False)
+    pack = pack_layer_weights(model, device="cpu", fill=_fill_seeded, progress=False)
     place_resident_(model, "cpu", seed=SEED)
     with pytest.raises(StreamingBudgetTooSmall, match="exceeds the budget"):
         StreamedModel(model, pack, StreamingPolicy(chunk_bytes=64 * KiB, ring_bytes=3 * LAYER), device="cpu",
@@ -267,7 +273,8 @@ def test_host_ram_too_small_for_the_pack_is_refused_before_pinning(monkeypatch):
 def test_host_ram_check_uses_available_memory(monkeypatch):
     class Tiny:
         available = 3 << 20
-    monkeypatch.setattr(streaming.psutil, "virtual_memory", lambda: Tiny())
+        total = 16 << 30
+    monkeypatch.setattr(host_ram.psutil, "virtual_memory", lambda: Tiny())
     monkeypatch.setattr(streaming.WeightPack, "__init__", _never("pinned"))
     with pytest.raises(InsufficientHostMemory):
         _streamed(7, 2, 64 * KiB)

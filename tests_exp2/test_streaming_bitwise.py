@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from djinn_core.bench import preconditions as pre
 from djinn_core.models import build_model
 from djinn_core.streaming import StreamedModel, StreamingPolicy, place_resident_
-from exp2_streaming import ARCH, SEED, MiB, free_device_memory, greedy, mismatches, prompt
+from djinn_core.bench.experiments.exp2_streaming import (ARCH, SEED, MiB, free_device_memory, greedy, mismatches,
+                                                         prompt)
 
 LAYERS = 5  # 8 GiB of layers resident; 5 % 2 and 5 % 3 != 0 (ring slots that do not divide the layer count)
 PROMPT_TOKENS = 128
@@ -44,5 +46,8 @@ def test_streamed_logits_and_greedy_tokens_bitwise_equal_resident(llama70b_host_
     params = {"layers": LAYERS, "slots": slots, "chunk_MiB": chunk_mib, "prompt_tokens": PROMPT_TOKENS,
               "decode_steps": STEPS}
     claim.info(**res)
+    pre.bytes_moved(claim, nbytes=res["stats"]["bytes_streamed"], what="weight bytes streamed", params=params)
+    claim.precondition("layers_not_divisible_by_slots", value=LAYERS % slots, op=">", bound=0, unit="layers",
+                       what="layer count modulo ring slots (the case under test)", params=params)
     claim.check("unequal_logits_and_tokens_vs_resident", method="torch bit patterns, prefill + decode logits, tokens",
                 value=sum(res["diff"].values()), bound=0, op="<=", unit="elements", params=params)

@@ -11,9 +11,11 @@ import warnings
 import pytest
 import torch
 
+from djinn_core.bench import preconditions as pre
 from djinn_core.models import build_model
-from exp2_streaming import (ARCH, SEED, SWEEP_TOKENS, MiB, ForwardRun, free_device_memory, measure_forwards,
-                            prefill_fn, prompt, slot_ceiling, streamed_model)
+from djinn_core.bench.experiments.exp2_streaming import (ARCH, SEED, SWEEP_TOKENS, ForwardRun, MiB, free_device_memory,
+                                                         measure_forwards, prefill_fn, prompt, slot_ceiling,
+                                                         streamed_model)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,11 @@ def _record(claim, name: str, peer: str, djinn: ForwardRun, peer_run: ForwardRun
     extra["djinn_fraction_of_its_ceiling"] = djinn.GBps / djinn.ceiling_GBps
     extra["peer_fraction_of_its_ceiling"] = peer_run.GBps / peer_run.ceiling_GBps
     claim.info(djinn_run=djinn.to_dict(), peer_run=peer_run.to_dict(), **extra)
+    pre.peer_ran(claim, peer=peer, timing=peer_run.timing, params=params)
+    pre.peer_ran(claim, peer="djinn streaming", timing=djinn.timing, params=params)
+    pre.bytes_moved(claim, nbytes=peer_run.bytes_per_forward, what=f"{peer}'s weight bytes per forward", params=params)
+    pre.bytes_moved(claim, nbytes=djinn.bytes_per_forward, what="djinn's streamed weight bytes per forward",
+                    params=params)
     claim.ratio(name, method="djinn.streaming prefill GB/s of weights", measured=djinn.GBps,
                 reference=peer_run.GBps, bound=bound, op=">=", unit="GB/s", params=params,
                 reference_method=f"{peer} prefill GB/s of weights")
@@ -76,7 +83,8 @@ def _import_deepspeed():
             warnings.simplefilter("ignore")
             import deepspeed  # noqa: F401
     except Exception as e:  # not installed (see scripts/gpu_peers_setup.sh), or it fails to load here
-        pytest.skip(f"DeepSpeed cannot be imported on this machine ({type(e).__name__}: {e}); carry .whl and "
+        # a report without its peer says nothing about the peer: the claim fails, it does not skip
+        pytest.fail(f"DeepSpeed cannot be imported on this machine ({type(e).__name__}: {e}); carry .whl and "
                     "source scripts/gpu_peers_setup.sh to run this peer")
     return deepspeed
 

@@ -1,20 +1,21 @@
-"""Pinned host pool: host memory pinned once, at creation, in large chunks, then sub-allocated.
+"""Pinned host pool: host memory pinned once, at creation, in large segments, then sub-allocated.
 
-Pinning (``cudaHostAlloc`` through ``torch.empty(..., pin_memory=True)``) is slow -- hundreds of milliseconds per GiB
--- so it happens once, in ``chunk_bytes`` pieces, and never per copy. The requested capacity is checked against the
-host's available RAM (minus ``reserve_bytes``) *before* anything is pinned, so an impossible pool fails fast with
-:class:`~djinn_core.errors.InsufficientHostMemory` instead of driving the host into swap. Pinning time is logged.
+Pinning (``cudaHostAlloc`` through ``torch.empty(..., pin_memory=True)``) is slow, so it happens once, in
+``segment_bytes`` pieces, and never per copy. The requested capacity is checked against the host's available RAM
+(:func:`~djinn_core.memory.host_ram.check_host_ram`, keeping ``min_free_host_bytes`` available) *before* anything is
+pinned, so an impossible pool fails fast with :class:`~djinn_core.errors.InsufficientHostMemory` instead of driving the
+host into swap. Pinning time is logged.
 
-Sub-allocation: each chunk has its own first-fit, coalescing free list (:class:`~djinn_core.memory.slab.FreeList`); a block
-never spans chunks, so one request can be at most ``chunk_bytes`` (larger requests raise ConfigError naming the
-limit -- create the pool with a larger ``chunk_bytes``). Blocks are ``alignment``-aligned.
+Sub-allocation: each segment has its own first-fit, coalescing free list (:class:`~djinn_core.memory.slab.FreeList`);
+a block never spans segments, so one request can be at most ``segment_bytes`` (larger requests raise ConfigError naming
+the limit -- create the pool with a larger ``segment_bytes``). Blocks are ``alignment``-aligned.
 
 Fences: a block freed while an in-flight host-to-device copy still reads it is freed with ``after=event``. A later
 block overlapping that range carries the pending events in :attr:`HostBlock.fences`; a stream that writes the block
 (the swap engine's device-to-host stream) ``wait_event``s on them first, and a CPU writer calls
 :meth:`HostBlock.wait_host` (an event wait, not a device-wide synchronize).
 
-Without CUDA (``pin=False``, the default there) chunks are ordinary memory and the same bookkeeping runs.
+Without CUDA (``pin=False``, the default there) segments are ordinary memory and the same bookkeeping runs.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from typing import Any, Sequence
 
 import torch
 
-from djinn_core.errors import ConfigError, DeviceUnavailable, DoubleFree, HostPoolExhausted, InsufficientHostMemory, UnknownAllocation
-from djinn_core.memory.slab import DEFAULT_ALIGNMENT, FreeList, _check_alignment, _check_int, event_pending, tensor_nbytes, typed_view
+from djinn_core.errors import ConfigError, DeviceUnavailable, DoubleFree, HostPoolExhausted, UnknownAllocation
+from djinn_core.memory.host_ram import check_host_ram
+from djinn_core.memory.slab import (DEFAULT_ALIGNMENT, FreeList, check_alignment, event_pending, tensor_nbytes,
+                                    typed_view)
+from djinn_core.validation import check_int
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 1 << 30
-DEFAULT_RESERVE_BYTES = 2 << 30  # host RAM left unpinned for the OS, Python and pageable tensors
+DEFAULT_SEGMENT_BYTES = 1 << 30  # one pinned allocation; also the largest block
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,8 @@ class HostPoolStats:
     largest_free: int
     high_water: int
     allocations: int
-    chunks: int
-    chunk_bytes: int
+    segments: int
+    segment_bytes: int
     pinned: bool
     pin_ms: float  # wall time spent pinning at creation
 
@@ -58,13 +61,14 @@ class HostBlock:
     block must ``wait_event`` on them, a CPU writer must call :meth:`wait_host` first.
     """
 
-    __slots__ = ("block_id", "chunk", "offset", "size", "nbytes", "shape", "dtype", "fences", "_pool", "_freed", "_view")
+    __slots__ = ("block_id", "segment", "offset", "size", "nbytes", "shape", "dtype", "fences", "_pool", "_freed",
+                 "_view")
 
-    def __init__(self, pool: "HostPool", block_id: int, chunk: int, offset: int, size: int, nbytes: int,
+    def __init__(self, pool: "HostPool", block_id: int, segment: int, offset: int, size: int, nbytes: int,
                  shape: tuple[int, ...], dtype: torch.dtype, fences: list[Any]):
         self._pool = pool
         self.block_id = block_id
-        self.chunk = chunk
+        self.segment = segment
         self.offset = offset
         self.size = size
         self.nbytes = nbytes
@@ -83,14 +87,15 @@ class HostBlock:
         if self._freed:
             raise UnknownAllocation(f"host block {self.block_id} was freed")
         if self._view is None:
-            self._view = typed_view(self._pool._chunks[self.chunk], self.offset, self.nbytes, self.shape, self.dtype)
+            self._view = typed_view(self._pool._segments[self.segment], self.offset, self.nbytes, self.shape,
+                                    self.dtype)
         return self._view
 
     def data_ptr(self) -> int:
         """The block's host address (no tensor view is made: a copy issued through the CUDA driver needs only this)."""
         if self._freed:
             raise UnknownAllocation(f"host block {self.block_id} was freed")
-        return self._pool._chunk_ptrs[self.chunk] + self.offset
+        return self._pool._segment_ptrs[self.segment] + self.offset
 
     def wait_host(self) -> None:
         """Block the calling thread until no earlier in-flight copy reads this range (per-event waits)."""
@@ -99,28 +104,30 @@ class HostBlock:
         self.fences = []
 
     def __repr__(self) -> str:
-        return (f"HostBlock(id={self.block_id}, chunk={self.chunk}, offset={self.offset}, {tuple(self.shape)}, "
+        return (f"HostBlock(id={self.block_id}, segment={self.segment}, offset={self.offset}, {tuple(self.shape)}, "
                 f"{self.dtype}{', freed' if self._freed else ''})")
 
 
 class HostPool:
-    """Host memory pinned once in chunks of ``chunk_bytes`` and sub-allocated as typed blocks. Not thread-safe.
+    """Host memory pinned once in segments of ``segment_bytes`` and sub-allocated as typed blocks. Not thread-safe.
 
     Args:
-        capacity_bytes: total bytes to pin (rounded up to ``alignment``; the last chunk may be smaller).
-        chunk_bytes: bytes per pinned chunk, also the largest single block.
-        pin: pin the chunks (default: ``torch.cuda.is_available()``); ``True`` without CUDA raises DeviceUnavailable.
+        capacity_bytes: total bytes to pin (rounded up to ``alignment``; the last segment may be smaller).
+        segment_bytes: bytes per pinned segment (one pinned allocation), also the largest single block.
+        pin: pin the segments (default: ``torch.cuda.is_available()``); ``True`` without CUDA raises
+            DeviceUnavailable.
         alignment: block alignment in bytes (power of two).
-        reserve_bytes: host RAM that must stay available after pinning (default 2 GiB, capped at a quarter of RAM).
+        min_free_host_bytes: host RAM that must stay available after pinning (default
+            :func:`~djinn_core.memory.host_ram.default_min_free_host_bytes`).
     """
 
-    def __init__(self, capacity_bytes: int, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pin: bool | None = None,
-                 alignment: int = DEFAULT_ALIGNMENT, reserve_bytes: int | None = None):
-        _check_int("capacity_bytes", capacity_bytes)
-        _check_int("chunk_bytes", chunk_bytes, 1)
-        self.alignment = _check_alignment(alignment)
-        if chunk_bytes % alignment:
-            raise ConfigError(f"chunk_bytes ({chunk_bytes}) must be a multiple of alignment ({alignment})")
+    def __init__(self, capacity_bytes: int, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, pin: bool | None = None,
+                 alignment: int = DEFAULT_ALIGNMENT, min_free_host_bytes: int | None = None):
+        check_int("capacity_bytes", capacity_bytes)
+        check_int("segment_bytes", segment_bytes, 1)
+        self.alignment = check_alignment(alignment)
+        if segment_bytes % alignment:
+            raise ConfigError(f"segment_bytes ({segment_bytes}) must be a multiple of alignment ({alignment})")
         if pin is None:
             pin = torch.cuda.is_available()
         if not isinstance(pin, bool):
@@ -128,79 +135,66 @@ class HostPool:
         if pin and not torch.cuda.is_available():
             raise DeviceUnavailable("pinning host memory needs CUDA; this machine has no CUDA GPU (use pin=False)")
         self.capacity = -(-capacity_bytes // alignment) * alignment
-        self.chunk_bytes = chunk_bytes
+        self.segment_bytes = segment_bytes
         self.pinned = pin
-        self._check_host_ram(reserve_bytes)
+        check_host_ram(self.capacity, "host pool", min_free_host_bytes=min_free_host_bytes)
 
-        sizes = [chunk_bytes] * (self.capacity // chunk_bytes)
-        if self.capacity % chunk_bytes:
-            sizes.append(self.capacity % chunk_bytes)
+        sizes = [segment_bytes] * (self.capacity // segment_bytes)
+        if self.capacity % segment_bytes:
+            sizes.append(self.capacity % segment_bytes)
         t0 = time.perf_counter()
-        self._chunks: list[torch.Tensor] = [torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in sizes]
-        self._chunk_ptrs: list[int] = [c.data_ptr() for c in self._chunks]
+        self._segments: list[torch.Tensor] = [torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in sizes]
+        self._segment_ptrs: list[int] = [c.data_ptr() for c in self._segments]
         self.pin_ms = (time.perf_counter() - t0) * 1e3
         gib = self.capacity / 2**30
-        log.info("host pool: %s %.3f GiB in %d chunk(s) of %.3f GiB in %.1f ms (%.1f ms/GiB)",
-                 "pinned" if pin else "allocated (unpinned)", gib, len(sizes), chunk_bytes / 2**30, self.pin_ms,
+        log.info("host pool: %s %.3f GiB in %d segment(s) of %.3f GiB in %.1f ms (%.1f ms/GiB)",
+                 "pinned" if pin else "allocated (unpinned)", gib, len(sizes), segment_bytes / 2**30, self.pin_ms,
                  self.pin_ms / gib if gib else 0.0)
         self._free = [FreeList(n) for n in sizes]
-        self._fences: list[list[tuple[int, int, Any]]] = [[] for _ in sizes]  # per chunk: (offset, size, event)
+        self._fences: list[list[tuple[int, int, Any]]] = [[] for _ in sizes]  # per segment: (offset, size, event)
         self._live: dict[int, HostBlock] = {}
         self._next_id = 1
         self._used = 0
         self._high_water = 0
 
-    def _check_host_ram(self, reserve_bytes: int | None) -> None:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        if reserve_bytes is None:
-            reserve_bytes = min(DEFAULT_RESERVE_BYTES, vm.total // 4)
-        _check_int("reserve_bytes", reserve_bytes)
-        if self.capacity > vm.available - reserve_bytes:
-            raise InsufficientHostMemory(
-                f"host pool of {self.capacity / 2**30:.2f} GiB does not fit: {vm.available / 2**30:.2f} GiB of host RAM "
-                f"available, {reserve_bytes / 2**30:.2f} GiB must stay free (reserve_bytes); nothing was pinned"
-            )
-
     # -- allocation --------------------------------------------------------------------------------------------------
     def aligned_size(self, nbytes: int) -> int:
-        _check_int("nbytes", nbytes)
+        check_int("nbytes", nbytes)
         a = self.alignment
         return max(a, -(-nbytes // a) * a)
 
     def allocate(self, shape: Sequence[int] | int, dtype: torch.dtype) -> HostBlock:
-        """A block for a contiguous ``dtype`` tensor of ``shape`` (contents undefined); first fit over the chunks.
+        """A block for a contiguous ``dtype`` tensor of ``shape`` (contents undefined); first fit over the segments.
 
-        Raises ConfigError for a block larger than ``chunk_bytes`` and :class:`HostPoolExhausted` (pool unchanged)
-        when no chunk has a large enough hole.
+        Raises ConfigError for a block larger than ``segment_bytes`` and :class:`HostPoolExhausted` (pool unchanged)
+        when no segment has a large enough hole.
         """
         shape_t, nbytes = tensor_nbytes(shape, dtype)
         size = self.aligned_size(nbytes)
-        if size > self.chunk_bytes:
+        if size > self.segment_bytes:
             raise ConfigError(
-                f"host block of {size} bytes exceeds chunk_bytes={self.chunk_bytes}; blocks never span chunks, "
-                f"create the pool with a larger chunk_bytes"
+                f"host block of {size} bytes exceeds segment_bytes={self.segment_bytes}; blocks never span segments, "
+                f"create the pool with a larger segment_bytes"
             )
-        for ci, fl in enumerate(self._free):
+        for si, fl in enumerate(self._free):
             offset = fl.take(size)
             if offset is not None:
                 break
         else:
             raise HostPoolExhausted(size, self.capacity - self._used, self.capacity)
-        fences = self._overlapping_fences(ci, offset, size)
-        block = HostBlock(self, self._next_id, ci, offset, size, nbytes, shape_t, dtype, fences)
+        fences = self._overlapping_fences(si, offset, size)
+        block = HostBlock(self, self._next_id, si, offset, size, nbytes, shape_t, dtype, fences)
         self._live[block.block_id] = block
         self._next_id += 1
         self._used += size
         self._high_water = max(self._high_water, self._used)
         return block
 
-    def _overlapping_fences(self, chunk: int, offset: int, size: int) -> list[Any]:
-        fl = self._fences[chunk]
+    def _overlapping_fences(self, segment: int, offset: int, size: int) -> list[Any]:
+        fl = self._fences[segment]
         if not fl:
             return []
-        self._fences[chunk] = fl = [f for f in fl if event_pending(f[2])]
+        self._fences[segment] = fl = [f for f in fl if event_pending(f[2])]
         return [ev for off, sz, ev in fl if off < offset + size and offset < off + sz]
 
     def free(self, block: HostBlock, *, after: Any = None) -> None:
@@ -215,20 +209,20 @@ class HostPool:
         del self._live[block.block_id]
         block._freed = True
         block._view = None
-        self._free[block.chunk].release(block.offset, block.size)
+        self._free[block.segment].release(block.offset, block.size)
         self._used -= block.size
         # ``after`` is not queried: callers pass the event of a copy they just issued (pending, or nearly so)
         pending = [ev for ev in block.fences if event_pending(ev)]
         if after is not None:
             pending.append(after)
-        self._fences[block.chunk].extend((block.offset, block.size, ev) for ev in pending)
+        self._fences[block.segment].extend((block.offset, block.size, ev) for ev in pending)
 
     def fits(self, sizes: Sequence[int]) -> bool:
         """Whether blocks of these byte counts could all be allocated now (first fit, in the given order)."""
         trial = [fl.copy() for fl in self._free]
         for n in sizes:
             size = self.aligned_size(n)
-            if size > self.chunk_bytes or not any(t.take(size) is not None for t in trial):
+            if size > self.segment_bytes or not any(t.take(size) is not None for t in trial):
                 return False
         return True
 
@@ -242,41 +236,40 @@ class HostPool:
             largest_free=max((fl.largest for fl in self._free), default=0),
             high_water=self._high_water,
             allocations=len(self._live),
-            chunks=len(self._chunks),
-            chunk_bytes=self.chunk_bytes,
+            segments=len(self._segments),
+            segment_bytes=self.segment_bytes,
             pinned=self.pinned,
             pin_ms=self.pin_ms,
         )
 
-    def raw_bytes(self, chunk: int, offset: int, nbytes: int) -> torch.Tensor:
-        """``nbytes`` of pinned chunk ``chunk`` at ``offset``, bypassing the bookkeeping (copy ceilings measured on
-        the pool's own memory). Writing it can corrupt live blocks."""
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < len(self._chunks):
-            raise ConfigError(f"chunk must be in 0..{len(self._chunks) - 1}, got {chunk!r}")
-        _check_int("offset", offset)
-        _check_int("nbytes", nbytes)
-        if offset + nbytes > self._chunks[chunk].numel():
-            raise ConfigError(f"range [{offset}, {offset + nbytes}) exceeds chunk {chunk}")
-        return self._chunks[chunk][offset : offset + nbytes]
+    def raw_bytes(self, segment: int, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of pinned segment ``segment`` at ``offset``, bypassing the bookkeeping (copy ceilings measured
+        on the pool's own memory). Writing it can corrupt live blocks."""
+        check_int("segment", segment, 0, len(self._segments) - 1)
+        check_int("offset", offset)
+        check_int("nbytes", nbytes)
+        if offset + nbytes > self._segments[segment].numel():
+            raise ConfigError(f"range [{offset}, {offset + nbytes}) exceeds segment {segment}")
+        return self._segments[segment][offset : offset + nbytes]
 
     def blocks(self) -> list[HostBlock]:
         return list(self._live.values())
 
     def check_invariants(self) -> None:
-        """Raise AssertionError unless live blocks and holes tile every chunk exactly and the totals balance."""
-        for ci, fl in enumerate(self._free):
-            ranges = sorted([(b.offset, b.size) for b in self._live.values() if b.chunk == ci] + fl.holes())
+        """Raise AssertionError unless live blocks and holes tile every segment exactly and the totals balance."""
+        for si, fl in enumerate(self._free):
+            ranges = sorted([(b.offset, b.size) for b in self._live.values() if b.segment == si] + fl.holes())
             cursor = 0
             for off, size in ranges:
-                assert off == cursor and size > 0, f"chunk {ci}: gap or overlap at {cursor}"
+                assert off == cursor and size > 0, f"segment {si}: gap or overlap at {cursor}"
                 cursor = off + size
-            assert cursor == fl.capacity, f"chunk {ci}: ranges end at {cursor}, capacity {fl.capacity}"
+            assert cursor == fl.capacity, f"segment {si}: ranges end at {cursor}, capacity {fl.capacity}"
         assert self._used == sum(b.size for b in self._live.values())
         assert self.capacity - self._used == sum(fl.total for fl in self._free), "accounting does not balance"
 
     def __repr__(self) -> str:
         s = self.stats
-        return f"HostPool({s.used}/{s.capacity} B used, {s.chunks} chunks, pinned={s.pinned})"
+        return f"HostPool({s.used}/{s.capacity} B used, {s.segments} segments, pinned={s.pinned})"
 
 
-__all__ = ["HostPool", "HostBlock", "HostPoolStats", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["HostPool", "HostBlock", "HostPoolStats", "DEFAULT_SEGMENT_BYTES"]

@@ -1,6 +1,6 @@
-"""Shared pieces of the exp2 (weight streaming) tests: the paper-scale setup, interleaved ceiling/forward
-measurement, greedy decoding with a KV cache, and the copy/compute timeline plot. Used by the h100 tests and by their
-small CPU plumbing versions alike."""
+"""exp2, weight streaming: the paper-scale setup, interleaved ceiling/forward measurement, greedy decoding with a KV
+cache, and the copy/compute timeline plot. Used by the claims in ``tests_exp2/`` (h100) and by their small CPU
+plumbing versions alike. The workload is chosen with ``DJINN_EXP2_WORKLOAD`` (see :data:`WORKLOADS`)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from djinn_core.bench.ceilings import CopyCeiling
-from fixtures.reference import greedy_reference
-from djinn_core.models import build_model, init_parameters_
-from djinn_core.streaming import (StreamedModel, StreamingPolicy, WeightPack, place_resident_, plan_budget)
+from djinn_core.bench.experiments.reference import greedy_reference
 from djinn_core.bench.timing import TimingStats, time_cuda, time_host
+from djinn_core.errors import ConfigError
+from djinn_core.models import build_model, init_parameters_
+from djinn_core.streaming import StreamedModel, StreamingPolicy, WeightPack, place_resident_, plan_budget
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,18 @@ WORKLOADS = {"exp2": {"layers": 48, "budget_gib": 12, "min_oversubscription": 6.
              "full70b": {"layers": 80, "budget_gib": 24, "min_oversubscription": 5.0}}
 WORKLOAD = os.environ.get("DJINN_EXP2_WORKLOAD", "exp2")
 if WORKLOAD not in WORKLOADS:
-    raise ValueError(f"DJINN_EXP2_WORKLOAD must be one of {sorted(WORKLOADS)}, got {WORKLOAD!r}")
+    raise ConfigError(f"DJINN_EXP2_WORKLOAD must be one of {sorted(WORKLOADS)}, got {WORKLOAD!r}")
 HOST_LAYERS = int(os.environ.get("DJINN_EXP2_LAYERS", WORKLOADS[WORKLOAD]["layers"]))  # distinct layers pinned
 DEEP_LAYERS = 80  # the full 70B depth; past HOST_LAYERS, layers reuse host weight sets 0, 1, ...
 BUDGET_BYTES = WORKLOADS[WORKLOAD]["budget_gib"] * GiB  # VRAM budget: weights in flight, resident, KV, activations
 MIN_OVERSUBSCRIPTION = WORKLOADS[WORKLOAD]["min_oversubscription"]
-MAX_SLOTS = 4  # copy-bound (8 ms compute < 31 ms copy per layer): 3 layers of prefetch suffice; the rest is headroom
-CHUNKS_MiB = (16, 64, 128, 512)
-SWEEP_TOKENS = 512  # prefill length of the chunk sweep and the peer comparison (PEERS.md measured at 512)
+MAX_SLOTS = 4  # a 70B prefill is copy-bound (docs/notes/streaming.md): 3 layers of prefetch suffice
+CHUNKS_MiB = (16, 64, 128, 512)  # the chunk sweep
+SWEEP_TOKENS = 512  # prefill length of the chunk sweep and the peer comparison
 TTFT_TOKENS = 2048
 DECODE_STEPS = 4
-RESERVE_MARGIN = 512 * MiB  # on top of the CUDA context measured before building: lazily loaded kernels, cuBLAS
-PEER_HOST_RESERVE = 28 * GiB  # host RAM kept free of the pack for the peers' copies of a 6-layer model and the OS
+DEVICE_OVERHEAD_MARGIN = 512 * MiB  # on top of the CUDA context measured before building: lazily loaded kernels, cuBLAS
+PEER_MIN_FREE_HOST_BYTES = 28 * GiB  # host RAM kept free of the pack: the peers' copies of a 6-layer model, the OS
 
 
 def fill_seeded(layer: nn.Module, index: int) -> None:
@@ -93,7 +94,7 @@ def streamed_model(
     overhead = nvml_used_bytes(device) - torch.cuda.memory_reserved(device) if cuda else 0
     model = build_model(arch, num_layers=num_layers, dtype=dtype, materialize=False)
     plan = plan_budget(model, budget_bytes, max_tokens=max_tokens, prefill_tokens=prefill_tokens,
-                       reserve_bytes=overhead + (RESERVE_MARGIN if cuda else 0), max_slots=max_slots,
+                       device_overhead_bytes=overhead + (DEVICE_OVERHEAD_MARGIN if cuda else 0), max_slots=max_slots,
                        fused_attention=cuda)
     place_resident_(model, device, seed=SEED)
     policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes)
@@ -157,7 +158,7 @@ def slot_ceiling(sm: StreamedModel, copy_ceilings: Any) -> Callable[[], CopyCeil
     host = sm.pack.layer(0)
 
     def measure() -> CopyCeiling:
-        return copy_ceilings.on(host, sm.ring[:host.numel()], "h2d", warmup=1, repeats=3)
+        return copy_ceilings.on(host, sm.ring.buffer[:host.numel()], "h2d", warmup=1, repeats=3)
 
     return measure
 
