@@ -33,7 +33,9 @@ from djinn_core.errors import (
     SessionLimitReached,
     UnknownSession,
 )
-from djinn_core.rpc.server import Server, ServerConfig, ServerProcess, load_model
+from djinn_core.rpc.loading import load_model
+from djinn_core.rpc.process import ServerProcess
+from djinn_core.rpc.server import Server, ServerConfig
 from djinn_core.rpc.wire import PROTOCOL_VERSION, decode, encode
 
 pytestmark = pytest.mark.cpu
@@ -48,7 +50,7 @@ def _ids(seed: int, batch: int = 1, seq: int = 10, vocab: int = 512) -> torch.Te
 
 def _server(model, **cfg) -> Server:
     cfg = {"port": 0, "stats_interval_s": 0, "tick_s": 0.02, "max_request_bytes": MAX_REQUEST, **cfg}
-    return Server(BreakpointRuntime(model, budget_bytes=32 << 20), ServerConfig(**cfg)).start()
+    return Server(BreakpointRuntime(model, slab_bytes=32 << 20), ServerConfig(**cfg)).start()
 
 
 def _drop_sessions(c: Client) -> None:
@@ -83,7 +85,7 @@ def backend(request, llama_tiny_fp32, server, spinning_server):
     """Something with ``open(ids, max_new_tokens=...)``: a runtime in process, or a client of the server (everything
     over ZeroMQ, or requests and replies through a shared-memory channel where the platform has them)."""
     if request.param == "local":
-        rt = BreakpointRuntime(llama_tiny_fp32, budget_bytes=32 << 20)
+        rt = BreakpointRuntime(llama_tiny_fp32, slab_bytes=32 << 20)
         yield rt
         rt.close_all()
     else:
@@ -298,6 +300,8 @@ MALFORMED = {
     "missing frame": [_header(op="open", tensors=[{"dtype": "int64", "shape": [1, 2], "nbytes": 16}])],
     "extra frame": [_header(), b"\0" * 8],
     "negative shape": [_header(op="open", tensors=[{"dtype": "int64", "shape": [-1], "nbytes": -8}]), b""],
+    "empty tensor, strides past 64 bits": [_header(op="open", tensors=[{"dtype": "int64", "shape": [0, 2**62, 2**62],
+                                                                       "nbytes": 0}]), b""],
     "header too large": [_header(pad="x" * (70 << 10))],
 }
 
@@ -455,7 +459,7 @@ def smollm2_server(smollm2_cpu):
     text = tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue? One sentence."}],
                                    add_generation_prompt=True, tokenize=False)
     ids = tok(text, return_tensors="pt").input_ids
-    srv = Server(BreakpointRuntime(model, budget_bytes=64 << 20), ServerConfig(port=0, stats_interval_s=0, tick_s=0.02))
+    srv = Server(BreakpointRuntime(model, slab_bytes=64 << 20), ServerConfig(port=0, stats_interval_s=0, tick_s=0.02))
     srv.start()
     yield model, tok, ids, srv
     srv.stop()
@@ -491,9 +495,9 @@ needs_shm = pytest.mark.skipif(not local_channel.supported(), reason="shared-mem
 
 def _wait_gone(server: Server, name: str) -> None:
     deadline = time.monotonic() + 10
-    while name in server._channels and time.monotonic() < deadline:  # the close's detach, handled by the server
+    while name in server.transport.channels and time.monotonic() < deadline:  # the close's detach, handled by the server
         time.sleep(0.01)
-    assert name not in server._channels
+    assert name not in server.transport.channels
 
 
 @needs_shm
@@ -503,8 +507,8 @@ def test_a_local_channel_carries_requests_and_replies_and_leaves_no_file_behind(
     with Client(spinning_server.address, timeout_s=20, busy_poll_s=0.05) as c:
         c.ping()
         assert c.local_channel
-        name = c._channel.name
-        ch = spinning_server._channels[name]
+        name = c._transport.channel.name
+        ch = spinning_server.transport.channels[name]
         writes, reads = ch.writes, ch.reads
         s = c.open(ids, max_new_tokens=1)
         s.run_to(3)
@@ -556,11 +560,11 @@ def test_messages_too_big_for_the_channel_go_over_zeromq(llama_tiny_fp32):
 def test_a_channel_serves_only_the_connection_it_was_made_for(spinning_server):
     with Client(spinning_server.address, timeout_s=20, busy_poll_s=0.05) as owner:
         owner.ping()
-        ch = spinning_server._channels[owner._channel.name]
+        ch = spinning_server.transport.channels[owner._transport.channel.name]
         writes = ch.writes
         # another connection naming the owner's channel gets its reply over ZeroMQ; the channel is not touched
         frames = encode({"op": "ping", "client": "intruder", "token": None, "session": None, "args": {}, "id": 10**9,
-                         "reply_to": owner._channel.name})
+                         "reply_to": owner._transport.channel.name})
         reply = _raw(spinning_server.address, frames)
         assert reply["ok"] and ch.writes == writes and ch.last_request < 10**9
         owner.ping()
@@ -571,7 +575,7 @@ def test_a_channel_serves_only_the_connection_it_was_made_for(spinning_server):
 def test_bad_requests_in_a_slot_get_clear_errors_through_it(spinning_server):
     with Client(spinning_server.address, timeout_s=20, busy_poll_s=0.05) as c:
         c.ping()
-        ch = c._channel
+        ch = c._transport.channel
         for rid, frames, err in [
             (1000, [b"not json"], "ProtocolError"),
             (2000, encode({"op": "ping", "client": "c", "args": {}, "id": 999}), "ProtocolError"),  # id != slot's
@@ -623,20 +627,20 @@ def test_a_spinning_client_keeps_only_small_replies_to_warm_with(spinning_server
         s = c.open(ids, max_new_tokens=1)
         s.run_to(2)
         last = s.resume(logits="last")
-        assert c._warm_frames is not None  # a small reply with a tensor: kept to decode again while spinning
-        kept = c._warm_frames
+        assert c._zmq.warm_frames is not None  # a small reply with a tensor: kept to decode again while spinning
+        kept = c._zmq.warm_frames
         c.ping()  # a reply without tensors leaves it in place
-        assert c._warm_frames is kept
-        c._warm()
-        assert c._warm_frames is not None
-        assert torch.equal(decode(c._warm_frames, max_bytes=1 << 30).tensors[0], last)  # untouched by warming
-        c._warm_frames = [b"not json"]  # a kept reply that no longer decodes is dropped, never raised
-        c._warm()
-        assert c._warm_frames is None
+        assert c._zmq.warm_frames is kept
+        c._zmq.warm()
+        assert c._zmq.warm_frames is not None
+        assert torch.equal(decode(c._zmq.warm_frames, max_bytes=1 << 30).tensors[0], last)  # untouched by warming
+        c._zmq.warm_frames = [b"not json"]  # a kept reply that no longer decodes is dropped, never raised
+        c._zmq.warm()
+        assert c._zmq.warm_frames is None
         _drop_sessions(c)
     with Client(spinning_server.address, timeout_s=20) as c:  # not spinning: nothing kept
         c.ping()
-        assert c._warm_frames is None
+        assert c._zmq.warm_frames is None
 
 
 @needs_shm
@@ -645,14 +649,14 @@ def test_the_idle_sweep_keeps_a_channel_while_its_client_may_still_write_to_it(l
     try:
         with Client(srv.address, timeout_s=20, busy_poll_s=0.05) as c:
             c.ping()
-            name = c._channel.name
+            name = c._transport.channel.name
             time.sleep(0.05)  # idle past the timeout (the server sweeps every 5 ms), inside its 0.5 s polling window
-            assert name in srv._channels
+            assert name in srv.transport.channels
             c.ping()
             assert c.local_channel and c.paths["request_local"] >= 1
             deadline = time.monotonic() + 5
-            while name in srv._channels and time.monotonic() < deadline:  # past both: freed by the server's sweep
+            while name in srv.transport.channels and time.monotonic() < deadline:  # past both: freed by the server's sweep
                 time.sleep(0.02)
-            assert name not in srv._channels
+            assert name not in srv.transport.channels
     finally:
         srv.stop()

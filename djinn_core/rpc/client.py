@@ -56,14 +56,16 @@ from djinn_core.errors import (
 )
 from djinn_core.rpc.local_channel import ClientChannel
 from djinn_core.rpc.local_channel import supported as local_channel_supported
-from djinn_core.rpc.wire import ALLOWED_DTYPES, Message, decode, encode
+from djinn_core.rpc.shm_transport import ShmClientTransport
+from djinn_core.rpc.transport import ClientTransport
+from djinn_core.rpc.wire import ALLOWED_DTYPES, Message, encode
+from djinn_core.rpc.zmq_transport import ZmqClientTransport
+from djinn_core.validation import check_int, check_number, check_optional_int
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5556"
 DEFAULT_MAX_REPLY_BYTES = 8 << 30
-_WARM_EVERY_S = 100e-6  # while spinning for a reply, decode the last small one again this often ...
-_WARM_MAX_BYTES = 1 << 20  # ... if it was at most this big
 
 _remote_classes: dict[type, type] = {}
 
@@ -116,7 +118,7 @@ class Client:
             what a remote call costs over an in-process one, whose CUDA wait spins too. For one latency-critical
             client per process; leave 0 with many client threads.
         local_channel: exchange requests and replies through a shared-memory channel the server makes for this
-            connection (:mod:`djinn_core.rpc.local_channel`: no socket and no ZeroMQ thread between this spinning
+            connection (:mod:`djinn_core.rpc.shm_transport`: no socket and no ZeroMQ thread between this spinning
             thread and the server's). Default (None): on when ``busy_poll_s`` > 0, the server is on this host
             (loopback or ``ipc://``) and the platform supports it; if the server refuses, everything stays on
             ZeroMQ. A request goes through it only while the server says it polls the channel, a message only if
@@ -130,8 +132,7 @@ class Client:
                  local_channel: bool | None = None, context: zmq.Context | None = None):
         if not isinstance(address, str) or "://" not in address:
             raise ConfigError(f"address must be a ZeroMQ endpoint like tcp://127.0.0.1:5556, got {address!r}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise ConfigError(f"timeout_s must be a number > 0, got {timeout_s!r}")
+        check_number("timeout_s", timeout_s, 0, strict_minimum=True)
         if token is not None and not isinstance(token, str):
             raise ConfigError("token must be a string or None")
         self.address = address
@@ -140,11 +141,9 @@ class Client:
         self.client_id = client_id or uuid.uuid4().hex
         if not isinstance(self.client_id, str) or len(self.client_id) > 128:
             raise ConfigError("client_id must be a string of at most 128 characters")
-        if isinstance(busy_poll_s, bool) or not isinstance(busy_poll_s, (int, float)) or not busy_poll_s >= 0:
-            raise ConfigError(f"busy_poll_s must be a number >= 0, got {busy_poll_s!r}")
-        self.busy_poll_s = float(busy_poll_s)
-        self.max_request_bytes = max_request_bytes
-        self.max_reply_bytes = max_reply_bytes
+        self.busy_poll_s = float(check_number("busy_poll_s", busy_poll_s, 0))
+        self.max_request_bytes = check_optional_int("max_request_bytes", max_request_bytes, 1)
+        self.max_reply_bytes = check_int("max_reply_bytes", max_reply_bytes, 1)
         self._ids = itertools.count(1)
         self.last_server_ms: float | None = None  # server time of the last call: its op and the copies of its reply
         # the last call's round trip split on the host monotonic clock (meaningful with the server on this host):
@@ -154,7 +153,6 @@ class Client:
         self.last_phases_ms: dict[str, float] | None = None
         # which way each message went: request_local/request_zmq, reply_local/reply_zmq
         self.paths: collections.Counter[str] = collections.Counter()
-        self._warm_frames: list[Any] | None = None  # the last small reply with tensors, decoded again while spinning
         self._lock = threading.Lock()
         if local_channel is not None and not isinstance(local_channel, bool):
             raise ConfigError(f"local_channel must be a bool or None, got {local_channel!r}")
@@ -162,21 +160,17 @@ class Client:
             local_channel = self.busy_poll_s > 0 and _on_this_host(address) and local_channel_supported()
         self._local_wanted = bool(local_channel)
         self._local_tried = False
-        self._channel: ClientChannel | None = None
-        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        try:
-            self._sock.connect(address)
-        except zmq.ZMQError as e:
-            self._sock.close()
-            raise ConfigError(f"cannot connect to {address!r}: {e}") from None
+        self._zmq = ZmqClientTransport(address, context or zmq.Context.instance(), busy_poll_s=self.busy_poll_s,
+                                       max_reply_bytes=self.max_reply_bytes, paths=self.paths)
+        self._transport: ClientTransport = self._zmq  # the shared-memory channel over it, once attached
+        self._closed = False
 
     # -- plumbing --------------------------------------------------------------------------------------------------
     def call(self, op: str, *, session: int | None = None, args: dict[str, Any] | None = None,
              tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None) -> Message:
         """Send one request and wait for its reply; raise the remote error if the server refused it."""
         with self._lock:
-            if self._sock is None:
+            if self._closed:
                 raise ServerUnavailable("this client is closed")
             if self._local_wanted and not self._local_tried:
                 self._attach_local()
@@ -197,7 +191,7 @@ class Client:
     @property
     def local_channel(self) -> bool:
         """Whether this client has a shared-memory channel to the server (see ``local_channel`` in the class doc)."""
-        return self._channel is not None
+        return self._transport is not self._zmq and not self._transport.gone
 
     def _attach_local(self) -> None:
         """Ask the server for a shared-memory channel and map it; on any refusal stay on ZeroMQ (logged)."""
@@ -206,137 +200,39 @@ class Client:
             reply, _, _, _ = self._roundtrip("attach_local", None, None, (), None)
             _raise_if_refused(reply)
             res = reply.header.get("result") or {}
-            self._channel = ClientChannel(res.get("name"), res.get("capacity"))
+            self._transport = ShmClientTransport(self._zmq, ClientChannel(res.get("name"), res.get("capacity")))
         except ServerUnavailable:
             self._local_tried = False  # no server yet: try again at the next call
             raise
         except (DjinnError, OSError) as e:
             log.info("shared-memory channel unavailable (%s); everything goes over ZeroMQ", e)
-            self._channel = None
 
     def _roundtrip(self, op: str, session: int | None, args: dict[str, Any] | None, tensors: Sequence[torch.Tensor],
                    timeout_s: float | None) -> tuple[Message, float, float, float]:
         """One request and its reply (under the lock): (reply, host times sent, reply seen, reply decoded)."""
-        header = {"op": op, "client": self.client_id, "token": self.token, "session": session, "args": args or {}}
-        ch = self._channel
-        if ch is not None and ch.closed:  # the server gave it up (it forgot this connection, or restarted)
-            self._drop_channel()
-            ch = None
-        if ch is not None:
-            header["reply_to"] = ch.name
+        t = self._transport
+        if t.gone:  # the server gave up the channel (it forgot this connection, or restarted)
+            t = self._transport = t.drop()
         rid = next(self._ids)
-        frames = encode({**header, "id": rid}, tensors)
+        frames = encode({"op": op, "client": self.client_id, "token": self.token, "session": session,
+                         "args": args or {}, **t.header, "id": rid}, tensors)
         if self.max_request_bytes is not None:
             size = sum(memoryview(f).nbytes for f in frames)
             if size > self.max_request_bytes:
                 raise ProtocolError(f"request of {size} bytes exceeds max_request_bytes={self.max_request_bytes}")
         t_send = time.perf_counter()
-        local_request = ch is not None and ch.send_request(rid, frames)
-        if local_request:
-            self.paths["request_local"] += 1
-        else:
-            self._sock.send_multipart(frames, copy=not tensors or all(memoryview(f).nbytes < 1 << 16 for f in frames))
-            self.paths["request_zmq"] += 1
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
-        now = time.monotonic()
-        spin_until = now + self.busy_poll_s
-        next_warm = now + _WARM_EVERY_S
-        spins = 0
-        while True:
-            if ch is not None:
-                if ch.reply_ready(rid):
-                    t_seen = time.perf_counter()
-                    frames = ch.read_reply()
-                    reply = decode(frames, max_bytes=self.max_reply_bytes, max_header_bytes=1 << 20)
-                    self.paths["reply_local"] += 1
-                    self._keep_warm(frames)
-                    break
-                spins += 1
-                if spins & 7:  # spinning on the channel: the costlier checks (ZeroMQ, closed) every 8th time
-                    if self.busy_poll_s and (now := time.monotonic()) < spin_until:
-                        next_warm = self._warm_if_due(now, next_warm)
-                        continue
-                elif local_request and ch.closed:
-                    self._drop_channel()
-                    raise ServerUnavailable(f"{self.address} gave up this client's shared-memory channel before "
-                                            f"replying to {op!r} (server shutting down)")
-            if self.busy_poll_s and (now := time.monotonic()) < spin_until and not self._sock.poll(0, zmq.POLLIN):
-                next_warm = self._warm_if_due(now, next_warm)
-                continue  # spinning: this thread stays awake and sees the reply at once
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            # with a channel, ZeroMQ is waited on in 1 ms slices so the channel is checked between them
-            got_frames = left_ms > 0 and self._sock.poll(1 if ch is not None else left_ms, zmq.POLLIN)
-            if not got_frames:
-                if ch is not None and left_ms > 0:
-                    continue
-                raise ServerUnavailable(f"no reply from {self.address} to {op!r} within {timeout:g} s (server "
-                                        "down, overloaded, or it dropped a request over its hard size cap)")
-            t_seen = time.perf_counter()
-            frames = self._sock.recv_multipart(copy=False)
-            reply = decode(frames, max_bytes=self.max_reply_bytes, max_header_bytes=1 << 20)
-            got = reply.header.get("id")
-            if got == rid or (got is None and not reply.header.get("ok")):  # None: our header was unreadable
-                self.paths["reply_zmq"] += 1
-                self._keep_warm(frames)
-                break
-            log.debug("discarding a stale reply (id %r, waiting for %d)", reply.header.get("id"), rid)
+        t.send(rid, frames, bool(tensors))
+        reply, t_seen = t.receive(rid, op, self.timeout_s if timeout_s is None else timeout_s)
         return reply, t_send, t_seen, time.perf_counter()
 
-    def _keep_warm(self, frames: list[Any]) -> None:
-        """Keep a small reply that carries tensors, to decode while spinning for the next (see :meth:`_warm`); a
-        reply without tensors (most calls between two resumes) leaves the kept one in place."""
-        if not self.busy_poll_s or len(frames) < 2:
-            return
-        if sum(len(memoryview(getattr(f, "buffer", f))) for f in frames) <= _WARM_MAX_BYTES:
-            self._warm_frames = frames
-
-    def _warm_if_due(self, now: float, due: float) -> float:
-        """:meth:`_warm` if ``now`` has reached ``due``; the next time it is due."""
-        if now < due:
-            return due
-        self._warm()
-        return time.monotonic() + _WARM_EVERY_S
-
-    def _warm(self) -> None:
-        """Decode the last small reply again, to keep the decoding path warm while spinning.
-
-        Measured on the CPU box and on the lent H100's host (``scripts/probe_cold_after_spin.py``): a 64 KiB
-        reply's read-and-decode took about 5x longer after 10-60 ms of spinning than right after the last one (on the
-        CPU box, 206-218 against 35-48 us), and no longer when the spin also decoded a copy every 50 us (46-48 us).
-        """
-        frames = self._warm_frames
-        if frames is not None:
-            try:
-                decode([bytearray(memoryview(getattr(f, "buffer", f))) for f in frames],
-                       max_bytes=self.max_reply_bytes, max_header_bytes=1 << 20)
-            except ProtocolError:
-                self._warm_frames = None
-
-    def _drop_channel(self) -> None:
-        if self._channel is not None:
-            log.info("the server gave up the shared-memory channel %s; everything goes over ZeroMQ", self._channel.name)
-            self._channel.close()
-            self._channel = None
-
     def close(self) -> None:
-        """Close the socket (and give back the shared-memory channel). Sessions stay on the server until its idle
-        timeout. Idempotent."""
+        """Close the connection (and give back the shared-memory channel). Sessions stay on the server until its
+        idle timeout. Idempotent."""
         with self._lock:
-            if self._sock is not None:
-                linger = 0
-                if self._channel is not None:  # best effort, no wait: the server also frees it when idle
-                    linger = 100  # ms the detach may take to leave
-                    try:
-                        self._sock.send_multipart(encode({"op": "detach_local", "client": self.client_id,
-                                                          "token": self.token, "session": None, "id": next(self._ids),
-                                                          "args": {"name": self._channel.name}}), zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
-                    self._channel.close()
-                    self._channel = None
-                self._sock.close(linger=linger)
-                self._sock = None
+            if not self._closed:
+                self._closed = True
+                self._transport.close({"client": self.client_id, "token": self.token, "session": None,
+                                       "id": next(self._ids)})
 
     def __enter__(self) -> "Client":
         return self
@@ -412,7 +308,7 @@ class RemoteCheckpoint:
 
 
 class RemoteSession:
-    """A breakpoint session held by the server; the same methods as :class:`~djinn_core.runtime.breakpoints.BreakpointSession`.
+    """A breakpoint session held by the server; the same methods as :class:`~djinn_core.runtime.session.BreakpointSession`.
     """
 
     def __init__(self, client: Client, session_id: int):

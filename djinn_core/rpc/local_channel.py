@@ -1,11 +1,12 @@
 """Shared-memory channels for an RPC client on the server's host: requests and replies with no socket in between.
 
 Over TCP a message crosses two ZeroMQ I/O threads, the sender's and the receiver's, which sleep while nothing moves;
-waking them costs 0.05-0.3 ms on the lent H100's host (``docs/server.md``). A client on the same host that spins for
+waking them costs tenths of a millisecond (``docs/notes/rpc.md``). A client on the same host that spins for
 its reply anyway (``busy_poll_s``) can instead exchange both messages through pages both processes map: it writes the
 request where the server's spinning loop looks, and the server's compute thread writes the reply where the client's
 spinning thread looks. Every message that does not fit, and every request the server might not be spinning for, goes
-over ZeroMQ as before.
+over ZeroMQ as before (:mod:`djinn_core.rpc.shm_transport` decides which way each message goes; this module is the
+mechanism: the file, its slots and their ordering).
 
 A :class:`ServerChannel` is created by the server, one per client connection that asks (op ``attach_local``): a file
 in ``/dev/shm`` (mode 0600: only the server's user can map it) that the server unlinks once the client has mapped it,
@@ -45,6 +46,7 @@ import time
 from typing import Any, Sequence
 
 from djinn_core.errors import ConfigError, ProtocolError
+from djinn_core.validation import check_int, is_int
 
 _POLLING = struct.Struct("<d")
 _CLOSED = struct.Struct("<I")
@@ -135,8 +137,7 @@ class ServerChannel:
     """The server's side of one client connection's channel (see the module docstring)."""
 
     def __init__(self, capacity: int, route: Any):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < MIN_CAPACITY:
-            raise ConfigError(f"capacity must be an int >= {MIN_CAPACITY}, got {capacity!r}")
+        check_int("capacity", capacity, MIN_CAPACITY)
         if not supported():
             raise ConfigError("shared-memory channels need Linux on x86-64 with /dev/shm")
         self.capacity = capacity
@@ -196,7 +197,7 @@ class ServerChannel:
 
     def handled(self, request_id: Any) -> None:
         """Note a request of this connection that came over ZeroMQ, so the slot's older content stays ignored."""
-        if isinstance(request_id, int) and not isinstance(request_id, bool) and request_id > self.last_request:
+        if is_int(request_id) and request_id > self.last_request:
             self.last_request = request_id
 
     def unlink(self) -> None:
@@ -225,8 +226,7 @@ class ClientChannel:
     def __init__(self, name: str, capacity: int, *, margin_s: float = DEFAULT_MARGIN_S):
         if not isinstance(name, str) or not name.startswith(NAME_PREFIX) or "/" in name:
             raise ProtocolError(f"bad channel name {name!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < MIN_CAPACITY:
-            raise ProtocolError(f"bad channel capacity {capacity!r}")
+        check_int("channel capacity", capacity, MIN_CAPACITY, error=ProtocolError)
         size = file_bytes(capacity)
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
         try:

@@ -24,9 +24,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from djinn_core.errors import ProtocolError
+from djinn_core.rpc.config import DEFAULT_MAX_HEADER_BYTES
+from djinn_core.validation import is_int
 
 PROTOCOL_VERSION = 1
-DEFAULT_MAX_HEADER_BYTES = 64 << 10
 MAX_HEADER_DEPTH = 8  # nesting of JSON objects and arrays in a header (requests use 3: header, args, a list)
 MAX_INT_DIGITS = 19  # an int in a header fits a signed 64-bit integer
 _INT64 = 1 << 63
@@ -85,16 +86,17 @@ def tensor_frame(t: torch.Tensor) -> tuple[dict[str, Any], memoryview | bytes]:
 class HostStaging:
     """Device tensors to host frames through one reusable pinned buffer, the wait for them done by polling an event.
 
-    ``.cpu()`` copies into pageable memory through the driver's own staging, and its wait for the device, on the lent
-    H100's host, at times ended 1-2 ms after the device work had (``docs/server.md``). A copy into pinned memory is
-    one DMA, and polling its event sees the end within microseconds. The frames returned are views of the buffer,
-    valid until the next call: copy them out first (the server writes them into a shared-memory channel).
+    ``.cpu()`` copies into pageable memory through the driver's own staging, and its wait for the device can end
+    milliseconds after the device work has (``docs/notes/rpc.md``). A copy into pinned memory is one DMA, and polling
+    its event sees the end within microseconds. The frames returned are views of the buffer, valid until the next
+    call: copy them out first (the server writes them into a shared-memory channel). The copies run on the current
+    stream of the tensors' device.
 
     Args:
         max_bytes: the most one call stages (the buffer grows to what is asked, up to this).
         spin_s: how long to poll before blocking on the event instead.
         warm: called every ``warm_every_s`` while polling (the caller keeps the code that follows the wait warm:
-            after milliseconds of polling it runs several times slower, see ``Client._warm``).
+            after milliseconds of polling it runs several times slower, ``docs/notes/rpc.md``).
     """
 
     ALIGN = 64
@@ -286,9 +288,9 @@ def _check_descriptor(i: int, d: Any) -> tuple[torch.dtype, tuple[int, ...], int
     if not isinstance(name, str) or name not in ALLOWED_DTYPES:
         raise ProtocolError(f"tensor {i}: dtype {name!r} not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape)):
+            or not all(is_int(s) and s >= 0 for s in shape)):
         raise ProtocolError(f"tensor {i}: shape must be a list of at most {MAX_DIMS} ints >= 0, got {shape!r}")
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+    if not is_int(nbytes):
         raise ProtocolError(f"tensor {i}: nbytes must be an int, got {nbytes!r}")
     dtype = ALLOWED_DTYPES[name]
     expected = math.prod(shape) * dtype.itemsize
@@ -327,6 +329,9 @@ def decode(frames: Sequence[Any], *, max_bytes: int, max_header_bytes: int = DEF
         if buf.nbytes != nbytes:
             raise ProtocolError(f"tensor {i}: frame holds {buf.nbytes} bytes, descriptor says {nbytes}")
         if nbytes == 0:
+            # no bytes bound the other dims of an empty tensor: their strides must still fit 64 bits
+            if math.prod(d for d in shape if d) * dtype.itemsize >= _INT64:
+                raise ProtocolError(f"tensor {i}: empty, but its shape {shape} has strides past 64 bits")
             tensors.append(torch.empty(shape, dtype=dtype))
         else:  # memory we own: a bytearray frame is adopted, any other (ZeroMQ's, read-only) is copied once
             owned = frame if isinstance(frame, bytearray) else bytearray(buf)

@@ -1,0 +1,134 @@
+"""The ``djinn serve`` command: its arguments (:func:`add_serve_parser`, importable without torch, ZeroMQ or
+transformers: the ``djinn`` parser is built at every start) and :func:`cmd_serve`, which imports them when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from djinn_core.errors import ConfigError
+from djinn_core.rpc.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GiB"``, ``"512M"``, ``"1048576"`` -> bytes (binary units)."""
+    s = text.strip().lower()
+    num = s.rstrip("kmgib")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if unit not in _UNITS or not 0 <= value < 1 << 60:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (use e.g. 4GiB, 512M, 1048576)")
+    return int(value * _UNITS[unit])
+
+
+def vram_budget_spec(text: str) -> str:
+    """A ``--vram-budget`` spelling checked as :func:`djinn_core.memory.vram_budget.parse_budget` reads it."""
+    from djinn_core.memory.vram_budget import parse_budget
+
+    try:
+        parse_budget(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The auth token: the stripped contents of ``token_file``, else ``$DJINN_TOKEN``, else None (no auth).
+    :class:`ConfigError`, naming the file, when it is missing, unreadable, not text or empty."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the token file {token_file}: {getattr(e, 'strerror', None) or e}") from None
+        if not token:
+            raise ConfigError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get("DJINN_TOKEN") or None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``djinn serve``: load the model, bind, serve until SIGINT/SIGTERM. Bad input raises a typed
+    :class:`~djinn_core.errors.DjinnError` before anything is loaded where it can."""
+    config = ServerConfig(host=args.host, port=args.port, token=read_token(args.token_file),
+                          max_request_bytes=args.max_request_bytes, max_sessions=args.max_sessions,
+                          max_sessions_per_client=args.max_sessions_per_client, idle_timeout_s=args.idle_timeout_s,
+                          stats_interval_s=args.stats_interval_s, busy_poll_s=args.busy_poll_s,
+                          local_channel_bytes=args.local_channel_bytes)  # checked before anything heavy loads
+    import signal
+
+    from djinn_core.rpc.loading import load_model, make_runtime
+    from djinn_core.rpc.server import Server
+    from djinn_core.validation import check_device
+
+    if args.device:
+        device = check_device(args.device)  # DeviceUnavailable: cuda asked for, no GPU
+    else:
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.vram_budget is not None:
+        if device.type != "cuda":
+            raise ConfigError(f"--vram-budget applies to a CUDA device, not {device}")
+        from djinn_core.memory.vram_budget import cap_allocator, card_total_bytes, resolve_budget
+
+        budget = resolve_budget(args.vram_budget, "--vram-budget", card_total_bytes(device.index or 0))
+        cap_allocator(budget.bytes, device)  # before the model loads: the weights count against the budget
+    model = load_model(args.model, device=device, dtype=args.dtype, seed=args.seed, num_layers=args.num_layers)
+    server = Server(make_runtime(model, slab_bytes=args.slab_bytes, host_pool_bytes=args.host_pool_bytes), config)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        server.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.bind()
+    print(f"djinn serve: {args.model} on {device}, listening on {server.address}", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``djinn serve`` (called by :mod:`djinn_core.cli`)."""
+    d = ServerConfig
+    p = subparsers.add_parser("serve", help="serve breakpoint sessions over RPC (ZeroMQ)",
+                              description="Serve breakpoint sessions over ZeroMQ. The auth token is read from "
+                                          "--token-file or the DJINN_TOKEN environment variable (never argv).")
+    p.add_argument("--model", required=True,
+                   help="architecture name (random weights, e.g. llama-tiny, llama2-13b), 'smollm2', or a .gguf path")
+    p.add_argument("--host", default=d.host, help="address to bind (non-loopback needs a token)")
+    p.add_argument("--port", type=int, default=d.port, help="TCP port (0: any free port)")
+    p.add_argument("--token-file", help="file holding the auth token (default: $DJINN_TOKEN, else no auth)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", help="float16 / bfloat16 / float32 (default: float16 on cuda, float32 on cpu)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of an architecture name")
+    p.add_argument("--num-layers", type=int, help="truncate an architecture to this many layers")
+    p.add_argument("--slab-bytes", type=parse_bytes, help="device slab for session state (e.g. 8GiB)")
+    p.add_argument("--host-pool-bytes", type=parse_bytes, help="pinned host pool for paused sessions (e.g. 16GiB)")
+    p.add_argument("--vram-budget", type=vram_budget_spec,
+                   help="cap this server's GPU memory as on a card of this size: '80GB' (the H100 80GB card), "
+                        "'card', or bytes such as 24GiB; torch's caching allocator is capped at the budget less the "
+                        "CUDA context (default: the whole card)")
+    p.add_argument("--max-request-bytes", type=parse_bytes, default=d.max_request_bytes)
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    p.add_argument("--max-sessions-per-client", type=int)
+    p.add_argument("--idle-timeout-s", type=float, default=d.idle_timeout_s)
+    p.add_argument("--stats-interval-s", type=float, default=d.stats_interval_s,
+                   help="log stats this often (0: never)")
+    p.add_argument("--busy-poll-s", type=float, default=d.busy_poll_s,
+                   help="after a request, spin this long for the next one before sleeping (latency vs one busy core)")
+    p.add_argument("--local-channel-bytes", type=parse_bytes, default=d.local_channel_bytes,
+                   help="size of each direction of the shared-memory channel offered to clients on this host "
+                        "(0: none)")
+    p.set_defaults(fn=cmd_serve)
+    return p
