@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
-pytest_plugins = ["fixtures.hardware", "fixtures.claims", "fixtures.models"]
+pytest_plugins = ["fixtures.budget", "fixtures.hardware", "fixtures.claims", "fixtures.models"]
 
 SCALE_MARKERS = ("cpu", "gpu", "h100")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test says where it runs (cpu, gpu or h100); GPU tests skip, with a reason, where the GPU is missing."""
-    from fixtures.hardware import H100_MIN_BYTES, gpu_missing_reason
+    from djinn_core.bench.profiles import MIN_GPU_BYTES, gpu_missing_reason
 
     reasons: dict[int, str | None] = {}
     for item in items:
         names = {m.name for m in item.iter_markers()}
         if not names & set(SCALE_MARKERS):
             raise pytest.UsageError(f"{item.nodeid} carries none of the markers {SCALE_MARKERS}: say where it runs")
-        need = H100_MIN_BYTES if "h100" in names else (0 if "gpu" in names else None)
+        need = next((MIN_GPU_BYTES[m] for m in ("h100", "gpu") if m in names), None)
         if need is None:
             continue
         if need not in reasons:
@@ -30,43 +31,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    """Add GPU, driver, CUDA, torch, transformers, host RAM and PCIe link to pytest-benchmark's machine_info."""
+    """Add GPU, driver, CUDA, torch, transformers, host RAM, PCIe link and the run's VRAM budget (how it was chosen
+    and enforced) to pytest-benchmark's machine_info."""
     from djinn_core.bench.provenance import machine_facts
-
-    import os
+    from fixtures.budget import budget_info
 
     machine_info["djinn"] = machine_facts()
     machine_info["djinn"]["deterministic_algorithms"] = os.environ.get("DJINN_DETERMINISTIC") == "1"
+    machine_info["djinn"]["vram_budget"] = budget_info(config)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    import os
-
-    logging.getLogger("djinn_core").setLevel(logging.INFO)
     import torch
 
+    logging.getLogger("djinn_core").setLevel(logging.INFO)
     # every reference run (plain forwards, DynamicCache, the peers) as reproducible as the runtime: cuDNN's fused
-    # attention is not run-to-run deterministic on the H100 (see djinn_core.models.exact_attention)
+    # attention is not run-to-run deterministic (see djinn_core.models.exact_attention)
     torch.backends.cuda.enable_cudnn_sdp(False)
     if os.environ.get("DJINN_DETERMINISTIC") == "1":
-        # opt-in deterministic kernels for the bitwise claims' references (scripts/probe_determinism.py tells
-        # whether this GPU needs it); cuBLAS reads its workspace setting when the CUDA context starts, i.e. later
+        # opt-in deterministic kernels for the bitwise claims' references (`djinn probe determinism` tells whether
+        # this GPU needs them); cuBLAS reads its workspace setting when the CUDA context starts, i.e. later
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        import torch
-
         torch.use_deterministic_algorithms(True)
 
 
 def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
-    """Where the suite runs on a copy of the tree (the lent GPU machine), take the commit from the environment
+    """Where the suite runs on a copy of the tree (a lent GPU machine), take the commit from the environment
     (DJINN_GIT_COMMIT, DJINN_GIT_DIRTY) as the caller recorded it before sending the tree. It overrides whatever git
-    says there: the copy may carry a stale .git (on 2026-11-27 it reported the session's first commit, dirty, for
-    trees sent later in the session)."""
-    import os
-
+    says there: a copy may carry a stale .git (see docs/notes/bench.md); what git said is kept as ``git_on_device``.
+    ``dirty`` is True for DJINN_GIT_DIRTY=1, False for 0, and "unknown" otherwise (the CI gate accepts only False)."""
     if os.environ.get("DJINN_GIT_COMMIT"):
         if commit_info.get("id") not in (None, "", "unknown"):
             commit_info["git_on_device"] = {"id": commit_info.get("id"), "dirty": commit_info.get("dirty")}
         commit_info["id"] = os.environ["DJINN_GIT_COMMIT"]
-        commit_info["dirty"] = os.environ.get("DJINN_GIT_DIRTY", "unknown") == "1"
+        commit_info["dirty"] = {"1": True, "0": False}.get(os.environ.get("DJINN_GIT_DIRTY", ""), "unknown")
         commit_info["source"] = "DJINN_GIT_COMMIT"

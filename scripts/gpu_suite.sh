@@ -2,24 +2,44 @@
 # Run claim files on the lent GPU machine, one pytest-benchmark JSON (and log) per report, with provenance.
 # On the device, from the repository root (carry .whl when a spec needs the peers or pyzmq):
 #   DJINN_GIT_COMMIT=<sha sent> DJINN_GIT_DIRTY=0|1 bash scripts/gpu_suite.sh \
-#       memory_layer:tests_exp3/test_swap_bandwidth.py exp3_resume:tests_exp3/test_token_accuracy.py,tests_exp3/test_resume_latency.py
-# Each NAME:FILE[,FILE...] writes $OUT/NAME.json and $OUT/NAME.log (the device returns at most 8 files: 4 specs).
-# Back here: copy the JSON to reports/h100/NAME.json and run `djinn report reports/h100/NAME.json`.
+#       memory_layer:tests_exp3/test_swap_bandwidth.py \
+#       exp3_memory_pressure:tests_exp3/test_memory_pressure.py \
+#       exp3_memory_pressure_card:tests_exp3/test_memory_pressure.py@card
+# `bash scripts/gpu_suite.sh all` runs every report of the h100 profile (djinn_core/bench/profiles.py: H100_REPORTS).
+# Each NAME:FILE[,FILE...][@BUDGET] runs in a pytest process of its own and writes $OUT/NAME.json and $OUT/NAME.log.
+# BUDGET is the VRAM budget of that spec (--djinn-vram-budget: 80GB, card, or bytes like 74.5GiB); without one, the
+# run's $DJINN_VRAM_BUDGET, else 80GB (the H100 80GB card, enforced on a larger card by capping torch's allocator).
+# DJINN_GIT_DIRTY must say 0 or 1: the CI gate refuses a report whose tree state is dirty or unknown.
+# Back here: copy each JSON to reports/<machine>/NAME.json (h100, h200, h200x2: the folder names the GPU its
+# provenance must show) and run `djinn report reports/<machine>/NAME.json`.
 set -uo pipefail
 : "${DJINN_GIT_COMMIT:?set DJINN_GIT_COMMIT to the commit whose tree was sent}"
 : "${OUT:?OUT must name the folder whose files come back}"
+case "${DJINN_GIT_DIRTY:-}" in
+  0|1) ;;
+  *) echo "DJINN_GIT_DIRTY must be 0 or 1 (was '${DJINN_GIT_DIRTY:-}')" >&2; exit 2 ;;
+esac
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
   # shellcheck source=/dev/null
   source scripts/gpu_peers_setup.sh
 fi
+if [ "${1:-}" = all ]; then  # every report of the h100 profile (djinn_core/bench/profiles.py: H100_REPORTS)
+  mapfile -t specs < <(python3 -c 'from djinn_core.bench.profiles import report_specs; print(*report_specs(), sep="\n")')
+  set -- "${specs[@]}"
+fi
 rc=0
 for spec in "$@"; do
   name=${spec%%:*}
-  files=${spec#*:}
-  echo "== $name: ${files//,/ }"
-  python3 -m pytest -m h100 ${files//,/ } --benchmark-json "$OUT/$name.json" -p no:cacheprovider -q -rfE \
-    > "$OUT/$name.log" 2>&1 || rc=1
+  rest=${spec#*:}
+  files=${rest%%@*}
+  budget=()
+  if [ "$rest" != "$files" ]; then
+    budget=("--djinn-vram-budget=${rest#*@}")
+  fi
+  echo "== $name: ${files//,/ } ${budget[*]:-(budget: ${DJINN_VRAM_BUDGET:-80GB})}"
+  python3 -m pytest -m h100 ${files//,/ } "${budget[@]}" --benchmark-json "$OUT/$name.json" -p no:cacheprovider -q \
+    -rfE > "$OUT/$name.log" 2>&1 || rc=1
   grep -E "passed|failed|error" "$OUT/$name.log" | tail -3
 done
 exit $rc

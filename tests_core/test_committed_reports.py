@@ -1,8 +1,10 @@
-"""CI gate: every committed H100 result carries provenance and its claims hold when recomputed from raw data.
+"""CI gate: every committed result carries provenance naming the GPU of its folder, comes from a clean tree, and its
+claims and preconditions hold when recomputed from raw data (djinn_core.bench.gate says what a report must carry).
 
-A shortfall measured on the H100 stays committed with its JSON; until the system is fixed it is listed in
+A shortfall measured on a GPU stays committed with its JSON; until the system is fixed it is listed in
 KNOWN_SHORTFALLS with the measured figure, and carried here as ``xfail(strict=True)``: the day it passes, the
-strict xfail fails and the entry must go.
+strict xfail fails and the entry must go. Reports measured on a dirty tree are refused, except the history listed in
+KNOWN_DIRTY_HISTORY.
 """
 
 from __future__ import annotations
@@ -11,14 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from djinn_core.bench.report import claim_rows, load_benchmark_json, provenance
+from djinn_core.bench.gate import provenance_problems, report_key
+from djinn_core.bench.report import claim_rows, load_benchmark_json
 
 pytestmark = pytest.mark.cpu
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 COMMITTED = sorted(REPORTS.glob("*/*.json"))
-# which GPU each results folder must come from
-FOLDER_GPU = {"h100": "H100", "h200x2": "H200"}
+
+# Reports measured on a dirty tree (the code that ran was not exactly the commit they name), kept as history: issue 20
+# found these three; their re-measurement at a clean commit on the H200 lands under reports/h200/. No other dirty
+# report is accepted, and an entry goes when its file does.
+KNOWN_DIRTY_HISTORY = frozenset({
+    "h100/ceilings.json",  # commit ab35a2b, dirty
+    "h100/exp2_streaming.json",  # commit ab35a2b, dirty
+    "h200x2/exp2_full70b.json",  # commit 90cb81a, dirty
+})
 
 # "<json stem>::<test node>::<claim>[params]" -> reason quoting the measured figure
 KNOWN_SHORTFALLS: dict[str, str] = {
@@ -47,16 +57,18 @@ def test_required_h100_results_are_committed():
     assert (REPORTS / "h100" / "ceilings.json") in COMMITTED
 
 
-@pytest.mark.parametrize("path", COMMITTED, ids=[p.stem for p in COMMITTED])
-def test_committed_result_carries_provenance(path):
-    data = load_benchmark_json(path)
-    prov = provenance(data)
-    for field in ("gpu", "driver", "torch", "transformers", "commit", "date"):
-        assert prov[field], f"{path.name}: provenance lacks {field}"
-    expected = FOLDER_GPU.get(path.parent.name)
-    assert expected, f"{path}: results folder {path.parent.name!r} names no known machine"
-    assert expected in prov["gpu"], f"{path.name}: not an {expected} run ({prov['gpu']})"
+@pytest.mark.parametrize("path", COMMITTED, ids=[report_key(p) for p in COMMITTED])
+def test_committed_result_carries_provenance_of_its_folders_gpu_and_a_clean_tree(path):
+    problems = provenance_problems(path, load_benchmark_json(path), known_dirty=KNOWN_DIRTY_HISTORY)
+    assert not problems, f"{report_key(path)}: {problems}"
     assert (path.parent / f"{path.stem}.md").is_file(), f"{path.name} has no report next to it"
+
+
+def test_known_dirty_history_names_committed_dirty_reports():
+    committed = {report_key(p): p for p in COMMITTED}
+    stale = {k for k in KNOWN_DIRTY_HISTORY
+             if k not in committed or load_benchmark_json(committed[k])["commit_info"].get("dirty") is not True}
+    assert not stale, f"KNOWN_DIRTY_HISTORY names reports that are gone or clean: {stale}"
 
 
 @pytest.mark.parametrize("path,row", _claim_params())

@@ -42,11 +42,53 @@ def test_report_recomputes_verdicts_writes_table_provenance_and_plots(tmp_path):
     p = _bench_json(tmp_path, claims, info={"vram": vram, "layer_timeline": layers, "budget_bytes": 12 * 2**30})
     md = write_report(p, out_dir=tmp_path / "rep", name="exp3")
     text = md.read_text()
-    assert "| resume_vs_manual | layer=1 | djinn |" in text
+    assert ("| resume_vs_manual | resume vs manual: djinn over manual_offload, in ms (medians of timed repeats) "
+            "| layer=1 |") in text
     assert "2 claims, 1 pass, 1 fail" in text and "**FAIL**" in text
     assert "gpu: NVIDIA H100 80GB HBM3" in text and "commit: abc123" in text
     pngs = sorted(x.name for x in (tmp_path / "rep").glob("*.png"))
     assert len(pngs) == 3 and all(f"({n})" in text for n in pngs)
+
+
+def _cpu_json(tmp_path, claims, info=None):
+    """A benchmark JSON as the CPU profile writes it: no GPU facts at all."""
+    p = _bench_json(tmp_path, claims, info)
+    data = json.loads(p.read_text())
+    data["machine_info"]["djinn"] = {"gpu_name": None, "driver": None, "torch_version": "2.13.0+cpu",
+                                     "packages": {"transformers": "5.17.0", "accelerate": None}}
+    p.write_text(json.dumps(data))
+    return p
+
+
+def test_cpu_report_says_what_each_check_measured_with_its_unit_and_no_blank_provenance(tmp_path):
+    lost = make_record("load_no_session_lost", kind="check", method="djinn-rpc-zmq", bound=0, op="==",
+                       unit="clients", measured=0.0, what="load clients that lost a session")
+    unnamed = make_record("layers_unequal", kind="check", method="djinn", bound=0, op="==", unit="layers",
+                          measured=0.0)
+    text = write_report(_cpu_json(tmp_path, [lost, unnamed]), out_dir=tmp_path / "rep", name="cpu").read_text()
+    assert ("| load_no_session_lost | load clients that lost a session, in clients | none | 0 clients | none | n/a "
+            "| == 0 clients | pass |") in text
+    assert "| layers_unequal | layers unequal, in layers |" in text  # no `what` given: the claim's name in words
+    provenance_block = text.split("## Provenance")[1].split("##")[0]
+    assert "- torch: 2.13.0+cpu" in provenance_block
+    assert all(not line.rstrip().endswith(":") for line in provenance_block.splitlines() if line.startswith("- "))
+    assert "gpu" not in provenance_block and "driver" not in provenance_block
+
+
+def test_report_plots_every_timing_a_benchmark_recorded(tmp_path):
+    check = make_record("c", kind="check", method="m", bound=0, op="==", unit="clients", measured=0.0)
+    info = {"raw_tcp_rtt": TimingStats((0.03, 0.04, 0.05), "host").to_dict(),
+            "noop_rpc": TimingStats((0.3, 0.5, 9.0), "host").to_dict(), "not_a_timing": {"x": 1}}
+    text = write_report(_cpu_json(tmp_path, [check], info), out_dir=tmp_path / "rep", name="cpu").read_text()
+    assert "![cpu_timings](cpu_timings.png)" in text and (tmp_path / "rep" / "cpu_timings.png").is_file()
+    no_timings = write_report(_cpu_json(tmp_path, [check]), out_dir=tmp_path / "rep2", name="cpu").read_text()
+    assert "## Plots" not in no_timings
+
+
+def test_report_refuses_a_malformed_claim_record_with_a_typed_error(tmp_path):
+    p = _bench_json(tmp_path, [{"claim": "x", "kind": "check", "op": "==", "method": "m"}])  # no bound
+    with pytest.raises(ConfigError, match="malformed claim record 'x'"):
+        write_report(p)
 
 
 def test_report_flags_a_stored_verdict_that_disagrees(tmp_path):

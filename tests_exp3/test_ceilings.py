@@ -11,20 +11,26 @@ from __future__ import annotations
 import pytest
 import torch
 
+from djinn_core.bench import preconditions as pre
 from djinn_core.bench.ceilings import CopyCeiling, measure_copy_ceiling
-from djinn_core.errors import ConfigError, DeviceUnavailable
-from djinn_core.bench.provenance import gpu_facts, pcie_link_GBps
+from djinn_core.bench.experiments.ceilings import MiB, each_direction_and_both, link_rate_GBps, pinned_and_pageable
+from djinn_core.bench.provenance import pcie_link_GBps
 from djinn_core.bench.timing import TimingStats
+from djinn_core.errors import ConfigError, DeviceUnavailable
 
-MiB = 2**20
 SIZES_MIB = [1, 16, 64, 256, 1024, 4096]
 
 
-def _link_GBps() -> float:
-    facts = gpu_facts()
-    if "pcie_link_gen" not in facts:
-        pytest.skip(f"NVML gave no PCIe link facts: {facts.get('nvml_error', 'unknown')}")
-    return pcie_link_GBps(int(facts["pcie_link_gen"]), int(facts["pcie_link_width"]))
+def _link_GBps(claim, params: dict) -> float:
+    """The PCIe link's raw rate; a precondition of the claim against it (NVML must name the link: it fails, not
+    skips, when it does not)."""
+    try:
+        link, why = link_rate_GBps(), ""
+    except DeviceUnavailable as e:
+        link, why = float("nan"), str(e)
+    claim.precondition("pcie_link_rate_known", value=link, op=">", bound=0, unit="GB/s", params=params,
+                       what=f"the PCIe link's raw rate from NVML{' (' + why + ')' if why else ''}")
+    return link
 
 
 @pytest.mark.h100
@@ -32,27 +38,27 @@ def _link_GBps() -> float:
 @pytest.mark.parametrize("direction", ["h2d", "d2h"])
 @pytest.mark.parametrize("size_mib", SIZES_MIB)
 def test_copy_ceiling_stays_below_the_pcie_link_rate(claim, cuda_device, size_mib, direction, pinned):
-    link = _link_GBps()
+    params = {"size_mib": size_mib, "direction": direction, "pinned": pinned}
+    link = _link_GBps(claim, params)
     repeats = 10 if pinned or size_mib < 1024 else 5
     c = claim.measure(lambda: measure_copy_ceiling(size_mib * MiB, direction, pinned=pinned, device=cuda_device,
                                                    repeats=repeats))
     claim.info(ceiling=c.to_dict(), link_GBps=link)
-    claim.ratio("copy_below_link_rate", method="ceiling", measured=c.GBps, reference=link, bound=1.0, op="<=",
-                unit="GB/s", reference_method="pcie_link_raw_rate",
-                params={"size_mib": size_mib, "direction": direction, "pinned": pinned})
+    claim.ratio("copy_below_link_rate", what="pinned or pageable copy bandwidth against the PCIe link's raw rate",
+                method="ceiling", measured=c.GBps, reference=link, bound=1.0, op="<=",
+                unit="GB/s", reference_method="pcie_link_raw_rate", params=params)
 
 
 @pytest.mark.h100
 @pytest.mark.parametrize("direction", ["h2d", "d2h"])
 @pytest.mark.parametrize("size_mib", [64, 256, 1024])
 def test_pinned_copies_beat_pageable_ones(claim, cuda_device, size_mib, direction):
-    def run() -> tuple[CopyCeiling, CopyCeiling]:
-        return (measure_copy_ceiling(size_mib * MiB, direction, pinned=True, device=cuda_device),
-                measure_copy_ceiling(size_mib * MiB, direction, pinned=False, device=cuda_device, repeats=5))
-
-    pinned, pageable = claim.measure(run)
+    pinned, pageable = claim.measure(lambda: pinned_and_pageable(size_mib * MiB, direction, cuda_device))
     claim.info(pinned=pinned.to_dict(), pageable=pageable.to_dict())
-    claim.ratio("pinned_beats_pageable", method="ceiling", measured=pinned.GBps, reference=pageable.GBps,
+    pre.peer_ran(claim, peer="pageable copy", timing=pageable.timing, params={"size_mib": size_mib,
+                                                                             "direction": direction})
+    claim.ratio("pinned_beats_pageable", what="pinned copy bandwidth against pageable copy bandwidth of the same size",
+                method="ceiling", measured=pinned.GBps, reference=pageable.GBps,
                 bound=1.0, op=">=", unit="GB/s", reference_method="pageable",
                 params={"size_mib": size_mib, "direction": direction})
 
@@ -60,12 +66,13 @@ def test_pinned_copies_beat_pageable_ones(claim, cuda_device, size_mib, directio
 @pytest.mark.h100
 @pytest.mark.parametrize("size_mib", [64, 256, 1024])
 def test_both_directions_at_once_overlap(claim, cuda_device, size_mib):
-    def run():
-        return [measure_copy_ceiling(size_mib * MiB, d, device=cuda_device) for d in ("h2d", "d2h", "bidir")]
-
-    h2d, d2h, bidir = claim.measure(run)
+    h2d, d2h, bidir = claim.measure(lambda: each_direction_and_both(size_mib * MiB, cuda_device))
     claim.info(h2d=h2d.to_dict(), d2h=d2h.to_dict(), bidir=bidir.to_dict())
-    claim.ratio("bidirectional_overlaps", method="ceiling", measured=bidir.GBps, reference=max(h2d.GBps, d2h.GBps),
+    for name, c in (("h2d copy", h2d), ("d2h copy", d2h)):
+        pre.peer_ran(claim, peer=name, timing=c.timing, params={"size_mib": size_mib})
+    claim.ratio("bidirectional_overlaps",
+                what="both directions at once (bytes of both) against the faster single direction",
+                method="ceiling", measured=bidir.GBps, reference=max(h2d.GBps, d2h.GBps),
                 bound=1.0, op=">=", unit="GB/s", reference_method="best_single_direction",
                 params={"size_mib": size_mib})
 

@@ -7,7 +7,7 @@ which waits for the swap's per-item events: that is when a consumer could use th
 
 Layout: two sessions ("a", "b"), 40 items each (``kv.<i>``: K and V of one layer, (2, 1, 40, 2048, 128) fp16,
 40 MiB), the layout the breakpoint sessions use. Before every repeat the sessions are put back in place, untimed:
-"a" in the slab's lower half, "b" in the upper half, each session's host blocks in one pinned chunk.
+"a" in the slab's lower half, "b" in the upper half, each session's host blocks in one pinned segment.
 
 The ceiling copies run on the sessions' own bytes and overwrite them: these benchmarks do not check contents
 (tests_core/test_swap.py does, on the GPU too). The ``cpu`` tests run the same plumbing at a tiny size (two layers,
@@ -16,104 +16,17 @@ The ceiling copies run on the sessions' own bytes and overwrite them: these benc
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
+from djinn_core.bench import preconditions as pre
 from djinn_core.bench.ceilings import CopyCeiling, copy_ceiling_on
-from djinn_core.memory.host_pool import HostPool
-from djinn_core.models import architecture_config, model_sizes
-from djinn_core.memory.slab import Slab, SlabTensor
-from djinn_core.memory.swap import ResidentState, SwapEngine, SwappedState
-from djinn_core.bench.timing import TimingStats, time_cuda, time_host
-
-MODEL = "llama2-13b"
-TOKENS = 2048
-REPEATS = 10
-SESSIONS = ("a", "b")
-
-
-class SwapBench:
-    """Two sessions' per-layer KV in one slab and one host pool, and the moves the benchmarks time.
-
-    Slab: ``2 * kv_bytes`` (+ one alignment unit); host pool: two chunks of ``kv_bytes``, so one session's host copy
-    fills one chunk.
-    """
-
-    def __init__(self, device: torch.device, *, num_layers: int | None = None, tokens: int = TOKENS,
-                 checksums: bool = False):
-        config = architecture_config(MODEL, num_layers=num_layers)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.layers = config.num_hidden_layers
-        self.item_shape = (2, 1, config.num_key_value_heads, tokens, head_dim)  # (K|V, batch, kv_heads, seq, head_dim)
-        self.dtype = torch.float16
-        self.item_bytes = torch.Size(self.item_shape).numel() * self.dtype.itemsize
-        self.kv_bytes = model_sizes(config, self.dtype).kv_bytes(tokens)
-        assert self.layers * self.item_bytes == self.kv_bytes, "per-layer items must add up to the model's KV bytes"
-        self.device = device
-        self.slab = Slab(2 * self.kv_bytes + 256, device)
-        self.pool = HostPool(2 * self.kv_bytes, chunk_bytes=self.kv_bytes, pin=device.type == "cuda")
-        self.engine = SwapEngine(self.slab, self.pool, checksums=checksums)
-        self.names = [f"kv.{i}" for i in range(self.layers)]
-        self.resident: dict[str, dict[str, SlabTensor]] = {}
-        self.swapped: dict[str, SwappedState] = {}
-        g = torch.Generator(device=device).manual_seed(13)
-        for sid in SESSIONS:
-            items = {}
-            for name in self.names:
-                t = self.slab.allocate(self.item_shape, self.dtype, tag=f"{sid}:{name}")
-                t.view().copy_(torch.randn(self.item_shape, generator=g, device=device, dtype=self.dtype))
-                items[name] = t
-            self.resident[sid] = items
-
-    # -- moves (asynchronous on CUDA) ------------------------------------------------------------------------------
-    def swap_out(self, sid: str) -> SwappedState:
-        state = self.engine.swap_out(self.resident.pop(sid))
-        self.swapped[sid] = state
-        return state
-
-    def swap_in(self, sid: str) -> ResidentState:
-        res = self.engine.swap_in(self.swapped.pop(sid), order=self.names)
-        self.resident[sid] = res.tensors
-        return res
-
-    def place(self, on_slab: set[str]) -> None:
-        """Untimed reset: "a" in the lower half of the slab, "b" in the upper, then the others out to the host.
-
-        Completes every copy on the current stream before returning (the timer then drains that stream)."""
-        for sid in list(self.resident):
-            self.swap_out(sid).wait()
-        for sid in SESSIONS:
-            self.swap_in(sid).wait_all()
-        for sid in SESSIONS:
-            if sid not in on_slab:
-                self.swap_out(sid).wait()
-
-    # -- the buffers the ceilings run on (the slab's and pool's own bytes) ------------------------------------------
-    def slab_half(self, k: int) -> torch.Tensor:
-        return self.slab.raw_bytes(k * self.kv_bytes, self.kv_bytes)
-
-    def host_chunk(self, k: int) -> torch.Tensor:
-        return self.pool.raw_bytes(k, 0, self.kv_bytes)
-
-
-def interleaved(ceiling: Callable[[], TimingStats], run: Callable[[], Any], before: Callable[[], Any],
-                timer: Callable[..., TimingStats], repeats: int = REPEATS) -> tuple[TimingStats, TimingStats]:
-    """Alternate one ceiling sample and one run sample, ``repeats`` times, after one warm-up of each."""
-    ceiling()
-    timer(run, warmup=0, repeats=1, before=before)
-    c, r = [], []
-    for _ in range(repeats):
-        c.extend(ceiling().samples_ms)
-        r.extend(timer(run, warmup=0, repeats=1, before=before).samples_ms)
-    clock = "host" if timer is time_host else "cuda_event"
-    return TimingStats(tuple(c), clock), TimingStats(tuple(r), clock)
-
-
-def _cuda_ceiling(direction: str, host: torch.Tensor, dev: torch.Tensor, host2: torch.Tensor | None = None,
-                  dev2: torch.Tensor | None = None) -> Callable[[], TimingStats]:
-    return lambda: copy_ceiling_on(host, dev, direction, host2=host2, dev2=dev2, warmup=0, repeats=1).timing
+from djinn_core.bench.experiments.swap_bandwidth import (MODEL, REPEATS, SESSIONS, TOKENS, SwapBench, cuda_ceiling,
+                                                         interleaved)
+from djinn_core.bench.timing import time_cuda, time_host
+from djinn_core.memory.slab import Slab
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +37,16 @@ def bench_13b(cuda_device) -> SwapBench:
 def _params(b: SwapBench) -> dict[str, Any]:
     return {"model": MODEL, "tokens": TOKENS, "layers": b.layers, "item_bytes": b.item_bytes,
             "kv_bytes": b.kv_bytes, "repeats": REPEATS}
+
+
+def _swaps_happened(claim, b: SwapBench, before, swap_t, directions: tuple[str, ...]) -> None:
+    """Preconditions of a swap-bandwidth claim: the swaps were timed, and the engine moved bytes each way."""
+    after = b.engine.stats
+    for d in directions:
+        pre.swaps_measured(claim, direction=d, swaps=swap_t.n, params=_params(b))
+        moved = getattr(after, f"bytes_{d}") - getattr(before, f"bytes_{d}")
+        pre.bytes_moved(claim, nbytes=moved, what=f"bytes the swap engine moved {d} during the run",
+                        params=_params(b))
 
 
 # ---- H100 claims -------------------------------------------------------------------------------------------------
@@ -137,14 +60,17 @@ def test_swap_out_of_one_13b_session_runs_at_the_pinned_ceiling(claim, bench_13b
         b.swap_out("a").wait()
 
     def measure():
-        # "a" lives in the slab's lower half; its host copy lands in chunk 0 (both chunks are free when it goes out)
-        return interleaved(_cuda_ceiling("d2h", b.host_chunk(0), b.slab_half(0)), run,
+        # "a" lives in the slab's lower half; its host copy lands in segment 0 (both segments are free when it goes out)
+        return interleaved(cuda_ceiling("d2h", b.host_segment(0), b.slab_half(0)), run,
                            lambda: b.place({"a"}), time_cuda)
 
+    before = b.engine.stats
     ceiling_t, swap_t = claim.measure(measure)
+    _swaps_happened(claim, b, before, swap_t, ("out",))
     ceiling = CopyCeiling("d2h", b.kv_bytes, True, ceiling_t)
     claim.info(ceiling=ceiling.to_dict(), swap_timing=swap_t.to_dict(), slab=b.slab.stats.__dict__)
-    claim.bandwidth("swap_out_at_pinned_ceiling", method="swap_engine_d2h", timing=swap_t, bytes_moved=b.kv_bytes,
+    claim.bandwidth("swap_out_at_pinned_ceiling", what="one session's KV swapped out (slab to pinned host pool)",
+                    method="swap_engine_d2h", timing=swap_t, bytes_moved=b.kv_bytes,
                     ceiling_GBps=ceiling.GBps, ceiling=ceiling, bound=0.90, params=_params(b))
 
 
@@ -156,19 +82,22 @@ def test_swap_in_of_one_13b_session_runs_at_the_pinned_ceiling(claim, bench_13b)
         b.swap_in("a").wait_all()
 
     def measure():
-        return interleaved(_cuda_ceiling("h2d", b.host_chunk(0), b.slab_half(0)), run,
+        return interleaved(cuda_ceiling("h2d", b.host_segment(0), b.slab_half(0)), run,
                            lambda: b.place(set()), time_cuda)
 
+    before = b.engine.stats
     ceiling_t, swap_t = claim.measure(measure)
+    _swaps_happened(claim, b, before, swap_t, ("in",))
     ceiling = CopyCeiling("h2d", b.kv_bytes, True, ceiling_t)
     claim.info(ceiling=ceiling.to_dict(), swap_timing=swap_t.to_dict())
-    claim.bandwidth("swap_in_at_pinned_ceiling", method="swap_engine_h2d", timing=swap_t, bytes_moved=b.kv_bytes,
+    claim.bandwidth("swap_in_at_pinned_ceiling", what="one session's KV swapped in (pinned host pool to slab)",
+                    method="swap_engine_h2d", timing=swap_t, bytes_moved=b.kv_bytes,
                     ceiling_GBps=ceiling.GBps, ceiling=ceiling, bound=0.90, params=_params(b))
 
 
 @pytest.mark.h100
 def test_swap_out_concurrent_with_swap_in_runs_at_the_bidirectional_ceiling(claim, bench_13b):
-    """Session "b" goes out (upper slab half -> chunk 1) while "a" comes in (chunk 0 -> lower slab half)."""
+    """Session "b" goes out (upper slab half -> segment 1) while "a" comes in (segment 0 -> lower slab half)."""
     b = bench_13b
 
     def run() -> None:
@@ -178,13 +107,17 @@ def test_swap_out_concurrent_with_swap_in_runs_at_the_bidirectional_ceiling(clai
         res.wait_all()
 
     def measure():
-        ceiling = _cuda_ceiling("bidir", b.host_chunk(0), b.slab_half(0), host2=b.host_chunk(1), dev2=b.slab_half(1))
+        ceiling = cuda_ceiling("bidir", b.host_segment(0), b.slab_half(0), host2=b.host_segment(1), dev2=b.slab_half(1))
         return interleaved(ceiling, run, lambda: b.place({"b"}), time_cuda)
 
+    before = b.engine.stats
     ceiling_t, swap_t = claim.measure(measure)
+    _swaps_happened(claim, b, before, swap_t, ("out", "in"))
     ceiling = CopyCeiling("bidir", b.kv_bytes, True, ceiling_t)
     claim.info(ceiling=ceiling.to_dict(), swap_timing=swap_t.to_dict())
-    claim.bandwidth("concurrent_swap_at_bidirectional_ceiling", method="swap_engine_bidir", timing=swap_t,
+    claim.bandwidth("concurrent_swap_at_bidirectional_ceiling",
+                    what="one session swapped out while another is swapped in",
+                    method="swap_engine_bidir", timing=swap_t,
                     bytes_moved=2 * b.kv_bytes, ceiling_GBps=ceiling.GBps, ceiling=ceiling, bound=0.85,
                     params=_params(b))
 
@@ -206,14 +139,16 @@ def test_slab_allocate_and_free_take_microseconds(claim, bench_13b):
 
     def measure():
         return (time_host(alloc_free, warmup=100, repeats=10_000),
-                copy_ceiling_on(b.host_chunk(0)[: b.item_bytes], b.slab_half(0)[: b.item_bytes], "h2d"))
+                copy_ceiling_on(b.host_segment(0)[: b.item_bytes], b.slab_half(0)[: b.item_bytes], "h2d"))
 
     lat, ceiling = claim.measure(measure)
     item_copy_ms = b.item_bytes / (ceiling.GBps * 1e9) * 1e3
     claim.info(alloc_free_median_us=lat.median_ms * 1e3, alloc_free_p10_us=lat.p10_ms * 1e3,
                alloc_free_p90_us=lat.p90_ms * 1e3, operations=lat.n, item_copy_ms=item_copy_ms,
                ceiling=ceiling.to_dict())
-    claim.ratio("slab_alloc_free_small_next_to_one_item_copy", method="host_perf_counter",
+    claim.ratio("slab_alloc_free_small_next_to_one_item_copy",
+                what="median slab allocate + free against one layer's KV copy at the pinned ceiling",
+                method="host_perf_counter",
                 measured=lat.median_ms, reference=item_copy_ms, bound=0.1, op="<=", unit="ms",
                 reference_method="one_item_at_pinned_h2d_ceiling",
                 params={"operations": lat.n, "item_bytes": b.item_bytes, "live_allocations": 30})
@@ -231,7 +166,7 @@ def bench_tiny() -> SwapBench:
 def test_tiny_bench_has_the_model_geometry(bench_tiny):
     b = bench_tiny
     assert b.item_shape == (2, 1, 40, 16, 128) and b.layers == 2
-    assert b.kv_bytes == 2 * b.item_bytes and b.pool.stats.chunks == 2
+    assert b.kv_bytes == 2 * b.item_bytes and b.pool.stats.segments == 2
 
 
 @pytest.mark.cpu
@@ -254,9 +189,9 @@ def test_tiny_bench_plumbing_keeps_every_byte(bench_tiny, direction):
     c, r = interleaved(lambda: time_host(lambda: None, warmup=0, repeats=1), run, before, time_host, repeats=3)
     assert c.n == r.n == 3 and r.clock == "host"
     b.place(on_slab)
-    if direction == "bidir":  # the layout the GPU claim relies on: "a" low, "b" high, one chunk per session
+    if direction == "bidir":  # the layout the GPU claim relies on: "a" low, "b" high, one segment per session
         assert b.resident["b"]["kv.0"].offset >= b.kv_bytes
-        assert {blk.chunk for blk in (it.block for it in b.swapped["a"].items.values())} == {0}
+        assert {blk.segment for blk in (it.block for it in b.swapped["a"].items.values())} == {0}
     b.place(set(SESSIONS))
     for sid in SESSIONS:
         for n, t in b.resident[sid].items():

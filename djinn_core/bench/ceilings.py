@@ -1,7 +1,7 @@
 """Same-run copy ceilings: what the PCIe link and copy engines give *now*, on given buffers.
 
 Every bandwidth claim divides by a ceiling measured in the same run, ideally on the very buffers the claim uses and
-interleaved with its runs (the same pinned copy was seen wandering between 45 and 55 GB/s within a minute). A ceiling
+interleaved with its runs: the link's rate wanders (docs/notes/bench.md). A ceiling
 is the median of event-timed copies after warm-up; the host-to-device and device-to-host copies run on a side stream
 with ``non_blocking=True``. The bidirectional ceiling times one copy each way issued at once on two streams; its
 bandwidth counts both directions' bytes.
@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from djinn_core.errors import ConfigError
 from djinn_core.bench.timing import TimingStats, require_cuda, time_cuda
+from djinn_core.errors import ConfigError
+from djinn_core.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,7 @@ def _is_registered(host: torch.Tensor) -> bool:
     return err == cudart.cudaError_t.cudaSuccess and attrs.type == cudart.cudaMemoryType.cudaMemoryTypeHost
 
 
-def _validate(nbytes: int, direction: str) -> None:
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
-        raise ConfigError(f"nbytes must be a positive int, got {nbytes!r}")
+def _check_direction(direction: str) -> None:
     if direction not in DIRECTIONS:
         raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
@@ -79,8 +78,7 @@ def copy_ceiling_on(
     buffers are overwritten.
     """
     require_cuda("copy_ceiling_on")
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    _check_direction(direction)
     if host.device.type != "cpu" or dev.device.type != "cuda":
         raise ConfigError("copy_ceiling_on needs a host (CPU) tensor and a CUDA tensor")
     nbytes = host.numel() * host.element_size()
@@ -131,7 +129,8 @@ def measure_copy_ceiling(
     repeats: int = 10,
 ) -> CopyCeiling:
     """Allocate fresh buffers of ``nbytes`` (host pinned or pageable) and measure a copy ceiling on them."""
-    _validate(nbytes, direction)
+    check_int("nbytes", nbytes, 1)
+    _check_direction(direction)
     require_cuda("measure_copy_ceiling")
     device = torch.device(device)
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)

@@ -6,12 +6,13 @@ import datetime as _dt
 import logging
 import os
 import platform
-import subprocess
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from djinn_core.errors import ConfigError
+from djinn_core.validation import is_int
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +62,6 @@ def gpu_facts(index: int = 0) -> dict[str, Any]:
     return facts
 
 
-def git_commit(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Commit id and dirty flag of the checkout at ``cwd`` (``{}`` outside a git checkout)."""
-    cwd = Path(cwd or Path(__file__).resolve().parents[2])
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if commit.returncode != 0:
-        return {}
-    return {"id": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-
-
 def machine_facts() -> dict[str, Any]:
     """Everything a reader needs to know where a number came from."""
     facts: dict[str, Any] = {
@@ -96,9 +84,7 @@ _PCIE_GEN = {1: (2.5, 8 / 10), 2: (5.0, 8 / 10), 3: (8.0, 128 / 130), 4: (16.0, 
 
 def pcie_link_GBps(gen: int, width: int) -> float:
     """Theoretical one-direction data rate of a PCIe link after line coding, in GB/s (no protocol overhead)."""
-    from djinn_core.errors import ConfigError
-
-    if gen not in _PCIE_GEN or not isinstance(width, int) or width <= 0:
+    if gen not in _PCIE_GEN or not is_int(width) or width <= 0:
         raise ConfigError(f"unknown PCIe link gen={gen!r} width={width!r}")
     rate, eff = _PCIE_GEN[gen]
     return rate * eff * width / 8.0

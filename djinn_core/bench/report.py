@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from djinn_core.bench.claims import describe, evaluate
+from djinn_core.bench.claims import describe, evaluate, what_was_measured
 from djinn_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,21 @@ def load_benchmark_json(path: str | Path) -> dict[str, Any]:
 
 
 def claim_rows(data: dict[str, Any]) -> list[ClaimRow]:
+    """Every claim of every benchmark, re-evaluated from its raw fields; :class:`ConfigError` for a malformed one."""
     rows = []
     for bench in data.get("benchmarks", []):
         test = bench.get("fullname") or bench.get("name", "?")
         for rec in (bench.get("extra_info") or {}).get("claims", []):
-            ev = evaluate(rec)
-            rows.append(ClaimRow(test, rec["claim"], rec["method"], rec.get("params", {}), ev.measured,
-                                 rec.get("unit", ""), ev.reference, rec.get("reference_method", ""), ev.ratio,
-                                 rec["op"], rec["bound"], ev.passed, rec.get("passed"), rec))
+            try:
+                ev = evaluate(rec)
+                rows.append(ClaimRow(test, rec["claim"], rec["method"], rec.get("params", {}), ev.measured,
+                                     rec.get("unit", ""), ev.reference, rec.get("reference_method", ""), ev.ratio,
+                                     rec["op"], rec["bound"], ev.passed, rec.get("passed"), rec))
+            except ConfigError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                name = rec.get("claim") if isinstance(rec, dict) else rec
+                raise ConfigError(f"{test}: malformed claim record {name!r} ({type(e).__name__}: {e})") from e
     return rows
 
 
@@ -89,6 +96,8 @@ def provenance(data: dict[str, Any]) -> dict[str, Any]:
     return {
         "gpu": facts.get("gpu_name"),
         "gpu_memory_GiB": round(facts["gpu_memory_bytes"] / GiB, 1) if facts.get("gpu_memory_bytes") else None,
+        "gpu_count": facts.get("gpu_count"),
+        "vram_budget": _budget_words(facts.get("vram_budget")),
         "driver": facts.get("driver"),
         "cuda": facts.get("cuda_runtime"),
         "pcie": (f"Gen{facts['pcie_link_gen']} x{facts['pcie_link_width']}" if facts.get("pcie_link_gen") else None),
@@ -103,6 +112,16 @@ def provenance(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _budget_words(budget: dict[str, Any] | None) -> str | None:
+    """The run's VRAM budget in one line: spelling, bytes, source, and whether torch's allocator was capped."""
+    if not budget:
+        return None
+    enf = budget.get("enforcement") or {}
+    how = (f"allocator capped at {enf['allocator_cap_bytes']} bytes" if enf.get("enforced")
+           else enf.get("why", "not enforced"))
+    return f"{budget.get('spec')} = {budget.get('bytes')} bytes (from {budget.get('source')}; {how})"
+
+
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
         if math.isinf(x) or math.isnan(x):
@@ -112,19 +131,29 @@ def _fmt(x: Any) -> str:
 
 
 def claims_table(rows: list[ClaimRow]) -> str:
-    head = "| claim | parameters | method | measured | reference | ratio | bound | result |\n" \
+    """One row per claim: what was measured (in words, with its unit), the figure, its reference, the ratio and the
+    bound it is held to. A ``check`` claim holds its value itself to the bound: it has no reference and no ratio; nor
+    has a ``precondition`` (what must have happened for the claims beside it to mean anything)."""
+    head = "| claim | what was measured | parameters | measured | reference | ratio | bound | result |\n" \
            "|---|---|---|---|---|---|---|---|\n"
     lines = []
     for r in rows:
-        params = ", ".join(f"{k}={v}" for k, v in r.params.items())
-        ref = f"{_fmt(r.reference)} ({r.reference_method})" if r.reference is not None else ""
-        if r.record["kind"] == "bandwidth":
+        params = ", ".join(f"{k}={v}" for k, v in r.params.items()) or "none"
+        kind = r.record["kind"]
+        if kind == "bandwidth":
             ref = f"{_fmt(r.reference)} GB/s (same-run ceiling)"
+        elif r.reference is not None:
+            ref = f"{_fmt(r.reference)} {r.unit} ({r.reference_method or 'reference'})".replace("  ", " ")
+        else:
+            ref = "none"
+        absolute = kind in ("check", "precondition")
+        ratio, bound = (("n/a", f"{r.op} {_fmt(r.bound)} {r.unit}".rstrip()) if absolute
+                        else (_fmt(r.ratio), f"ratio {r.op} {_fmt(r.bound)}"))
         verdict = "pass" if r.passed else "**FAIL**"
         if r.stored_passed is not None and r.stored_passed != r.passed:
             verdict += " (stored verdict disagrees)"
-        lines.append(f"| {r.claim} | {params} | {r.method} | {_fmt(r.measured)} {r.unit} | {ref} | {_fmt(r.ratio)} "
-                     f"| {r.op} {_fmt(r.bound)} | {verdict} |")
+        lines.append(f"| {r.claim} | {what_was_measured(r.record)} | {params} | {_fmt(r.measured)} {r.unit} | {ref} "
+                     f"| {ratio} | {bound} | {verdict} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -141,7 +170,7 @@ def _plot_claims(rows: list[ClaimRow], out_dir: Path, name: str) -> list[Path]:
     paths = []
     by_claim: dict[str, list[ClaimRow]] = {}
     for r in rows:
-        if r.record["kind"] != "check":  # absolute checks (counts, budgets) read better in the table
+        if r.record["kind"] not in ("check", "precondition"):  # counts, budgets read better in the table
             by_claim.setdefault(r.claim, []).append(r)
     for claim, crs in by_claim.items():
         numeric = [k for k, v in crs[0].params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -256,6 +285,44 @@ def _plot_layer_timeline(test: str, rows: list[dict[str, Any]], out_dir: Path, n
     return p
 
 
+def _timings(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The top-level entries of a benchmark's info that are timings (``TimingStats.to_dict``)."""
+    return {k: v for k, v in info.items() if isinstance(v, dict) and isinstance(v.get("samples_ms"), list)
+            and v["samples_ms"]}
+
+
+def _plot_timings(data: dict[str, Any], out_dir: Path, name: str, limit: int = 12) -> Path | None:
+    """Every timing a benchmark recorded in its info, as box plots of the raw samples (ms), one panel per benchmark
+    (the first ``limit``): what was timed and how much it varied, asserted or not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(b.get("name", "?"), t) for b in data.get("benchmarks", [])
+              if (t := _timings((b.get("extra_info") or {}).get("info") or {}))][:limit]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(0.35 * len(t) + 0.9 for _, t in panels)),
+                             squeeze=False)
+    for ax, (test, timings) in zip(axes[:, 0], panels):
+        labels = [f"{k} [{'host' if v.get('clock') == 'host' else 'CUDA events'}]" for k, v in timings.items()]
+        samples = [v["samples_ms"] for v in timings.values()]
+        ax.boxplot(samples, orientation="horizontal", tick_labels=labels)
+        lo = min(min(x) for x in samples)
+        if lo > 0 and max(max(x) for x in samples) / lo > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel("ms")
+        ax.set_title(test, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    p = out_dir / f"{name}_timings.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 # method label -> key of its median latency in a resume benchmark's info (tests_exp3/test_resume_latency.py)
 CROSSOVER_METHODS = {"djinn resume": "djinn_ms", "manual pinned offload": "manual_ms", "recompute": "recompute_ms",
                      "eager (all held)": "eager_ms"}
@@ -353,9 +420,7 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
     rows = claim_rows(data)
     prov = provenance(data)
     plots = _plot_claims(rows, out_dir, name)
-    crossover = _plot_crossover(data, out_dir, name)
-    if crossover:
-        plots.append(crossover)
+    plots += [p for p in (_plot_crossover(data, out_dir, name), _plot_timings(data, out_dir, name)) if p]
     for bench in data.get("benchmarks", []):
         info = (bench.get("extra_info") or {}).get("info") or {}
         test = bench.get("name", "?")
@@ -375,7 +440,7 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
              "Every verdict is recomputed from the raw statistics in the JSON.", "",
              "## Claims", "", claims_table(rows) if rows else "No claims recorded.\n",
              "## Provenance", ""]
-    lines += [f"- {k}: {_fmt(v)}" for k, v in prov.items()]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in prov.items() if v is not None and v != ""]
     pressure_path = json_path.parent / PRESSURE_JSON
     caps = capabilities_table(data, load_benchmark_json(pressure_path) if pressure_path.exists() else None)
     if caps:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from djinn_core.errors import ConfigError, DeviceUnavailable
+from djinn_core.validation import check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,7 @@ class TimingStats:
         return float(statistics.median(self.samples_ms))
 
     def quantile_ms(self, q: float) -> float:
-        if not 0.0 <= q <= 1.0:
-            raise ConfigError(f"quantile must be in [0, 1], got {q}")
+        check_number("quantile", q, 0.0, 1.0)
         xs = sorted(self.samples_ms)
         pos = q * (len(xs) - 1)
         lo = int(pos)
@@ -78,16 +78,20 @@ class TimingStats:
 
 
 def _check_counts(warmup: int, repeats: int) -> None:
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats must be an int >= 1, got {repeats!r}")
+    check_int("warmup", warmup, 0)
+    check_int("repeats", repeats, 1)
 
 
 def require_cuda(what: str) -> None:
     """Raise :class:`DeviceUnavailable` naming ``what`` when no CUDA device is present."""
     if not torch.cuda.is_available():
         raise DeviceUnavailable(f"{what} needs a CUDA GPU; this machine has none")
+
+
+def event_ms(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+    """Device milliseconds from ``start`` to ``end`` (two timing events); waits for ``end`` on the host."""
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def time_cuda(

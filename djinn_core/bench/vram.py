@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from djinn_core.errors import ConfigError, DeviceUnavailable
+from djinn_core.validation import check_number
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ class VramSampler:
         memory_probe: Probe | None = None,
         pcie_probe: Probe | None = None,
     ):
-        if not (0.0 < period_s <= 0.02):
-            raise ConfigError(f"period_s must be in (0, 0.02] seconds, got {period_s}")
+        check_number("period_s", period_s, 0.0, 0.02, strict_minimum=True)
         self.period_s = period_s
         self._mem_probe = memory_probe or default_memory_probe(device)
         self._pcie_probe = (pcie_probe or default_pcie_probe(device)) if pcie else None
@@ -170,6 +170,18 @@ class VramSampler:
 
     def peak_torch_allocated(self) -> float:
         return self._peak("torch_allocated")
+
+    def peaks(self, budget_bytes: int | None = None) -> dict[str, float | None]:
+        """Peak NVML used (the whole device: every process, every allocator), torch reserved and torch allocated
+        (this process's caching allocator) in bytes, and each over ``budget_bytes`` when given."""
+        out: dict[str, float | None] = {}
+        for key in ("nvml_used", "torch_reserved", "torch_allocated"):
+            with self._lock:
+                vals = [s[key] for s in self.timeline if key in s]
+            out[f"{key}_peak_bytes"] = max(vals) if vals else None
+            if budget_bytes:
+                out[f"{key}_peak_over_budget"] = max(vals) / budget_bytes if vals else None
+        return out
 
     def max_gap_s(self) -> float:
         """Largest interval between consecutive memory samples (the sampling period actually achieved)."""

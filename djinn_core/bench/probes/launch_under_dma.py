@@ -1,32 +1,31 @@
-"""Diagnostic: does a saturated PCIe link slow the host's kernel launches?
+"""Does a saturated PCIe link slow the host's kernel launches?
 
 A resumed session's first decode step is launch-bound (hundreds of small kernels per token) while the KV restore
 saturates host-to-device PCIe. This probe times, on the host, (a) 2000 launches of a tiny kernel and (b) one greedy
 decode step of a narrow 40-layer Llama (launch-bound by construction), under four conditions, interleaved:
-``idle``; ``h2d`` (a 1.75 GB pinned host-to-device copy in flight on a side stream); ``d2h`` (the same size the other
-way); ``after_d2h`` (right after such a copy was drained, the state a pause leaves). Prints medians in microseconds
-per launch and milliseconds per decode step.
-
-    PYTHONPATH=. python3 scripts/probe_launch_under_dma.py [--repeats 15]
+``idle``; ``h2d`` (a pinned host-to-device copy of ``NBYTES`` in flight on a side stream); ``d2h`` (the same size the
+other way); ``after_d2h`` (right after such a copy was drained, the state a pause leaves). Prints medians in
+microseconds per launch and milliseconds per decode step.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+DEVICE = "cuda"
 NBYTES = 1_751_121_920  # the KV a restore at L=40 moves on the Llama-2-13B architecture, 2048 tokens
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=15)
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     dev = torch.device("cuda")
     host = torch.empty(NBYTES, dtype=torch.uint8, pin_memory=True)
     gpu = torch.empty(NBYTES, dtype=torch.uint8, device=dev)
@@ -80,6 +79,3 @@ def main() -> int:
               f"decode_ms={statistics.median(res[c + '_decode_ms']):.2f}", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

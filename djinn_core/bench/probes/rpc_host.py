@@ -1,13 +1,11 @@
-"""Diagnostic: does a thread spinning on another CPU slow this process's host work, and which CPUs share a core?
+"""Does a thread spinning on another CPU slow this process's host work, and which CPUs share a core?
 
 Prints the CPU topology the guest sees, then, with this process pinned to one CPU, medians (ms, host clock) of
-* ``resume``: an in-process L=40 resume of the Llama-2-13B architecture at 2048 tokens, last logits to the host
-  (``fork`` untimed), as ``tests_exp3/test_rpc_overhead.py`` times it;
-* ``decode``: reading a 64 KiB reply out of a shared-memory channel and decoding it (the client's reply_decode);
-under: no spinner; a spinner process (``sock.poll(0)`` in a loop, as a waiting client or server does) pinned to this
-CPU's SMT sibling, to another core, or unpinned. Conditions are interleaved in rounds.
-
-    PYTHONPATH=. python3 scripts/probe_rpc_host.py [--rounds 6] [--repeats 10]
+``resume`` (an in-process L=40 resume of the Llama-2-13B architecture at 2048 tokens, last logits to the host,
+``fork`` untimed, as the RPC claim times it) and ``decode`` (reading a 64 KiB reply out of a shared-memory channel
+and decoding it: the client's reply_decode), with no spinner, or a spinner process (``sock.poll(0)`` in a loop, as a
+waiting client or server does) pinned to this CPU's SMT sibling, to another core, or unpinned. Conditions are
+interleaved in rounds.
 """
 
 from __future__ import annotations
@@ -21,6 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+
+from djinn_core.bench.probes._setup import llama2_13b_runtime
+from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
+from djinn_core.rpc.wire import decode, encode
+
+DEVICE = "cuda"
 
 SPINNER = """
 import os, sys, zmq
@@ -44,22 +48,19 @@ def siblings(cpu: int) -> list[int]:
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--cpu", type=int, default=2)
-    a = p.parse_args()
+
+
+def run(a: argparse.Namespace) -> int:
     print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout, flush=True)
     cpus = sorted(os.sched_getaffinity(0))
     sib = [c for c in siblings(a.cpu) if c != a.cpu]
     other = next(c for c in cpus if c not in siblings(a.cpu) and c != a.cpu)
     print(f"this process on CPU {a.cpu}; its siblings {sib}; another core's CPU {other}", flush=True)
     os.sched_setaffinity(0, {a.cpu})
-
-    from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
-    from djinn_core.rpc.wire import decode, encode
-    from scripts.probe_setup import llama2_13b_runtime
 
     _, rt, ids = llama2_13b_runtime()
     base = rt.open(ids, max_new_tokens=1)
@@ -118,6 +119,3 @@ def main() -> int:
     server.close()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,13 @@
-"""Diagnostic: raw ZeroMQ one-way latency after the sender was busy or idle, without Djinn's server code.
+"""Raw ZeroMQ one-way latency after the sender was busy or idle, without Djinn's server code.
 
 A sender thread and a busy-polling receiver thread in one process (so ``time.perf_counter`` is one clock) share a
 DEALER/ROUTER pair over loopback TCP (or ``ipc``). Each round the sender spins or sleeps ``ms``, stamps the time,
-sends 128 KiB (a resume reply's logits), and the receiver records when ``recv`` returned. Medians per (transport,
-wait, ms), with and without PM QoS (``/dev/cpu_dma_latency`` held at 0 us, where writable). If the latency after a
-20 ms wait exceeds the one after 0 ms here too, the slow reply leg of ``scripts/probe_rpc_wake.py`` is ZeroMQ's I/O
-threads waking (or the cores they sleep on), not Djinn's server. ``idle_spin=1`` rows run with one busy-looping
-process per CPU under ``SCHED_IDLE`` (it runs only when nothing else wants the CPU): no core ever goes idle, so a
-wake-up never waits for an idle core (or, in a VM, a halted vCPU) to come back. ``hb<us>`` rows: the receiver sends
-the sender a 1-byte heartbeat every <us> microseconds while it waits, keeping both I/O threads busy.
-
-    python3 scripts/probe_zmq_idle.py [--rounds 200]
+sends 128 KiB (a resume reply's logits), and the receiver records when ``recv`` returned. Medians (ms) per
+(transport, wait, ms). Rows: ``plain``; ``qos`` (``/dev/cpu_dma_latency`` held at 0 us, where writable);
+``idle_spin`` (one busy-looping process per CPU under ``SCHED_IDLE``: no core ever goes idle, so a wake-up never
+waits for an idle core to come back); ``hb<us>`` (the receiver sends the sender a 1-byte heartbeat every <us>
+microseconds while it waits, keeping both I/O threads busy). If the latency after a 20 ms wait exceeds the one after
+0 ms here too, a slow RPC reply leg is ZeroMQ's I/O threads waking (or the cores they sleep on), not Djinn's server.
 """
 
 from __future__ import annotations
@@ -19,13 +16,13 @@ import argparse
 import contextlib
 import statistics
 import struct
-import sys
 import tempfile
 import threading
 import time
 
 import zmq
 
+DEVICE = "cpu"
 PAYLOAD = bytes(128 << 10)
 
 
@@ -134,12 +131,13 @@ def pm_qos(on: bool):
         f.close()
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--rows", nargs="+", default=["plain", "idle_spin", "qos", "hb100", "hb50"],
                    help="plain, idle_spin, qos, hb<us> (receiver heartbeats every <us>)")
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as d:
         endpoints = {"tcp": "tcp://127.0.0.1:5599", "ipc": f"ipc://{d}/probe"}
         for rowname in args.rows:
@@ -155,6 +153,3 @@ def main() -> int:
                     print(f"{rowname:9s} {name:3s} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

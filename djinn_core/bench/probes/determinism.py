@@ -1,11 +1,9 @@
-"""Diagnostic: is an uninterrupted Llama-2-13B (random fp16) greedy run bitwise reproducible on this GPU, and under
-which settings? Bitwise claims (pause/resume == uninterrupted) need a reference that agrees with itself first.
+"""Is an uninterrupted greedy run of a random-weight fp16 model bitwise reproducible on this GPU, and under which
+settings? Bitwise claims (pause/resume == uninterrupted) need a reference that agrees with itself first.
 
-On the H100 (2026-11-27) two identical DynamicCache runs at 2048 tokens gave equal prefill logits but different
-decode-step logits (max |diff| 0.025, same tokens). This probe runs, for each setting, two identical greedy runs in a
-fresh process (settings such as CUBLAS_WORKSPACE_CONFIG act at CUDA initialisation) and prints which steps differ.
-
-    PYTHONPATH=. python3 scripts/probe_determinism.py [--tokens 2048] [--steps 16] [--arch llama2-13b]
+For each setting, two identical greedy runs (prefill then ``--steps`` decode steps) in a fresh process (settings
+such as ``CUBLAS_WORKSPACE_CONFIG`` act at CUDA initialisation); prints which steps' logits differ, whether the tokens
+agree and the largest absolute logit difference.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import os
 import subprocess
 import sys
 
+DEVICE = "cuda"
 SETTINGS = {
     "default": {},
     "cublas_workspace": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
@@ -72,25 +71,24 @@ def child(arch: str, tokens: int, steps: int) -> dict:
             "max_abs_diff": max(float((x - y).abs().max()) for x, y in zip(a, b))}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="llama2-13b")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     if args.child:
         print(json.dumps(child(args.arch, args.tokens, args.steps)))
         return 0
     results = {}
     for name, env in SETTINGS.items():
-        out = subprocess.run([sys.executable, __file__, "--child", "--arch", args.arch, "--tokens", str(args.tokens),
-                              "--steps", str(args.steps)], env={**os.environ, **env}, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "djinn_core.cli", "probe", "determinism", "--child", "--arch",
+                              args.arch, "--tokens", str(args.tokens), "--steps", str(args.steps)],
+                             env={**os.environ, **env}, capture_output=True, text=True)
         lines = out.stdout.strip().splitlines()
         results[name] = json.loads(lines[-1]) if out.returncode == 0 and lines else {"error": out.stderr[-800:]}
         print(f"{name:16s} {results[name]}", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,21 +1,25 @@
-"""Diagnostic: where the remote L=40 resume's extra host time comes from -- CPU placement of the client's spinning
-thread and the server's compute thread.
+"""Where the remote L=40 resume's extra host time comes from: CPU placement of the client's spinning thread and
+the server's compute thread.
 
-Starts ``djinn serve`` (Llama-2-13B architecture, as ``tests_exp3/test_rpc_overhead.py``) and an in-process runtime,
-prints both processes' CPU affinity, then alternates conditions: ``default`` (no pinning) and ``pinned`` (this
-thread on one CPU, the server's compute thread on another), each a ``resume_remote_vs_local`` at L=40. Prints
-per condition the medians of remote, in-process, the server's op launch and wait and the in-process launch and wait,
-and the CPU each thread last ran on.
-
-    PYTHONPATH=. python3 scripts/probe_rpc_placement.py [--rounds 20] [--cycles 2]
+Starts ``djinn serve`` (Llama-2-13B architecture, as the RPC claim does) and an in-process runtime, prints both
+processes' CPU affinity, then alternates conditions: ``default`` (no pinning) and ``pinned`` (this thread on one CPU,
+the server process on another), each a ``resume_remote_vs_local`` at L=40
+(:mod:`djinn_core.bench.experiments.rpc_overhead`). Prints per condition the medians of remote, in-process, the
+server's op launch and wait and the in-process launch and wait, and the CPU each thread last ran on.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from djinn_core.bench.experiments.rpc_overhead import resume_remote_vs_local
+from djinn_core.bench.probes._setup import llama2_13b_runtime
+from djinn_core.rpc.client import Client
+from djinn_core.rpc.process import ServerProcess
+
+DEVICE = "cuda"
 
 
 def last_cpu(pid: int, tid: int | None = None) -> int:
@@ -34,35 +38,33 @@ def threads(pid: int) -> list[tuple[int, str, int]]:
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--cycles", type=int, default=2)
-    a = p.parse_args()
+    p.add_argument("--busy-poll-s", type=float, default=0.2, help="client and server spin (the RPC claim's setting)")
+    p.add_argument("--client-cpu", type=int, default=3)
+    p.add_argument("--server-cpu", type=int, default=9)
 
-    from djinn_core.rpc.client import Client
-    from djinn_core.rpc.server import ServerProcess
-    from scripts.probe_setup import llama2_13b_runtime
-    from tests_exp3.test_rpc_overhead import BUSY_POLL_S, resume_remote_vs_local
 
+def run(a: argparse.Namespace) -> int:
     _, rt, ids = llama2_13b_runtime()
     args = ["--model", "llama2-13b", "--device", "cuda", "--dtype", "float16", "--seed", "0", "--slab-bytes", "4GiB",
             "--host-pool-bytes", "2GiB", "--max-sessions", "256", "--stats-interval-s", "0",
-            "--busy-poll-s", str(BUSY_POLL_S)]
+            "--busy-poll-s", str(a.busy_poll_s)]
     mine = os.sched_getaffinity(0)
     print(f"this process: pid {os.getpid()}, affinity {sorted(mine)}", flush=True)
     rows = []
     with ServerProcess(args, start_timeout_s=300) as srv:
         spid = srv.proc.pid
         print(f"server: pid {spid}, affinity {sorted(os.sched_getaffinity(spid))}", flush=True)
-        with Client(srv.address, timeout_s=120, busy_poll_s=BUSY_POLL_S) as c:
+        with Client(srv.address, timeout_s=120, busy_poll_s=a.busy_poll_s) as c:
             c.ping()
             resume_remote_vs_local(c, rt, ids, 40, rounds=5, warmup=3)  # warm-up of both sides
             for cycle in range(a.cycles):
                 for cond in ("default", "pinned"):
                     if cond == "pinned":
-                        os.sched_setaffinity(0, {3})
-                        os.sched_setaffinity(spid, {9})  # the server's main thread: its compute thread
+                        os.sched_setaffinity(0, {a.client_cpu})
+                        os.sched_setaffinity(spid, {a.server_cpu})
                     else:
                         os.sched_setaffinity(0, mine)
                         os.sched_setaffinity(spid, mine)
@@ -79,6 +81,3 @@ def main() -> int:
     os.sched_setaffinity(0, mine)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,23 +1,27 @@
-"""Diagnostic: how slow the host's first CUDA calls are after it waited for the GPU, and why.
+"""How slow the host's first CUDA calls are after it waited for the GPU, and why.
 
 After a wait of ``ms`` milliseconds for (a) a GPU sleep kernel or (b) a device-to-host copy of pinned memory (DMA
 writes into host memory), drained with (s) ``stream.synchronize()``, (q) a Python loop on ``event.query()``, or
 (w) ``synchronize()`` then 1 ms of pure-Python busy work, it times on the host one event create+record and one
-20 MiB pinned H2D ``copy_`` submission, and on the GPU that copy from the start event (median of 20).
-
-    PYTHONPATH=. python3 scripts/probe_host_wake.py
+20 MiB pinned H2D ``copy_`` submission, and on the GPU that copy from the start event (medians).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
 
 import torch
 
+DEVICE = "cuda"
 
-def main() -> int:
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats per condition (after 3 warm-ups)")
+
+
+def run(args: argparse.Namespace) -> int:
     stream = torch.cuda.current_stream()
     n = 20 << 20
     src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
@@ -59,7 +63,7 @@ def main() -> int:
         for ms in (0.5, 8, 32):
             for how in ("sync", "query", "warm"):
                 ev_us, sub_us, gpu = [], [], []
-                for i in range(23):
+                for i in range(args.repeats + 3):
                     wait_work(kind, ms)
                     drain(how)
                     t0 = time.perf_counter()
@@ -79,6 +83,3 @@ def main() -> int:
                       f"{statistics.median(gpu):12.3f}", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

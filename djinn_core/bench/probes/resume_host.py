@@ -1,7 +1,5 @@
-"""Diagnostic: where the host time of an in-process resume goes (cProfile), at one depth of the Llama-2-13B
-architecture at 2048 tokens, last logits to the host, as the RPC claim times it.
-
-    PYTHONPATH=. python3 scripts/probe_resume_host.py [--layer 40] [--repeats 50]
+"""Where the host time of an in-process resume goes (cProfile), at one depth of the Llama-2-13B architecture at
+2048 tokens, last logits to the host, as the RPC claim times it (a fresh fork of one checkpoint per resume).
 """
 
 from __future__ import annotations
@@ -10,19 +8,21 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import sys
 import time
 
 import torch
 
+from djinn_core.bench.probes._setup import llama2_13b_runtime
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+DEVICE = "cuda"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=40)
     p.add_argument("--repeats", type=int, default=50)
-    a = p.parse_args()
-    from scripts.probe_setup import llama2_13b_runtime
 
+
+def run(a: argparse.Namespace) -> int:
     _, rt, ids = llama2_13b_runtime()
     base = rt.open(ids, max_new_tokens=1)
     base.run_to(a.layer)
@@ -55,6 +55,3 @@ def main() -> int:
     pstats.Stats(pr).sort_stats("tottime").print_stats(22)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,18 +1,15 @@
-"""Diagnostic: is a 64 KiB reply's read-and-decode slower after a long spin-wait (cold caches, host preemption),
-and does touching the decode path while spinning keep it fast?
+"""Is a 64 KiB reply's read-and-decode slower after a long spin-wait, and does touching the decode path while
+spinning keep it fast?
 
-For spin lengths of 0, 1, 10 and 60 ms: spin as the client does (a channel check, the clock, a ZeroMQ poll), then
-time one read-and-decode of a 64 KiB reply. Variant ``warm``: every 50 us of the spin, also decode a copy of the
-reply. Medians in microseconds, conditions interleaved.
-
-    PYTHONPATH=. python3 scripts/probe_cold_after_spin.py [--repeats 30]
+For spin lengths of 0, 1, 10 and 60 ms: spin as an RPC client does (a channel check, the clock, a ZeroMQ poll), then
+time one read-and-decode of a 64 KiB reply from a shared-memory channel. Variant ``warm``: every 50 us of the spin,
+also decode a copy of the reply. Medians in microseconds, conditions interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -21,11 +18,15 @@ import zmq
 from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
 from djinn_core.rpc.wire import decode, encode
 
+DEVICE = "cpu"
+SPINS_MS = (0.0, 1.0, 10.0, 60.0)
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=30)
-    a = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     server = ServerChannel(1 << 20, (b"r",))
     client = ClientChannel(server.name, server.capacity)
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -49,20 +50,19 @@ def main() -> int:
                 next_warm = now + 50e-6
 
     res: dict[tuple[float, bool], list[float]] = {}
-    for _ in range(a.repeats):
-        for ms in (0.0, 1.0, 10.0, 60.0):
-            for warm in (False, True):
-                spin(ms, warm)
-                t0 = time.perf_counter()
-                decode(client.read_reply(), max_bytes=1 << 30, max_header_bytes=1 << 20)
-                res.setdefault((ms, warm), []).append((time.perf_counter() - t0) * 1e6)
+    try:
+        for _ in range(args.repeats):
+            for ms in SPINS_MS:
+                for warm in (False, True):
+                    spin(ms, warm)
+                    t0 = time.perf_counter()
+                    decode(client.read_reply(), max_bytes=1 << 30, max_header_bytes=1 << 20)
+                    res.setdefault((ms, warm), []).append((time.perf_counter() - t0) * 1e6)
+    finally:
+        sock.close(0)
+        client.close()
+        server.close()
     print(f"{'spin ms':>8}{'plain us':>10}{'warm us':>10}")
-    for ms in (0.0, 1.0, 10.0, 60.0):
+    for ms in SPINS_MS:
         print(f"{ms:>8.0f}{statistics.median(res[(ms, False)]):>10.1f}{statistics.median(res[(ms, True)]):>10.1f}")
-    client.close()
-    server.close()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

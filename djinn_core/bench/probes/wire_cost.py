@@ -1,11 +1,11 @@
-"""Diagnostic: host cost of each step of a 64 KiB reply (last-position logits of a 32000-token vocabulary, fp16)
-through a shared-memory channel, in a hot loop, and a pure-Python speed reference. Medians in microseconds.
-
-    PYTHONPATH=. python3 scripts/probe_wire_cost.py
+"""Host cost of each step of a 64 KiB reply (last-position logits of a 32000-token vocabulary, fp16) through a
+shared-memory channel, in a hot loop, next to a pure-Python speed reference. Medians in microseconds; the CUDA rows
+only where a GPU is present.
 """
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import sys
@@ -16,8 +16,14 @@ import torch
 from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
 from djinn_core.rpc.wire import decode, decode_header, encode, encode_header, encode_tensors
 
+DEVICE = "cpu"
 
-def timed(fn, n: int = 2000) -> float:
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, default=2000, help="timed calls per step (the Python loop: a tenth)")
+
+
+def _median_us(fn, n: int) -> float:
     xs = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -26,7 +32,7 @@ def timed(fn, n: int = 2000) -> float:
     return statistics.median(xs)
 
 
-def main() -> int:
+def run(args: argparse.Namespace) -> int:
     print(f"python {sys.version.split()[0]} on {platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     server = ServerChannel(1 << 20, (b"r",))
@@ -54,13 +60,12 @@ def main() -> int:
         g = torch.randn(1, 2048, 32000, device="cuda").half()
         steps["cuda slice[:, -1].cpu()"] = lambda: g[:, -1].cpu()
         steps["cuda synchronize"] = torch.cuda.synchronize
-    for name, fn in steps.items():
-        fn()
-        print(f"{name:<32}{timed(fn, 200 if 'loop' in name else 2000):>10.2f}")
-    client.close()
-    server.close()
+    try:
+        for name, fn in steps.items():
+            fn()
+            n = max(1, args.repeats // 10) if "loop" in name else args.repeats
+            print(f"{name:<32}{_median_us(fn, n):>10.2f}")
+    finally:
+        client.close()
+        server.close()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
