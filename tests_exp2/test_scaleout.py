@@ -1,0 +1,106 @@
+"""Scale-out (issue 22): with two GPUs of one host, each pulling half of every Llama-2-70B layer (80 layers, 128.5 GiB
+of fp16 weights, each GPU pinning only its half) over its own host link and all-gathering the other half over NVLink,
+Djinn streams weights at 1.9x what one link carries and serves a 2048-token prompt and each decode step 1.85x faster
+than one GPU streaming alone in the same run, under 24 GiB of VRAM per GPU; each GPU serves its own session, and the
+logits are bitwise those of one GPU.
+
+One run of ``djinn_core.bench.experiments.scaleout`` (one process per GPU) feeds every claim below; each claim is
+per GPU and names the GPU it measured. ``DJINN_SCALEOUT_LAYERS`` shortens the model for a rehearsal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from djinn_core.bench.experiments.exp2_streaming import artifact_dir
+from djinn_core.bench.experiments.scaleout import ScaleoutConfig, run
+from djinn_core.bench.timing import TimingStats
+
+CFG = ScaleoutConfig.from_env()
+MIN_BANDWIDTH_X = 1.9  # effective weight bandwidth over one link's same-run ceiling
+MIN_SPEEDUP = 1.85  # TTFT and decode step, one GPU over partitioned
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def scaleout(tmp_path_factory) -> dict:
+    """Every rank's measurements (one spawn of ``CFG.world_size`` processes for the whole module)."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < CFG.world_size:
+        pytest.skip(f"needs {CFG.world_size} CUDA GPUs in one host; this machine has {have}")
+    return run(CFG, artifact_dir(tmp_path_factory.mktemp("scaleout")) / "scaleout_ranks")
+
+
+def _params(rank: dict, **extra) -> dict:
+    gpu = rank["gpu"]
+    return {"rank": rank["rank"], "gpu": gpu.get("index"), "gpu_uuid": gpu.get("uuid"), "layers": CFG.layers,
+            "world": CFG.world_size, **extra}
+
+
+def _ceiling_GBps(run: dict) -> float:
+    return run["ceiling_GBps"]  # median of the one-link ceilings interleaved with the run's passes
+
+
+def test_partitioned_stream_moves_weights_at_1p9x_one_links_ceiling(scaleout, claim):
+    ranks = claim.measure(lambda: scaleout["ranks"])
+    claim.info(config=scaleout["config"], gpus=[r["gpu"] for r in ranks], pinned=[r["pinned"] for r in ranks],
+               ceilings_one_link_GBps={r["rank"]: r["partitioned"]["bandwidth"]["ceilings_GBps"] for r in ranks},
+               ceiling_all_links_at_once={r["rank"]: r["partitioned"]["ceiling_all_links_at_once"] for r in ranks},
+               allgather_ms_per_layer={r["rank"]: r["partitioned"]["allgather_per_layer"] for r in ranks},
+               allgather_bytes=ranks[0]["partitioned"]["allgather_bytes"],
+               streaming={r["rank"]: r["partitioned"]["stats"] for r in ranks},
+               layer_timeline=ranks[0]["partitioned"]["timeline"])
+    for r in ranks:
+        bw = r["partitioned"]["bandwidth"]
+        claim.bandwidth("partitioned_weights_vs_one_link_ceiling", method="djinn.distributed partitioned prefill",
+                        timing=TimingStats.from_dict(bw["timing"]), bytes_moved=bw["bytes_per_forward"],
+                        ceiling_GBps=_ceiling_GBps(bw), bound=MIN_BANDWIDTH_X,
+                        params=_params(r, tokens=CFG.bandwidth_tokens, chunk_MiB=CFG.chunk_bytes >> 20),
+                        what="weight bytes of all layers per pass (each GPU's pass, its own prompt)")
+
+
+def test_ttft_and_decode_step_1p85x_faster_than_one_gpu(scaleout, claim):
+    ranks = claim.measure(lambda: scaleout["ranks"])
+    claim.info(one_gpu={r["rank"]: r["one_gpu"] for r in ranks},
+               partitioned={r["rank"]: {k: r["partitioned"][k] for k in ("ttft", "decode")} for r in ranks})
+    for r in ranks:
+        one, part = r["one_gpu"], r["partitioned"]
+        claim.ratio("ttft_one_gpu_over_partitioned", method="one-GPU streaming prefill + argmax",
+                    measured=TimingStats.from_dict(one["ttft"]["timing"]),
+                    reference=TimingStats.from_dict(part["ttft"]["timing"]), bound=MIN_SPEEDUP, op=">=", unit="ms",
+                    reference_method="partitioned prefill + argmax (all GPUs at once, each its own prompt)",
+                    params=_params(r, tokens=CFG.ttft_tokens), what="time to first token, one GPU / partitioned")
+        claim.ratio("decode_step_one_gpu_over_partitioned", method="one-GPU streaming decode step",
+                    measured=TimingStats.from_dict(one["decode"]), reference=TimingStats.from_dict(part["decode"]),
+                    bound=MIN_SPEEDUP, op=">=", unit="ms", reference_method="partitioned decode step",
+                    params=_params(r, context_tokens=CFG.ttft_tokens), what="decode step, one GPU / partitioned")
+
+
+def test_partitioned_logits_bitwise_equal_one_gpu_and_resident(scaleout, claim):
+    ranks = claim.measure(lambda: scaleout["ranks"])
+    claim.info(bitwise={r["rank"]: r["bitwise"] for r in ranks})
+    for r in ranks:
+        b = r["bitwise"]
+        params = _params(r, layers=b["layers"], slots=b["slots"], prompt_tokens=CFG.bitwise_tokens,
+                         decode_steps=CFG.bitwise_steps, prompt_seed=b["prompt_seed"])
+        claim.check("unequal_logits_and_tokens_vs_one_gpu_streaming", value=sum(b["vs_one_device"].values()),
+                    method="torch bit patterns, prefill + decode logits, tokens", bound=0, op="<=", unit="elements",
+                    params=params)
+        claim.check("unequal_logits_and_tokens_vs_resident", value=sum(b["vs_resident"].values()),
+                    method="torch bit patterns, prefill + decode logits, tokens", bound=0, op="<=", unit="elements",
+                    params=params)
+
+
+def test_each_gpu_stays_within_its_24GiB_budget(scaleout, claim):
+    ranks = claim.measure(lambda: scaleout["ranks"])
+    for r in ranks:
+        part = r["partitioned"]
+        params = _params(r, budget_GiB=CFG.budget_bytes / 2**30, slots=part["stats"]["slots"])
+        claim.check("peak_torch_reserved_over_budget", method="torch.cuda.max_memory_reserved, partitioned runs",
+                    value=part["peak_torch_reserved_bytes"] / CFG.budget_bytes, bound=1.0, op="<=", unit="x budget",
+                    params=params)
+        claim.check("nvml_used_after_over_budget", method="NVML used (whole device) after the partitioned runs",
+                    value=part["nvml_used_bytes_after"] / CFG.budget_bytes, bound=1.0, op="<=", unit="x budget",
+                    params=params)
