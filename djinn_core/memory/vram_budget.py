@@ -146,6 +146,9 @@ def cap_allocator(budget_bytes: int, device: Any) -> dict[str, Any]:
     a budget larger than the card. Also what ``djinn serve --vram-budget`` needs."""
     import torch
 
+    device = torch.device(device)
+    if device.index is None:  # set_per_process_memory_fraction needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)  # creates the CUDA context: its memory counts as outside
     if budget_bytes > total:
         raise ConfigError(f"VRAM budget of {budget_bytes} bytes is larger than the card ({total} bytes)")
