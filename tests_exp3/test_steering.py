@@ -1,4 +1,6 @@
-"""The steering example runs, and the same edit written with nnsight 0.8.1 gives the same logits as Djinn's."""
+"""The steering example steers: its answers stop at end-of-turn, its strength-0 fork is the unsteered run bitwise, its
+steered fork is the run with the same edit bitwise and speaks more of the concept; and the same edit written with
+nnsight 0.8.1 gives the same logits as Djinn's."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from djinn_core.runtime import BreakpointRuntime
+from djinn_core.runtime import BreakpointRuntime, plain_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,11 +25,70 @@ def _load_example():
     return mod
 
 
+@pytest.fixture(scope="module")
+def example():
+    return _load_example()
+
+
+@pytest.fixture(scope="module")
+def steered(example, smollm2_cpu):
+    """The example's answers at strength 0 and at its strongest strength (the default layer, prompt and pairs)."""
+    strong = max(example.STRENGTHS)
+    answers = example.steer(strengths=(0.0, strong), model_and_tok=smollm2_cpu)
+    return answers[0.0], answers[strong], strong
+
+
+def _reference_tokens(example, smollm2_cpu, n: int, strength: float) -> list[int]:
+    """``n`` greedy tokens of an uninterrupted run of the example's prompt; with ``strength`` != 0 its prefill adds
+    ``strength * v`` to the hidden state entering the example's layer (a plain forward pre-hook, no breakpoint)."""
+    model, tok = smollm2_cpu
+    layer = example.LAYER
+    edit = None
+    if strength:
+        rt = BreakpointRuntime(model)
+        try:
+            v = example.steering_vector(rt, tok, layer)
+        finally:
+            rt.close_all()
+        edit = lambda h: h + strength * v  # noqa: E731
+    _, tokens, _ = plain_run(model, example.chat_ids(tok, example.PROMPT), n, layer=layer, edit=edit)
+    return tokens[0].tolist()
+
+
 @pytest.mark.cpu
 @pytest.mark.slow
-def test_steering_example_runs_and_steers(smollm2_cpu):
-    answers = _load_example().steer(tokens=12, strengths=(0.0, 8.0), model_and_tok=smollm2_cpu)
-    assert set(answers) == {0.0, 8.0} and all(isinstance(a, str) and a for a in answers.values())
+def test_answers_stop_at_end_of_turn_with_clean_text(example, steered, smollm2_cpu):
+    _, tok = smollm2_cpu
+    stop = example.end_of_turn_ids(tok)
+    unsteered, strong, _ = steered
+    assert unsteered.ended  # a one-sentence answer ends well within the budget
+    for turn in (unsteered, strong):
+        body = turn.tokens[:-1] if turn.ended else turn.tokens
+        assert not stop & set(body)  # nothing generated past the first end-of-turn token
+        if turn.ended:
+            assert turn.tokens[-1] in stop
+        else:
+            assert len(turn.tokens) == example.MAX_TOKENS
+        assert turn.text and turn.text == tok.decode(body, skip_special_tokens=True).strip()
+        assert "<|" not in turn.text
+        assert not {line.strip() for line in turn.text.splitlines()} & {"system", "user", "assistant"}
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+def test_strength_zero_fork_is_the_unsteered_run_bitwise(example, steered, smollm2_cpu):
+    unsteered, _, _ = steered
+    assert unsteered.tokens == _reference_tokens(example, smollm2_cpu, len(unsteered.tokens), 0.0)
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+def test_steered_fork_is_the_edited_run_and_speaks_the_concept(example, steered, smollm2_cpu):
+    unsteered, strong, strength = steered
+    n = min(len(strong.tokens), 16)  # enough to carry the edit (it diverges from the unsteered run within a few)
+    assert strong.tokens[:n] == _reference_tokens(example, smollm2_cpu, n, strength)
+    assert strong.tokens != unsteered.tokens
+    assert example.concept_count(strong.text) > example.concept_count(unsteered.text)
 
 
 @pytest.mark.cpu
@@ -47,7 +108,7 @@ def test_nnsight_edit_gives_the_same_logits_as_djinn(smollm2_cpu, smollm2_chat_i
             out = nm.output.save()
         return out.logits
 
-    rt = BreakpointRuntime(model, budget_bytes=256 << 20)
+    rt = BreakpointRuntime(model)
     s = rt.open(ids, max_new_tokens=0)
     s.run_to(layer)
     s.pause()
