@@ -74,6 +74,11 @@ def _record(claim, v: dict, params: dict) -> None:
 
 @pytest.mark.h100
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on the H200 at d7008ad (reports/h200/probes/2026-11-30-server-memory-pressure-oom.json): the server "
+    "ran out of CUDA memory under the 80GB budget (79.37 GiB in use, 78.66 GiB allowed, 54 MiB asked for) during "
+    "a resume's replay, after 102 evictions and 120 swap-ins; its slab is sized budget - weights - 4 GiB, too "
+    "little headroom for 64 sessions' decode activations; every client lost its work"))
 def test_64_clients_with_2048_token_sessions_swap_through_the_server_within_the_budget(vram_budget, claim):
     budget = vram_budget.bytes
     params = {"model": MODEL, "clients": CLIENTS, "L": PAUSE_LAYER, "prompt_tokens": PROMPT_TOKENS,
