@@ -195,6 +195,10 @@ class ServerChannel:
         self.reads += 1
         return seq, self._requests.read()
 
+    def request_waiting(self) -> bool:
+        """A request newer than the last handled is in the slot (not read yet)."""
+        return self._map is not None and self._requests.seq() > self.last_request
+
     def handled(self, request_id: Any) -> None:
         """Note a request of this connection that came over ZeroMQ, so the slot's older content stays ignored."""
         if is_int(request_id) and request_id > self.last_request:

@@ -131,6 +131,9 @@ class ShmServerTransport(ServerTransport):
         if len(self.channels) >= self.max_channels:
             raise SessionLimitReached(f"{len(self.channels)} shared-memory channels open (the limit)")
         ch = ServerChannel(self.channel_bytes, route)
+        # NOTE: the loop spins busy_poll_s after this request too; published now, the idle sweep cannot free the
+        # channel between this reply and the client's first request through it
+        ch.publish_polling(time.monotonic() + self.busy_poll_s)
         self.channels[ch.name] = ch
         return {"name": ch.name, "capacity": ch.capacity}, []
 
@@ -144,8 +147,9 @@ class ShmServerTransport(ServerTransport):
     def sweep(self, now: float, idle_s: float) -> None:
         """Free channels unused for ``idle_s`` whose last published polling window has passed too (until then
         their client may be writing a request into one)."""
-        for name in [n for n, ch in self.channels.items() if now - ch.last_used > idle_s and now > ch.polling_until]:
-            self.channels.pop(name).close()
+        for name in [n for n, ch in self.channels.items()
+                     if now - ch.last_used > idle_s and now > ch.polling_until and not ch.request_waiting()]:
+            self.channels.pop(name).close()  # a request written just inside the window is served first
 
     def close(self) -> None:
         for ch in self.channels.values():
