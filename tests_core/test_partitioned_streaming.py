@@ -221,3 +221,54 @@ def test_launcher_serves_three_ranks_each_the_resident_models_tokens_and_logits(
     finally:
         torch.set_num_threads(threads)
     assert ranks[2]["stats"]["shard_layer_bytes"] < ranks[0]["stats"]["shard_layer_bytes"]
+
+
+def test_experiment_counts_the_work_of_both_sides_and_refuses_a_ratio_over_unlike_work(world_of_one):
+    """The scale-out ratios' preconditions at tiny scale: the one-device baseline and the partitioned run of the same
+    depth land the same layer bytes per forward and pass; a partitioned run of fewer layers, or another prompt
+    length, fails the precondition (PreconditionFailed) instead of yielding a ratio."""
+    from djinn_core.bench.claims import ClaimRecorder, PreconditionFailed
+    from djinn_core.bench.experiments.exp2_streaming import prefill_fn, streamed_model
+    from djinn_core.bench.experiments.scaleout import bandwidth_bytes_counted, count_work, same_work
+
+    class _Bench:  # what ClaimRecorder needs of pytest-benchmark's fixture
+        def __init__(self):
+            self.extra_info = {}
+
+        def pedantic(self, fn, **_):
+            return fn()
+
+    kw = dict(chunk_bytes=64 * KiB, max_tokens=32, prefill_tokens=16, budget_bytes=1 << 30, max_slots=2,
+              arch="llama-tiny", dtype=DTYPE)
+    ids = _prompt(16, 1)
+    pack = pack_layer_weights(_meta(3), device="cpu", fill=_fill, num_sets=3, progress=False)
+    shards = pack_layer_shards(_meta(3), rank=0, world_size=1, device="cpu", fill=_fill, progress=False)
+    works = {}
+    try:
+        with streamed_model(pack, torch.device("cpu"), num_layers=5, **kw) as sm:
+            with count_work(sm, ids) as works["one"]:
+                for _ in range(2):
+                    prefill_fn(sm.model, ids, use_cache=True)()
+            per_pass = sm.bytes_per_pass
+        for name, layers, prompt in (("part", 5, ids), ("part_short", 3, ids), ("part_other_prompt", 5, ids[:, :8])):
+            with partitioned_model(shards, world_of_one, num_layers=layers, seed=SEED, **kw) as pm:
+                with count_work(pm, prompt) as works[name]:
+                    for _ in range(3):
+                        prefill_fn(pm.model, prompt, use_cache=True)()
+    finally:
+        shards.release()
+        pack.release()
+    one, part = works["one"], works["part"]
+    assert one["forwards"] == 2 and part["forwards"] == 3 and one["layers_per_forward"] == 5
+    assert one["layer_bytes_per_forward"] == part["layer_bytes_per_forward"] == 5 * pack.layout.used_bytes
+    rec = ClaimRecorder(_Bench())
+    same_work(rec, one, part, layers=5, figure="ttft")
+    bandwidth_bytes_counted(rec, part, bytes_per_forward=per_pass, layers=5)
+    assert [r["passed"] for r in rec.records] == [True] * 4
+    with pytest.raises(PreconditionFailed, match="layer_bytes_per_forward_one_gpu_over_partitioned"):
+        same_work(rec, one, works["part_short"], layers=5, figure="ttft")
+    with pytest.raises(PreconditionFailed, match="ttft_work_unequal"):
+        same_work(rec, one, works["part_other_prompt"], layers=5, figure="ttft")
+    with pytest.raises(PreconditionFailed, match="layers_per_forward"):
+        bandwidth_bytes_counted(rec, works["part_short"], bytes_per_forward=3 * pack.layout.param_bytes, layers=5)
+    assert rec.records[-1]["kind"] == "precondition" and not rec.records[-1]["passed"]  # recorded before it raised

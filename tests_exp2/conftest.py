@@ -1,4 +1,5 @@
-"""exp2-only fixtures: the pinned host pack of Llama-2-70B layers, built once per session and shared by every test."""
+"""exp2-only fixtures: the pinned host pack of Llama-2-70B layers, built once per session and shared by every test;
+the tiny CPU pack the plumbing versions stream from."""
 
 from __future__ import annotations
 
@@ -31,5 +32,15 @@ def llama70b_host_pack(cuda_device: torch.device):
     if n < HOST_LAYERS:
         log.warning("host RAM fits %d of the %d requested 70B layers", n, HOST_LAYERS)
     pack = pack_layer_weights(meta, device=cuda_device, fill=fill_seeded, num_sets=n)
+    yield pack
+    pack.release()
+
+
+@pytest.fixture(scope="module")
+def tiny_pack():
+    """The CPU plumbing versions' pack: a 5-layer llama-tiny (fp32, seed 0: the weights build_model gives), unpinned,
+    built once per test module."""
+    meta = build_model("llama-tiny", num_layers=5, dtype=torch.float32, materialize=False)
+    pack = pack_layer_weights(meta, device="cpu", fill=fill_seeded, progress=False)
     yield pack
     pack.release()

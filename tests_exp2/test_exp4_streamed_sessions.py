@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn_core.bench.experiments.exp2_streaming import SEED, fill_seeded, free_device_memory, prompt, slot_ceiling
+from djinn_core.bench.experiments.exp2_streaming import SEED, free_device_memory, prompt, slot_ceiling
 from djinn_core.bench.experiments.exp4_streamed_sessions import (ARCH, BATCH_BOUND, BATCH_CONTEXT, BATCH_KS,
                                                                  BUDGET_BYTES, EDIT_BOUND, EDIT_LAYERS, LAYERS,
                                                                  NEW_TOKENS, PROMPT_TOKENS, RING_SLOTS,
@@ -20,7 +20,6 @@ from djinn_core.bench.experiments.exp4_streamed_sessions import (ARCH, BATCH_BOU
                                                                  resident_reference, session_run, steering_vector,
                                                                  streamed_runtime, unequal)
 from djinn_core.models import build_model
-from djinn_core.streaming import pack_layer_weights
 
 GiB = 1 << 30
 BITWISE_PROMPT_TOKENS = 64
@@ -99,14 +98,6 @@ def test_streamed_sessions_are_bitwise_the_resident_model(llama70b_host_pack, cu
 
 
 # ------------------------------------------------------------------------------------------- CPU plumbing versions
-@pytest.fixture(scope="module")
-def tiny_pack():
-    meta = build_model("llama-tiny", num_layers=5, dtype=torch.float32, materialize=False)
-    pack = pack_layer_weights(meta, device="cpu", fill=fill_seeded, progress=False)
-    yield pack
-    pack.release()
-
-
 def _tiny_runtime(pack, **kw):
     return streamed_runtime(pack, torch.device("cpu"), num_layers=5, budget_bytes=64 << 20, ring_slots=2,
                             session_tokens=40, chunk_bytes=64 << 10, host_pool_bytes=8 << 20, arch="llama-tiny",

@@ -15,10 +15,10 @@ import torch
 
 from djinn_core.bench import preconditions as pre
 from djinn_core.models import architecture_config, build_model, model_sizes
-from djinn_core.streaming import oversubscription, pack_layer_weights
+from djinn_core.streaming import oversubscription
 from djinn_core.bench.experiments.exp2_streaming import (ARCH, BUDGET_BYTES, CHUNKS_MiB, DECODE_STEPS, DEEP_LAYERS,
                                                          MIN_OVERSUBSCRIPTION, SWEEP_TOKENS, TTFT_TOKENS, MiB,
-                                                         artifact_dir, fill_seeded, greedy, measure_forwards,
+                                                         artifact_dir, greedy, measure_forwards,
                                                          mismatches, plot_stream_timeline, prefill_fn, prompt,
                                                          slot_ceiling, streamed_model)
 
@@ -191,14 +191,6 @@ def test_80_layers_reusing_host_weight_sets_stream_at_the_ceiling(llama70b_host_
 
 # ------------------------------------------------------------------------------------------- CPU plumbing versions
 TINY_KiB = (16, 64, 128, 512)
-
-
-@pytest.fixture(scope="module")
-def tiny_pack():
-    meta = build_model("llama-tiny", num_layers=5, dtype=torch.float32, materialize=False)
-    pack = pack_layer_weights(meta, device="cpu", fill=fill_seeded, progress=False)
-    yield pack
-    pack.release()
 
 
 @pytest.mark.cpu

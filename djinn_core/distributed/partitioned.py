@@ -33,13 +33,13 @@ from djinn_core.distributed.group import RankGroup
 from djinn_core.distributed.shards import ShardPack, gathered_layout, pack_layer_shards, shard_bytes_for
 from djinn_core.errors import ConfigError, InsufficientHostMemory, StreamingBudgetTooSmall
 from djinn_core.memory.host_ram import check_host_ram
-from djinn_core.models import build_model, decoder_layers, init_parameters_
-from djinn_core.streaming.builder import DEFAULT_CUDA_OVERHEAD_BYTES, place_resident_
+from djinn_core.models import build_model, decoder_layers
+from djinn_core.streaming.builder import DEFAULT_CUDA_OVERHEAD_BYTES, place_resident_, seeded_layer_fill
 from djinn_core.streaming.layout import LayerLayout
 from djinn_core.streaming.model import StreamedModel
 from djinn_core.streaming.plan import (DEFAULT_CHUNK_BYTES, GiB, StreamingBudget, StreamingPolicy, check_chunk_bytes,
                                        plan_budget)
-from djinn_core.streaming.ring import NoEvent
+from djinn_core.streaming.ring import RingBase
 from djinn_core.trace import Mark, make_mark
 from djinn_core.validation import check_int, check_optional_int
 
@@ -47,7 +47,7 @@ from djinn_core.validation import check_int, check_optional_int
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-class ShardedWeightRing:
+class ShardedWeightRing(RingBase):
     """A ring of ``slots`` whole-layer slots on ``device``, each filled from ``world_size`` shards: this rank's over
     its own host link (copy stream), the others' by an in-place all-gather (gather stream).
 
@@ -93,13 +93,6 @@ class ShardedWeightRing:
         self._ready_event = ready_event
         self.next_slot = 0
         self.copy_marks: tuple[Mark, Mark] | None = None
-
-    def _event(self) -> Any:
-        return torch.cuda.Event() if self.cuda else NoEvent()
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() if self.buffer is not None else 0
 
     def copy_async(self, host: torch.Tensor, timed: bool = False) -> int:
         """Issue this rank's shard ``host`` (``shard_bytes``, pinned) into its part of the next slot on the copy
@@ -273,12 +266,6 @@ def check_node_host_ram(group: RankGroup, nbytes: int, what: str, *, min_free_ho
         refusal = e
     if not group.all_ok(refusal is None):
         raise refusal or InsufficientHostMemory(f"another rank's host cannot hold its {what}; nothing was pinned")
-
-
-def seeded_layer_fill(seed: int, layer: nn.Module, index: int) -> None:
-    """Fill decoder layer ``index`` as ``build_model(..., seed=seed)`` fills it (a :data:`LayerFill` with the seed
-    bound first)."""
-    init_parameters_(layer, seed, prefix=f"model.layers.{index}.")
 
 
 __all__ = ["PartitionedStreamedModel", "ShardedWeightRing", "build_partitioned_streamed_model", "check_node_host_ram",

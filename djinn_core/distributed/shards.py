@@ -24,12 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from djinn_core.errors import ConfigError, DeviceUnavailable
+from djinn_core.errors import ConfigError
 from djinn_core.memory.host_ram import check_host_ram
-from djinn_core.models import decoder_layers
-from djinn_core.streaming.host_pack import DEFAULT_SEGMENT_BYTES, LayerFill, WeightPack
+from djinn_core.streaming.host_pack import DEFAULT_SEGMENT_BYTES, LayerFill, WeightPack, check_pack_args
 from djinn_core.streaming.layout import LAYER_ALIGNMENT, LayerLayout, bind_parameters, restore_parameters, round_up
-from djinn_core.validation import check_int, check_optional_int
+from djinn_core.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +130,8 @@ def pack_layer_shards(
     current stream). Checks this rank's host RAM (:class:`InsufficientHostMemory`) before pinning; ``pin`` defaults
     to ``device`` being CUDA. The model's own parameters are left as they were.
     """
-    device = torch.device(device)
-    layers = decoder_layers(model)
-    num_sets = len(layers) if num_sets is None else check_int("num_sets", num_sets, 1)
-    if num_sets > len(layers):
-        raise ConfigError(f"num_sets {num_sets} > {len(layers)} decoder layers to take weights from")
-    check_optional_int("min_free_host_bytes", min_free_host_bytes)
-    layout = LayerLayout.of(layers[0])
-    for i in range(1, num_sets):
-        if LayerLayout.of(layers[i]).signature() != layout.signature():
-            raise ConfigError(f"decoder layer {i} has another parameter layout than layer 0: cannot share a ring")
-    pin = device.type == "cuda" if pin is None else bool(pin)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("packing shards for a CUDA device needs a CUDA GPU; none is available")
+    device, layers, num_sets, layout, pin = check_pack_args(model, device=device, num_sets=num_sets, pin=pin,
+                                                            min_free_host_bytes=min_free_host_bytes, what="shards")
     check_host_ram(num_sets * shard_bytes_for(layout.used_bytes, world_size),
                    f"rank {rank}'s shards of {num_sets} layer weight sets", min_free_host_bytes=min_free_host_bytes)
     pack = ShardPack(layout, num_sets, rank=rank, world_size=world_size, pin=pin, segment_bytes=segment_bytes,

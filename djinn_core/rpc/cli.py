@@ -56,6 +56,84 @@ def read_token(token_file: str | None) -> str | None:
     return os.environ.get("DJINN_TOKEN") or None
 
 
+def check_stream_args(args: argparse.Namespace) -> None:
+    """``--stream`` needs ``--vram-budget`` (the ring, the session slab and the activations are sized from it) and
+    takes no ``--slab-bytes`` (the budget's split decides the slab); ``--ring-slots`` and ``--session-tokens`` shape
+    that split and apply to ``--stream`` only. :class:`ConfigError` otherwise, before anything loads."""
+    if args.stream:
+        if args.vram_budget is None:
+            raise ConfigError("--stream needs --vram-budget: the weight ring, the session slab and the activations "
+                              "share that budget (e.g. --vram-budget 24GiB)")
+        if args.slab_bytes is not None:
+            raise ConfigError("--stream takes no --slab-bytes: the slab is what the --vram-budget split leaves after "
+                              "the ring, the resident modules and the activations")
+    elif args.ring_slots is not None or args.session_tokens is not None:
+        raise ConfigError("--ring-slots and --session-tokens apply to --stream only")
+
+
+def _vram_budget(args: argparse.Namespace, device: Any) -> tuple[int | None, int]:
+    """(budget bytes or None, device overhead bytes the streaming split reserves) for ``--vram-budget``.
+
+    On CUDA the budget resolves against the card and torch's allocator is capped at it less the CUDA context, before
+    anything loads (the weights count against the budget). Without ``--stream`` a non-CUDA device is refused. With
+    ``--stream`` on another device (the CPU) the budget is the streaming budget only -- the ring, the slab and the
+    activations are sized from it -- and nothing caps the allocator (there is none to cap); ``card`` has no meaning
+    there and is refused."""
+    if args.vram_budget is None:
+        return None, 0
+    if device.type != "cuda":
+        if not args.stream:
+            raise ConfigError(f"--vram-budget applies to a CUDA device, not {device} (with --stream it is the "
+                              "streaming budget on any device)")
+        from djinn_core.memory.vram_budget import parse_budget
+
+        nbytes, _ = parse_budget(args.vram_budget)
+        if nbytes is None:
+            raise ConfigError(f"--vram-budget card needs a CUDA device; on {device} give --stream a byte count "
+                              "(e.g. 64MiB)")
+        log.info("--stream on %s: --vram-budget %s (%d bytes) is the streaming budget (ring + slab + activations); "
+                 "no allocator cap off CUDA", device, args.vram_budget, nbytes)
+        return nbytes, 0
+    from djinn_core.memory.vram_budget import cap_allocator, card_total_bytes, resolve_budget
+
+    budget = resolve_budget(args.vram_budget, "--vram-budget", card_total_bytes(device.index or 0))
+    enforced = cap_allocator(budget.bytes, device)  # before the model loads: the weights count against the budget
+    overhead = 0
+    if args.stream:  # the split plans within the allocator's cap: it reserves the context (at least 1 GiB, as
+        from djinn_core.streaming.builder import DEFAULT_CUDA_OVERHEAD_BYTES  # build_streamed_model does)
+
+        overhead = max(int(enforced["outside_allocator_bytes"]), DEFAULT_CUDA_OVERHEAD_BYTES)
+    return budget.bytes, overhead
+
+
+def _make_runtime(args: argparse.Namespace, device: Any) -> tuple[Any, str]:
+    """The runtime ``djinn serve`` serves, and a note for its start line ("" when resident)."""
+    budget_bytes, overhead = _vram_budget(args, device)
+    if not args.stream:
+        from djinn_core.rpc.loading import load_model, make_runtime
+
+        model = load_model(args.model, device=device, dtype=args.dtype, seed=args.seed, num_layers=args.num_layers)
+        return make_runtime(model, slab_bytes=args.slab_bytes, host_pool_bytes=args.host_pool_bytes), ""
+    import json
+
+    from djinn_core.rpc.loading import make_streamed_runtime
+    from djinn_core.streaming.budget_split import RingFirstSplit
+
+    shape = {k: v for k, v in (("ring_slots", args.ring_slots), ("session_tokens", args.session_tokens))
+             if v is not None}
+    split = RingFirstSplit(device_overhead_bytes=overhead, **shape)
+    runtime = make_streamed_runtime(args.model, budget_bytes=budget_bytes, split=split, device=device,
+                                    dtype=args.dtype, seed=args.seed, num_layers=args.num_layers,
+                                    host_pool_bytes=args.host_pool_bytes)
+    plan = runtime.split
+    log.info("--stream: VRAM split %s", json.dumps(plan.to_dict(), sort_keys=True))
+    mib = 1 << 20
+    note = (f" (streamed under {budget_bytes / mib:.0f} MiB: ring {plan.slots} x {plan.layer_bytes / mib:.1f}"
+            f" MiB, slab {plan.slab_bytes / mib:.1f} MiB = {plan.sessions_resident} sessions of "
+            f"{plan.session_tokens} tokens)")
+    return runtime, note
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``djinn serve``: load the model, bind, serve until SIGINT/SIGTERM. Bad input raises a typed
     :class:`~djinn_core.errors.DjinnError` before anything is loaded where it can."""
@@ -64,9 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_sessions_per_client=args.max_sessions_per_client, idle_timeout_s=args.idle_timeout_s,
                           stats_interval_s=args.stats_interval_s, busy_poll_s=args.busy_poll_s,
                           local_channel_bytes=args.local_channel_bytes)  # checked before anything heavy loads
+    check_stream_args(args)
     import signal
 
-    from djinn_core.rpc.loading import load_model, make_runtime
     from djinn_core.rpc.server import Server
     from djinn_core.validation import check_device
 
@@ -76,15 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.vram_budget is not None:
-        if device.type != "cuda":
-            raise ConfigError(f"--vram-budget applies to a CUDA device, not {device}")
-        from djinn_core.memory.vram_budget import cap_allocator, card_total_bytes, resolve_budget
-
-        budget = resolve_budget(args.vram_budget, "--vram-budget", card_total_bytes(device.index or 0))
-        cap_allocator(budget.bytes, device)  # before the model loads: the weights count against the budget
-    model = load_model(args.model, device=device, dtype=args.dtype, seed=args.seed, num_layers=args.num_layers)
-    server = Server(make_runtime(model, slab_bytes=args.slab_bytes, host_pool_bytes=args.host_pool_bytes), config)
+    runtime, streamed = _make_runtime(args, device)
+    server = Server(runtime, config)
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: stopping", signum)
@@ -93,7 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     server.bind()
-    print(f"djinn serve: {args.model} on {device}, listening on {server.address}", flush=True)
+    print(f"djinn serve: {args.model} on {device}{streamed}, listening on {server.address}", flush=True)
     server.serve_forever()
     return 0
 
@@ -118,7 +189,18 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--vram-budget", type=vram_budget_spec,
                    help="cap this server's GPU memory as on a card of this size: '80GB' (the H100 80GB card), "
                         "'card', or bytes such as 24GiB; torch's caching allocator is capped at the budget less the "
-                        "CUDA context (default: the whole card)")
+                        "CUDA context (default: the whole card). With --stream, also the budget the weight ring, the "
+                        "session slab and the activations are split from (on the CPU: only that, no cap)")
+    p.add_argument("--stream", action="store_true",
+                   help="stream the decoder layers through a weight ring, so a model larger than the budget serves "
+                        "breakpoint sessions: needs --vram-budget, which a policy splits between the ring, the session "
+                        "slab (no --slab-bytes) and the activations (the split is logged at start). On the CPU the "
+                        "budget is the streaming budget only (no allocator cap)")
+    p.add_argument("--ring-slots", type=int,
+                   help="with --stream: whole-layer slots of the weight ring (default 4; >= 2 overlaps copy and "
+                        "compute)")
+    p.add_argument("--session-tokens", type=int,
+                   help="with --stream: tokens (prompt + new) one session must fit in the slab (default 2048)")
     p.add_argument("--max-request-bytes", type=parse_bytes, default=d.max_request_bytes)
     p.add_argument("--max-sessions", type=int, default=d.max_sessions)
     p.add_argument("--max-sessions-per-client", type=int)

@@ -1,14 +1,20 @@
-"""What ``djinn serve`` serves: a model from a spec, and the runtime over it."""
+"""What ``djinn serve`` serves: a model from a spec, and the runtime over it -- resident (:func:`make_runtime`) or
+with its decoder layers streamed through a weight ring under one VRAM budget (:func:`make_streamed_runtime`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from djinn_core.errors import ConfigError
 from djinn_core.runtime import BreakpointRuntime
 from djinn_core.validation import check_device
+
+if TYPE_CHECKING:
+    from djinn_core.memory.host_pool import HostPool
+    from djinn_core.runtime.streamed import StreamedBreakpointRuntime
 
 
 def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -40,9 +46,86 @@ def make_runtime(model: torch.nn.Module, *, slab_bytes: int | None = None,
                  host_pool_bytes: int | None = None) -> BreakpointRuntime:
     """A :class:`BreakpointRuntime` over ``model`` with a slab of ``slab_bytes`` and a host pool of
     ``host_pool_bytes`` (defaults: the runtime's own)."""
+    return BreakpointRuntime(model, slab_bytes=slab_bytes, host_pool=_host_pool(host_pool_bytes))
+
+
+def _host_pool(host_pool_bytes: int | None) -> "HostPool | None":
+    """A host pool of ``host_pool_bytes`` (None: the runtime's default)."""
     from djinn_core.memory.host_pool import HostPool
 
-    pool = None
-    if host_pool_bytes is not None:
-        pool = HostPool(host_pool_bytes, segment_bytes=min(1 << 30, max(host_pool_bytes, 256)))
-    return BreakpointRuntime(model, slab_bytes=slab_bytes, host_pool=pool)
+    if host_pool_bytes is None:
+        return None
+    return HostPool(host_pool_bytes, segment_bytes=min(1 << 30, max(host_pool_bytes, 256)))
+
+
+def stream_model(model: torch.nn.Module, *, budget_bytes: int, split: Any = None, device: str | torch.device = "cpu",
+                 chunk_bytes: int | None = None, prefetch_depth: int | None = None,
+                 min_free_host_bytes: int | None = None, progress: bool = True,
+                 **runtime_kwargs: Any) -> "StreamedBreakpointRuntime":
+    """Breakpoint sessions over an existing, materialised ``model`` (e.g. SmolLM2 from its GGUF) whose decoder layers
+    stream through a ring under ``budget_bytes``: what :func:`~djinn_core.runtime.streamed.build_streamed_runtime`
+    does for a seeded random architecture, with the model's own weights.
+
+    The budget is split first (``split``, default :class:`~djinn_core.streaming.budget_split.RingFirstSplit`;
+    :class:`~djinn_core.errors.StreamingBudgetTooSmall` with the numbers before anything is packed); then the decoder
+    layers' weights are copied into a host pack (pinned on CUDA), the resident modules (embeddings, final norm, head)
+    moved to ``device``, and the model wrapped. The model's own layer parameters are kept (on the host) and put back
+    by :meth:`~djinn_core.runtime.streamed.StreamedBreakpointRuntime.release`, which the runtime owns.
+    """
+    from djinn_core.models import decoder_layers
+    from djinn_core.runtime.streamed import StreamedBreakpointRuntime
+    from djinn_core.streaming.budget_split import RingFirstSplit
+    from djinn_core.streaming.builder import place_resident_
+    from djinn_core.streaming.host_pack import pack_layer_weights
+    from djinn_core.streaming.layout import LayerLayout
+    from djinn_core.streaming.model import StreamedModel
+    from djinn_core.streaming.plan import DEFAULT_CHUNK_BYTES, StreamingPolicy
+
+    device = check_device(device)
+    split = RingFirstSplit() if split is None else split
+    if not isinstance(split, RingFirstSplit):
+        raise ConfigError(f"split must be a RingFirstSplit, got {type(split).__name__}")
+    if not isinstance(model, torch.nn.Module) or any(p.is_meta for p in model.parameters()):
+        raise ConfigError("stream_model needs a materialised model (use build_streamed_runtime for an architecture)")
+    plan = split.split(model, budget_bytes, fused_attention=device.type == "cuda")
+    policy = StreamingPolicy(chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, plan.ring_bytes),
+                             ring_bytes=plan.ring_bytes, prefetch_depth=prefetch_depth)
+    policy.depth(plan.slots)
+    policy.chunks_per_layer(LayerLayout.of(decoder_layers(model)[0]).used_bytes, plan.slots)
+    pack = pack_layer_weights(model, device=device, min_free_host_bytes=min_free_host_bytes, progress=progress)
+    try:
+        place_resident_(model, device)
+        streamed = StreamedModel(model, pack, policy, device=device, budget=plan, owns_pack=True)
+    except BaseException:
+        pack.release()
+        raise
+    try:
+        return StreamedBreakpointRuntime(streamed, plan, owns_model=True, **runtime_kwargs)
+    except BaseException:
+        streamed.remove()
+        raise
+
+
+def make_streamed_runtime(spec: str, *, budget_bytes: int, split: Any = None, device: str | torch.device = "cpu",
+                          dtype: str | torch.dtype | None = None, seed: int = 0, num_layers: int | None = None,
+                          host_pool_bytes: int | None = None, progress: bool = True,
+                          **kwargs: Any) -> "StreamedBreakpointRuntime":
+    """What ``djinn serve --stream`` serves: breakpoint sessions over the model of ``spec`` (as :func:`load_model`
+    reads it) with its decoder layers streamed under ``budget_bytes``, split by ``split``.
+
+    An architecture name is built on ``meta`` and its seeded random weights packed layer by layer
+    (:func:`~djinn_core.runtime.streamed.build_streamed_runtime`: a 70B never exists whole, on the device or twice on
+    the host); ``smollm2`` or a ``.gguf`` path is loaded on the host, then streamed (:func:`stream_model`)."""
+    from djinn_core.models import ARCHITECTURES, resolve_dtype
+    from djinn_core.runtime.streamed import build_streamed_runtime
+
+    device = check_device(device)
+    dtype = resolve_dtype(dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32))
+    pool = _host_pool(host_pool_bytes)
+    if pool is not None:
+        kwargs["host_pool"] = pool
+    if spec in ARCHITECTURES:
+        return build_streamed_runtime(spec, budget_bytes=budget_bytes, split=split, device=device, dtype=dtype,
+                                      seed=seed, num_layers=num_layers, progress=progress, **kwargs)
+    model = load_model(spec, device="cpu", dtype=dtype, seed=seed, num_layers=num_layers)
+    return stream_model(model, budget_bytes=budget_bytes, split=split, device=device, progress=progress, **kwargs)

@@ -33,7 +33,7 @@ from djinn_core.models import build_model, decoder_layers
 from djinn_core.runtime.capture import Captured, capture_at
 from djinn_core.runtime.runtime import BreakpointRuntime
 from djinn_core.streaming.budget_split import RingFirstSplit, VramSplit
-from djinn_core.streaming.builder import _init_layer, place_resident_
+from djinn_core.streaming.builder import place_resident_, seeded_layer_fill
 from djinn_core.streaming.host_pack import pack_layer_weights
 from djinn_core.streaming.layout import LayerLayout
 from djinn_core.streaming.model import StreamedModel
@@ -129,7 +129,7 @@ def build_streamed_runtime(
     n_sets = n_layers if host_sets is None else host_sets
     if n_sets > n_layers:
         raise ConfigError(f"host_sets {n_sets} > {n_layers} layers")
-    pack = pack_layer_weights(model, device=device, fill=partial(_init_layer, seed), num_sets=n_sets,
+    pack = pack_layer_weights(model, device=device, fill=partial(seeded_layer_fill, seed), num_sets=n_sets,
                               min_free_host_bytes=min_free_host_bytes, progress=progress)
     try:
         place_resident_(model, device, seed=seed)

@@ -123,7 +123,7 @@ def build_streamed_model(
     n_sets = n_layers if host_sets is None else host_sets
     if n_sets > n_layers:
         raise ConfigError(f"host_sets {n_sets} > {n_layers} layers")
-    fill = partial(_init_layer, seed)
+    fill = partial(seeded_layer_fill, seed)
     pack = pack_layer_weights(model, device=device, fill=fill, num_sets=n_sets,
                               min_free_host_bytes=min_free_host_bytes, progress=progress)
     try:
@@ -135,8 +135,10 @@ def build_streamed_model(
         raise
 
 
-def _init_layer(seed: int, layer: nn.Module, index: int) -> None:
+def seeded_layer_fill(seed: int, layer: nn.Module, index: int) -> None:
+    """Fill decoder layer ``index`` as ``build_model(..., seed=seed)`` fills it (a
+    :data:`~djinn_core.streaming.host_pack.LayerFill` with the seed bound first)."""
     init_parameters_(layer, seed, prefix=f"model.layers.{index}.")
 
 
-__all__ = ["DEFAULT_CUDA_OVERHEAD_BYTES", "build_streamed_model", "place_resident_"]
+__all__ = ["DEFAULT_CUDA_OVERHEAD_BYTES", "build_streamed_model", "place_resident_", "seeded_layer_fill"]

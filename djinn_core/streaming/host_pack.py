@@ -110,6 +110,35 @@ class WeightPack:
         self._segments = None  # type: ignore[assignment]
 
 
+def check_pack_args(
+    model: nn.Module,
+    *,
+    device: torch.device | str,
+    num_sets: int | None,
+    pin: bool | None,
+    min_free_host_bytes: int | None,
+    what: str,
+) -> tuple[torch.device, list[nn.Module], int, LayerLayout, bool]:
+    """The checks before packing ``model``'s first ``num_sets`` decoder layers (default: all) of ``what`` (e.g.
+    "weights", "shards") for ``device``: ``num_sets`` within the layers, ``min_free_host_bytes``, every packed layer
+    of layer 0's parameter layout (``ConfigError``), a CUDA ``device`` only with CUDA (``DeviceUnavailable``).
+    Returns ``(device, layers, num_sets, layout, pin)``; ``pin`` defaults to ``device`` being CUDA."""
+    device = torch.device(device)
+    layers = decoder_layers(model)
+    num_sets = len(layers) if num_sets is None else check_int("num_sets", num_sets, 1)
+    if num_sets > len(layers):
+        raise ConfigError(f"num_sets {num_sets} > {len(layers)} decoder layers to take weights from")
+    check_optional_int("min_free_host_bytes", min_free_host_bytes)
+    layout = LayerLayout.of(layers[0])
+    for i in range(1, num_sets):
+        if LayerLayout.of(layers[i]).signature() != layout.signature():
+            raise ConfigError(f"decoder layer {i} has another parameter layout than layer 0: cannot share a ring")
+    pin = device.type == "cuda" if pin is None else bool(pin)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"packing {what} for a CUDA device needs a CUDA GPU; none is available")
+    return device, layers, num_sets, layout, pin
+
+
 def pack_layer_weights(
     model: nn.Module,
     *,
@@ -131,19 +160,8 @@ def pack_layer_weights(
     :func:`~djinn_core.memory.host_ram.default_min_free_host_bytes`) before anything is pinned. ``pin`` defaults to
     ``device`` being CUDA.
     """
-    device = torch.device(device)
-    layers = decoder_layers(model)
-    num_sets = len(layers) if num_sets is None else check_int("num_sets", num_sets, 1)
-    if num_sets > len(layers):
-        raise ConfigError(f"num_sets {num_sets} > {len(layers)} decoder layers to take weights from")
-    check_optional_int("min_free_host_bytes", min_free_host_bytes)
-    layout = LayerLayout.of(layers[0])
-    for i in range(1, num_sets):
-        if LayerLayout.of(layers[i]).signature() != layout.signature():
-            raise ConfigError(f"decoder layer {i} has another parameter layout than layer 0: cannot share a ring")
-    pin = device.type == "cuda" if pin is None else bool(pin)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("packing weights for a CUDA device needs a CUDA GPU; none is available")
+    device, layers, num_sets, layout, pin = check_pack_args(model, device=device, num_sets=num_sets, pin=pin,
+                                                            min_free_host_bytes=min_free_host_bytes, what="weights")
     check_host_ram(num_sets * layout.stride, f"a pack of {num_sets} layer weight sets",
                    min_free_host_bytes=min_free_host_bytes)
     pack = WeightPack(layout, num_sets, pin=pin, segment_bytes=segment_bytes, progress=progress)

@@ -30,7 +30,23 @@ class NoEvent:
         pass
 
 
-class WeightRing:
+class RingBase:
+    """What the rings share (:class:`WeightRing` here, the partitioned one in
+    :mod:`djinn_core.distributed.partitioned`): their events and their size. Subclasses set ``cuda`` and
+    ``buffer``."""
+
+    cuda: bool
+    buffer: torch.Tensor | None
+
+    def _event(self) -> Any:
+        return torch.cuda.Event() if self.cuda else NoEvent()
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() if self.buffer is not None else 0
+
+
+class WeightRing(RingBase):
     """``slots`` whole-layer slots on ``device`` and the side stream that copies layers into them.
 
     Args:
@@ -63,13 +79,6 @@ class WeightRing:
         self._ready_event = ready_event
         self.next_slot = 0
         self.copy_marks: tuple[Mark, Mark] | None = None  # of the last copy issued with ``timed=True``
-
-    def _event(self) -> Any:
-        return torch.cuda.Event() if self.cuda else NoEvent()
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() if self.buffer is not None else 0
 
     def copy_async(self, host: torch.Tensor, timed: bool = False) -> int:
         """Issue the copy of one layer's packed bytes ``host`` into the next slot, on the copy stream (non-blocking

@@ -8,7 +8,7 @@ import gc
 import logging
 import os
 import statistics
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +22,8 @@ from djinn_core.bench.experiments.reference import greedy_reference
 from djinn_core.bench.timing import TimingStats, time_cuda, time_host
 from djinn_core.errors import ConfigError
 from djinn_core.models import build_model, init_parameters_
-from djinn_core.streaming import StreamedModel, StreamingPolicy, WeightPack, place_resident_, plan_budget
+from djinn_core.streaming import (StreamedModel, StreamingBudget, StreamingPolicy, WeightPack, place_resident_,
+                                  plan_budget)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-@contextmanager
 def streamed_model(
     pack: WeightPack,
     device: torch.device,
@@ -85,21 +85,51 @@ def streamed_model(
     record_timeline: bool = False,
     arch: str = ARCH,
     dtype: torch.dtype = torch.float16,
-) -> Iterator[StreamedModel]:
+) -> AbstractContextManager[StreamedModel]:
     """A fresh ``arch`` model of ``num_layers`` streamed from ``pack`` (layer i <- set i % pack.num_sets) under
     ``budget_bytes``. On CUDA the budget counts the memory the device already uses outside torch's allocator (the
     context) plus a margin, and torch's allocator is capped at the rest for the duration."""
+    return budgeted_model(
+        lambda model, policy, plan: StreamedModel(model, pack, policy, device=device, budget=plan,
+                                                  record_timeline=record_timeline,
+                                                  layer_sets=[i % pack.num_sets for i in range(num_layers)]),
+        device, arch=arch, num_layers=num_layers, dtype=dtype, seed=SEED, chunk_bytes=chunk_bytes,
+        max_tokens=max_tokens, prefill_tokens=prefill_tokens, budget_bytes=budget_bytes, max_slots=max_slots,
+        planner=plan_budget, overhead_margin=DEVICE_OVERHEAD_MARGIN)
+
+
+@contextmanager
+def budgeted_model(
+    make: Callable[[nn.Module, StreamingPolicy, StreamingBudget], StreamedModel],
+    device: torch.device,
+    *,
+    arch: str,
+    num_layers: int,
+    dtype: torch.dtype,
+    seed: int,
+    chunk_bytes: int,
+    max_tokens: int,
+    prefill_tokens: int,
+    budget_bytes: int,
+    max_slots: int,
+    planner: Callable[..., StreamingBudget],
+    overhead_margin: int,
+) -> Iterator[StreamedModel]:
+    """``make(model, policy, plan)`` (a :class:`StreamedModel` or a subclass) on a fresh ``arch`` model of
+    ``num_layers``, its resident modules on ``device`` (seeded ``seed``), planned by ``planner(model, budget_bytes,
+    ...)`` (:func:`plan_budget`, or one taking its keywords). On CUDA the budget counts the memory the device already uses
+    outside torch's allocator (the context) plus ``overhead_margin``, and torch's allocator is capped at the rest for
+    the duration; the model is removed after."""
     free_device_memory()
     cuda = device.type == "cuda"
     overhead = nvml_used_bytes(device) - torch.cuda.memory_reserved(device) if cuda else 0
     model = build_model(arch, num_layers=num_layers, dtype=dtype, materialize=False)
-    plan = plan_budget(model, budget_bytes, max_tokens=max_tokens, prefill_tokens=prefill_tokens,
-                       device_overhead_bytes=overhead + (DEVICE_OVERHEAD_MARGIN if cuda else 0), max_slots=max_slots,
-                       fused_attention=cuda)
-    place_resident_(model, device, seed=SEED)
+    plan = planner(model, budget_bytes, max_tokens=max_tokens, prefill_tokens=prefill_tokens,
+                   device_overhead_bytes=overhead + (overhead_margin if cuda else 0), max_slots=max_slots,
+                   fused_attention=cuda)
+    place_resident_(model, device, seed=seed)
     policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes)
-    sm = StreamedModel(model, pack, policy, device=device, budget=plan, record_timeline=record_timeline,
-                       layer_sets=[i % pack.num_sets for i in range(num_layers)])
+    sm = make(model, policy, plan)
     if cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, (budget_bytes - overhead) / total), device)

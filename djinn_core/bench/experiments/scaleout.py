@@ -12,9 +12,15 @@ measured; each rank (:func:`rank_main`):
    timed pass preceded by every rank's one-link ceiling, measured one rank at a time;
 4. bitwise: ``baseline_sets`` layers, partitioned vs one-GPU streaming vs resident, greedy logits and tokens.
 
+Every timed figure also records the work it timed (:func:`count_work`: forwards, layer loads and layer bytes landed in
+the ring per forward, from the engine's own counters, and the batch, prompt tokens and decode steps); the claims
+first state, as preconditions (:func:`same_work`, :func:`bandwidth_bytes_counted`), that the one-GPU baseline and
+the partitioned run did the same work per forward, so that a ratio never compares unlike work.
+
 Each rank writes ``rank{r}.json``. The claims are asserted in ``tests_exp2/test_scaleout.py``; the CPU tests run
 :func:`bitwise_rank` and the timing helpers under gloo. Environment: ``DJINN_SCALEOUT_LAYERS`` (default 80; fewer
-for a rehearsal), ``DJINN_SCALEOUT_WORLD`` (2), ``DJINN_SCALEOUT_BASELINE_SETS`` (4).
+for a rehearsal), ``DJINN_SCALEOUT_WORLD`` (2), ``DJINN_SCALEOUT_BASELINE_SETS`` (4, or the layer count when that
+is smaller).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
+import math
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -32,8 +39,9 @@ import torch
 from transformers import DynamicCache
 
 from djinn_core.bench.ceilings import CopyCeiling, copy_ceiling_on
-from djinn_core.bench.experiments.exp2_streaming import (free_device_memory, greedy, measure_forwards, mismatches,
-                                                         nvml_used_bytes, prefill_fn, prompt, streamed_model)
+from djinn_core.bench.experiments.exp2_streaming import (budgeted_model, free_device_memory, greedy, measure_forwards,
+                                                         mismatches, nvml_used_bytes, prefill_fn, prompt,
+                                                         streamed_model)
 from djinn_core.bench.timing import TimingStats, time_cuda, time_host
 from djinn_core.distributed import (PartitionedStreamedModel, RankGroup, ShardPack, check_node_host_ram,
                                     pack_layer_shards, partitioned_plan, seeded_layer_fill, shard_bytes_for)
@@ -91,7 +99,10 @@ class ScaleoutConfig:
                     kw[field] = int(os.environ[var])
                 except ValueError:
                     raise ConfigError(f"{var}={os.environ[var]!r} is not an int") from None
-        return cls(**{**kw, **overrides})
+        kw.update(overrides)
+        if "baseline_sets" not in kw and "layers" in kw:  # a rehearsal shorter than the default one-GPU pack
+            kw["baseline_sets"] = min(cls.baseline_sets, kw["layers"])
+        return cls(**kw)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -156,37 +167,98 @@ def ceiling_alone(group: RankGroup, host: torch.Tensor, dev: torch.Tensor) -> Ca
 
 
 @contextmanager
+def count_work(sm: StreamedModel, ids: torch.Tensor, **shape: int) -> Iterator[dict[str, Any]]:
+    """The work of the forwards run inside the block, from ``sm``'s own counters: ``forwards`` (passes),
+    ``layer_loads`` and ``layer_bytes`` (bytes landed in the ring: copied, or copied and all-gathered; no padding),
+    and per forward; with the work's shape: ``batch`` and ``prompt_tokens`` of ``ids``, plus ``shape`` (e.g.
+    ``decode_steps``). The dict is filled when the block ends."""
+    b0, l0, p0 = sm.bytes_streamed, sm.layers_streamed, sm.passes
+    work: dict[str, Any] = {"batch": int(ids.shape[0]), "prompt_tokens": int(ids.shape[-1]),
+                            **{k: int(v) for k, v in shape.items()}}
+    yield work
+    forwards, loads, nbytes = sm.passes - p0, sm.layers_streamed - l0, sm.bytes_streamed - b0
+    work.update(forwards=forwards, layer_loads=loads, layer_bytes=nbytes,
+                layers_per_forward=loads / forwards if forwards else 0.0,
+                layer_bytes_per_forward=nbytes / forwards if forwards else 0.0)
+
+
+WORK_FIELDS = ("batch", "prompt_tokens", "decode_steps", "layers_per_forward")
+
+
+def work_differences(one: dict[str, Any], part: dict[str, Any], *, layers: int) -> dict[str, Any]:
+    """How two :func:`count_work` records differ: ``layer_bytes_ratio`` (one's layer bytes per forward over
+    part's; NaN when part streamed nothing), ``unequal_fields`` (of :data:`WORK_FIELDS`), and ``short_sides`` (the
+    sides that did not stream ``layers`` layers per forward)."""
+    denom = part.get("layer_bytes_per_forward") or 0
+    ratio = one.get("layer_bytes_per_forward", 0) / denom if denom else math.nan
+    unequal = [f for f in WORK_FIELDS if one.get(f) != part.get(f)]
+    short = [side for side, w in (("one_gpu", one), ("partitioned", part)) if w.get("layers_per_forward") != layers]
+    return {"layer_bytes_ratio": ratio, "unequal_fields": unequal, "short_sides": short}
+
+
+def same_work(claim: Any, one: dict[str, Any], part: dict[str, Any], *, layers: int, figure: str,
+              params: dict[str, Any] | None = None) -> None:
+    """Preconditions of a ratio "one GPU over partitioned" on ``figure`` (through ``claim``, a
+    :class:`~djinn_core.bench.claims.ClaimRecorder`): both sides landed the same layer bytes per forward, and ran
+    the same batch, prompt tokens, decode steps and ``layers`` layers per forward. Raises
+    :class:`~djinn_core.bench.claims.PreconditionFailed` when not."""
+    d = work_differences(one, part, layers=layers)
+    claim.precondition(f"{figure}_layer_bytes_per_forward_one_gpu_over_partitioned", value=d["layer_bytes_ratio"],
+                       op="==", bound=1.0, unit="x",
+                       what=f"layer bytes landed in the ring per forward (the engines' counters), one GPU "
+                            f"{one.get('layer_bytes_per_forward')} over partitioned "
+                            f"{part.get('layer_bytes_per_forward')}",
+                       params=params)
+    claim.precondition(f"{figure}_work_unequal", value=len(d["unequal_fields"]) + len(d["short_sides"]), op="<=",
+                       bound=0, unit="fields",
+                       what=f"fields of the timed work that differ between one GPU and partitioned (batch, prompt "
+                            f"tokens, decode steps, layers per forward): {d['unequal_fields']}, and sides that did "
+                            f"not stream all {layers} layers per forward: {d['short_sides']}", params=params)
+
+
+def bandwidth_bytes_counted(claim: Any, work: dict[str, Any], *, bytes_per_forward: int, layers: int,
+                            params: dict[str, Any] | None = None) -> None:
+    """Preconditions of a bandwidth claim over ``bytes_per_forward``: the engine landed at least those bytes per
+    forward (its counters), streaming all ``layers`` layers in each."""
+    counted = work.get("layer_bytes_per_forward", 0)
+    claim.precondition("layer_bytes_counted_over_claimed", value=counted / bytes_per_forward, op=">=", bound=1.0,
+                       unit="x", what=f"layer bytes landed per forward by the engine's counters ({counted}) over the "
+                                      f"bytes the bandwidth divides ({bytes_per_forward})", params=params)
+    claim.precondition("layers_per_forward", value=work.get("layers_per_forward", 0), op="==", bound=layers,
+                       unit="layers", what="layer loads per timed forward", params=params)
+
+
+def pipeline_figures(timeline: list[dict[str, Any]], *, layer_bytes: int, pass_ms: float) -> dict[str, Any]:
+    """Where a pass's time goes, from a :meth:`~djinn_core.streaming.StreamedModel.read_timeline` of it:
+    ``cadence_ms`` (median spacing of consecutive layers' copy starts: the rate the links sustain once the pipeline
+    runs), ``steady_GBps`` (``layer_bytes`` per cadence), ``overhead_ms`` (``pass_ms`` beyond ``n`` layers at the
+    cadence: the first layer's copy tail and all-gather that compute must wait for, the last layer's compute and the
+    head that no copy overlaps), ``first_compute_ms`` and ``after_last_copy_ms``."""
+    starts = [row["copy_start_ms"] for row in timeline]
+    gaps = sorted(b - a for a, b in zip(starts, starts[1:]))
+    if not gaps:
+        return {"layers": len(timeline), "cadence_ms": None, "steady_GBps": None, "overhead_ms": None}
+    mid = len(gaps) // 2
+    cadence = gaps[mid] if len(gaps) % 2 else (gaps[mid - 1] + gaps[mid]) / 2
+    return {"layers": len(timeline), "cadence_ms": cadence, "steady_GBps": layer_bytes / (cadence * 1e-3) / 1e9,
+            "overhead_ms": pass_ms - len(timeline) * cadence, "pass_ms": pass_ms,
+            "first_compute_ms": timeline[0]["compute_start_ms"],
+            "after_last_copy_ms": pass_ms - timeline[-1]["copy_end_ms"]}
+
+
 def partitioned_model(shards: ShardPack, group: RankGroup, *, num_layers: int, chunk_bytes: int, max_tokens: int,
                       prefill_tokens: int, budget_bytes: int, max_slots: int, arch: str, dtype: torch.dtype,
-                      seed: int, record_timeline: bool = False) -> Iterator[PartitionedStreamedModel]:
+                      seed: int, record_timeline: bool = False) -> AbstractContextManager[PartitionedStreamedModel]:
     """As exp2's ``streamed_model``, from this rank's shards: a fresh ``arch`` model of ``num_layers`` under
     ``budget_bytes`` (counting, on CUDA, what the device already uses outside torch's allocator: the context and
     NCCL's buffers), torch's allocator capped at the rest for the duration."""
-    device = group.device
-    free_device_memory()
-    cuda = device.type == "cuda"
-    overhead = nvml_used_bytes(device) - torch.cuda.memory_reserved(device) if cuda else 0
-    model = build_model(arch, num_layers=num_layers, dtype=dtype, materialize=False)
-    plan = partitioned_plan(model, budget_bytes, group.world_size, max_tokens=max_tokens,
-                            prefill_tokens=prefill_tokens,
-                            device_overhead_bytes=overhead + (DEVICE_OVERHEAD_MARGIN if cuda else 0),
-                            max_slots=max_slots, fused_attention=cuda)
-    place_resident_(model, device, seed=seed)
-    policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes)
-    pm = PartitionedStreamedModel(model, shards, policy, device=device, group=group.group, budget=plan,
-                                  record_timeline=record_timeline,
-                                  layer_sets=[i % shards.num_sets for i in range(num_layers)])
-    if cuda:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget_bytes - overhead) / total), device)
-    try:
-        yield pm
-    finally:
-        if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-        pm.remove()
-        del pm, model
-        free_device_memory()
+    return budgeted_model(
+        lambda model, policy, plan: PartitionedStreamedModel(
+            model, shards, policy, device=group.device, group=group.group, budget=plan,
+            record_timeline=record_timeline, layer_sets=[i % shards.num_sets for i in range(num_layers)]),
+        group.device, arch=arch, num_layers=num_layers, dtype=dtype, seed=seed, chunk_bytes=chunk_bytes,
+        max_tokens=max_tokens, prefill_tokens=prefill_tokens, budget_bytes=budget_bytes, max_slots=max_slots,
+        planner=partial(partitioned_plan, world_size=group.world_size), overhead_margin=DEVICE_OVERHEAD_MARGIN)
 
 
 def greedy_three_ways(group: RankGroup, shards: ShardPack, pack: WeightPack, *, layers: int, slots: int,
@@ -270,10 +342,14 @@ def _one_gpu(pack: WeightPack, group: RankGroup, cfg: ScaleoutConfig) -> dict[st
         def ceiling() -> CopyCeiling:
             return copy_ceiling_on(host, sm.ring.buffer[:host.numel()], "h2d", warmup=1, repeats=3)
 
-        ttft = measure_forwards(prefill_fn(sm.model, ids, use_cache=True), device=device,
-                                bytes_per_forward=sm.bytes_per_pass, warmup=1, repeats=cfg.repeats, ceiling=ceiling)
-        decode = time_decode_steps(sm.model, ids, steps=cfg.decode_steps)
-        return {"ttft": ttft.to_dict(), "decode": decode.to_dict(), "stats": sm.stats()}
+        with count_work(sm, ids) as ttft_work:
+            ttft = measure_forwards(prefill_fn(sm.model, ids, use_cache=True), device=device,
+                                    bytes_per_forward=sm.bytes_per_pass, warmup=1, repeats=cfg.repeats,
+                                    ceiling=ceiling)
+        with count_work(sm, ids, decode_steps=cfg.decode_steps) as decode_work:
+            decode = time_decode_steps(sm.model, ids, steps=cfg.decode_steps)
+        return {"ttft": ttft.to_dict(), "decode": decode.to_dict(), "stats": sm.stats(),
+                "work": {"ttft": ttft_work, "decode": decode_work}}
 
 
 def _partitioned(shards: ShardPack, pack: WeightPack, group: RankGroup, cfg: ScaleoutConfig) -> dict[str, Any]:
@@ -291,16 +367,24 @@ def _partitioned(shards: ShardPack, pack: WeightPack, group: RankGroup, cfg: Sca
         group.barrier()
         both = copy_ceiling_on(host, dev, "h2d", warmup=1, repeats=5)  # every link at once
         ids = prompt(cfg.bandwidth_tokens, vocab, seed=PROMPT_SEED + group.rank, device=device)
-        bandwidth = measure_forwards(prefill_fn(pm.model, ids), device=device, bytes_per_forward=pm.bytes_per_pass,
-                                     warmup=1, repeats=cfg.repeats, ceiling=alone)
+        with count_work(pm, ids) as bandwidth_work:
+            bandwidth = measure_forwards(prefill_fn(pm.model, ids), device=device,
+                                         bytes_per_forward=pm.bytes_per_pass, warmup=1, repeats=cfg.repeats,
+                                         ceiling=alone)
+        bandwidth_timeline = pm.read_timeline()  # the last bandwidth prefill
         group.barrier()
         gather = time_cuda(lambda: pm.ring.gather_slot(0), warmup=2, repeats=10)
         ids = prompt(cfg.ttft_tokens, vocab, seed=PROMPT_SEED + group.rank, device=device)
-        ttft = measure_forwards(prefill_fn(pm.model, ids, use_cache=True), device=device,
-                                bytes_per_forward=pm.bytes_per_pass, warmup=1, repeats=cfg.repeats, ceiling=alone)
+        with count_work(pm, ids) as ttft_work:
+            ttft = measure_forwards(prefill_fn(pm.model, ids, use_cache=True), device=device,
+                                    bytes_per_forward=pm.bytes_per_pass, warmup=1, repeats=cfg.repeats,
+                                    ceiling=alone)
         timeline = pm.read_timeline()  # the last TTFT prefill
-        decode = time_decode_steps(pm.model, ids, steps=cfg.decode_steps)
-        return {"bandwidth": bandwidth.to_dict(), "ceiling_all_links_at_once": both.to_dict(),
+        with count_work(pm, ids, decode_steps=cfg.decode_steps) as decode_work:
+            decode = time_decode_steps(pm.model, ids, steps=cfg.decode_steps)
+        return {"bandwidth": bandwidth.to_dict(), "bandwidth_timeline": bandwidth_timeline,
+                "work": {"bandwidth": bandwidth_work, "ttft": ttft_work, "decode": decode_work},
+                "ceiling_all_links_at_once": both.to_dict(),
                 "allgather_per_layer": gather.to_dict(), "allgather_bytes": pm.ring.shard_bytes * group.world_size,
                 "ttft": ttft.to_dict(), "decode": decode.to_dict(), "timeline": timeline, "stats": pm.stats(),
                 "peak_torch_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
@@ -350,5 +434,6 @@ def run(cfg: ScaleoutConfig, out_dir: str | Path, *, rank_fn: Callable[..., None
     return {"config": asdict(cfg), "ranks": ranks}
 
 
-__all__ = ["PROMPT_SEED", "ScaleoutConfig", "bitwise_rank", "ceiling_alone", "gpu_identity", "greedy_three_ways",
-           "pack_both", "partitioned_model", "rank_main", "run", "suite_numerics", "time_decode_steps"]
+__all__ = ["PROMPT_SEED", "WORK_FIELDS", "ScaleoutConfig", "bandwidth_bytes_counted", "bitwise_rank", "ceiling_alone",
+           "count_work", "gpu_identity", "greedy_three_ways", "pack_both", "partitioned_model", "pipeline_figures",
+           "rank_main", "run", "same_work", "suite_numerics", "time_decode_steps", "work_differences"]
