@@ -72,39 +72,18 @@ def stream_model(model: torch.nn.Module, *, budget_bytes: int, split: Any = None
     moved to ``device``, and the model wrapped. The model's own layer parameters are kept (on the host) and put back
     by :meth:`~djinn_core.runtime.streamed.StreamedBreakpointRuntime.release`, which the runtime owns.
     """
-    from djinn_core.models import decoder_layers
-    from djinn_core.runtime.streamed import StreamedBreakpointRuntime
-    from djinn_core.streaming.budget_split import RingFirstSplit
-    from djinn_core.streaming.builder import place_resident_
+    from djinn_core.runtime.streamed import streamed_runtime_over
     from djinn_core.streaming.host_pack import pack_layer_weights
-    from djinn_core.streaming.layout import LayerLayout
-    from djinn_core.streaming.model import StreamedModel
-    from djinn_core.streaming.plan import DEFAULT_CHUNK_BYTES, StreamingPolicy
 
     device = check_device(device)
-    split = RingFirstSplit() if split is None else split
-    if not isinstance(split, RingFirstSplit):
-        raise ConfigError(f"split must be a RingFirstSplit, got {type(split).__name__}")
     if not isinstance(model, torch.nn.Module) or any(p.is_meta for p in model.parameters()):
         raise ConfigError("stream_model needs a materialised model (use build_streamed_runtime for an architecture)")
-    plan = split.split(model, budget_bytes, fused_attention=device.type == "cuda")
-    policy = StreamingPolicy(chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, plan.ring_bytes),
-                             ring_bytes=plan.ring_bytes, prefetch_depth=prefetch_depth)
-    policy.depth(plan.slots)
-    policy.chunks_per_layer(LayerLayout.of(decoder_layers(model)[0]).used_bytes, plan.slots)
-    pack = pack_layer_weights(model, device=device, min_free_host_bytes=min_free_host_bytes, progress=progress)
-    try:
-        place_resident_(model, device)
-        streamed = StreamedModel(model, pack, policy, device=device, budget=plan, owns_pack=True)
-    except BaseException:
-        pack.release()
-        raise
-    try:
-        return StreamedBreakpointRuntime(streamed, plan, owns_model=True, **runtime_kwargs)
-    except BaseException:
-        streamed.remove()
-        raise
-
+    return streamed_runtime_over(
+        model, budget_bytes=budget_bytes, split=split, device=device, chunk_bytes=chunk_bytes,
+        prefetch_depth=prefetch_depth,
+        pack=lambda: pack_layer_weights(model, device=device, min_free_host_bytes=min_free_host_bytes,
+                                        progress=progress),
+        **runtime_kwargs)
 
 def make_streamed_runtime(spec: str, *, budget_bytes: int, split: Any = None, device: str | torch.device = "cpu",
                           dtype: str | torch.dtype | None = None, seed: int = 0, num_layers: int | None = None,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -115,28 +115,45 @@ def build_streamed_runtime(
     """
     device = check_device(device)
     check_optional_int("host_sets", host_sets, 1)
-    split = RingFirstSplit() if split is None else split
-    if not isinstance(split, RingFirstSplit):
-        raise ConfigError(f"split must be a RingFirstSplit, got {type(split).__name__}")
     model = build_model(config, dtype=dtype, num_layers=num_layers, materialize=False)
-    plan = split.split(model, budget_bytes, fused_attention=device.type == "cuda")
-    policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes,
-                             prefetch_depth=prefetch_depth)
-    policy.depth(plan.slots)
-    layers = decoder_layers(model)
-    policy.chunks_per_layer(LayerLayout.of(layers[0]).used_bytes, plan.slots)
-    n_layers = len(layers)
+    n_layers = len(decoder_layers(model))
     n_sets = n_layers if host_sets is None else host_sets
     if n_sets > n_layers:
         raise ConfigError(f"host_sets {n_sets} > {n_layers} layers")
-    pack = pack_layer_weights(model, device=device, fill=partial(seeded_layer_fill, seed), num_sets=n_sets,
-                              min_free_host_bytes=min_free_host_bytes, progress=progress)
+    return streamed_runtime_over(
+        model, budget_bytes=budget_bytes, split=split, device=device, chunk_bytes=chunk_bytes,
+        prefetch_depth=prefetch_depth, seed=seed, layer_sets=[i % n_sets for i in range(n_layers)],
+        record_timeline=record_timeline,
+        pack=lambda: pack_layer_weights(model, device=device, fill=partial(seeded_layer_fill, seed), num_sets=n_sets,
+                                        min_free_host_bytes=min_free_host_bytes, progress=progress),
+        **runtime_kwargs)
+
+
+def streamed_runtime_over(model: torch.nn.Module, *, budget_bytes: int, split: RingFirstSplit | None,
+                          device: torch.device, pack: Callable[[], Any], chunk_bytes: int | None = None,
+                          prefetch_depth: int | None = None, seed: int | None = None,
+                          layer_sets: list[int] | None = None, record_timeline: bool = False,
+                          **runtime_kwargs: Any) -> StreamedBreakpointRuntime:
+    """The steps every streamed runtime takes over ``model`` (on ``meta`` or materialised): split the budget
+    (:class:`StreamingBudgetTooSmall` before anything is pinned), check the policy, ``pack()`` the layer weights,
+    place the resident modules (``seed`` fills those on ``meta``), wrap the model and make the runtime, which owns
+    it; what was made is released when a later step fails."""
+    split = RingFirstSplit() if split is None else split
+    if not isinstance(split, RingFirstSplit):
+        raise ConfigError(f"split must be a RingFirstSplit, got {type(split).__name__}")
+    plan = split.split(model, budget_bytes, fused_attention=device.type == "cuda")
+    chunk = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    policy = StreamingPolicy(chunk_bytes=min(chunk, plan.ring_bytes), ring_bytes=plan.ring_bytes,
+                             prefetch_depth=prefetch_depth)
+    policy.depth(plan.slots)
+    policy.chunks_per_layer(LayerLayout.of(decoder_layers(model)[0]).used_bytes, plan.slots)
+    weights = pack()
     try:
         place_resident_(model, device, seed=seed)
-        streamed = StreamedModel(model, pack, policy, device=device, layer_sets=[i % n_sets for i in range(n_layers)],
-                                 budget=plan, record_timeline=record_timeline, owns_pack=True)
+        streamed = StreamedModel(model, weights, policy, device=device, layer_sets=layer_sets, budget=plan,
+                                 record_timeline=record_timeline, owns_pack=True)
     except BaseException:
-        pack.release()
+        weights.release()
         raise
     try:
         return StreamedBreakpointRuntime(streamed, plan, owns_model=True, **runtime_kwargs)
@@ -144,5 +161,4 @@ def build_streamed_runtime(
         streamed.remove()
         raise
 
-
-__all__ = ["StreamedBreakpointRuntime", "build_streamed_runtime"]
+__all__ = ["StreamedBreakpointRuntime", "build_streamed_runtime", "streamed_runtime_over"]
