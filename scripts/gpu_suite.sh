@@ -10,6 +10,10 @@
 # BUDGET is the VRAM budget of that spec (--djinn-vram-budget: 80GB, card, or bytes like 74.5GiB); without one, the
 # run's $DJINN_VRAM_BUDGET, else 80GB (the H100 80GB card, enforced on a larger card by capping torch's allocator).
 # DJINN_GIT_DIRTY must say 0 or 1: the CI gate refuses a report whose tree state is dirty or unknown.
+# --gpu N (first) runs the specs on GPU N alone (CUDA_VISIBLE_DEVICES=N in PCI bus order, which NVML uses too), so a
+# machine of several GPUs runs one lane per GPU at once; each JSON's provenance names its GPU (index, UUID, PCI bus):
+#   bash scripts/gpu_suite.sh --gpu 0 SPECS... & bash scripts/gpu_suite.sh --gpu 1 SPECS... & wait
+# Timing claims in one lane share the host (CPUs, memory, root complex) with the other lane's work.
 # Back here: copy each JSON to reports/<machine>/NAME.json (h100, h200, h200x2: the folder names the GPU its
 # provenance must show) and run `djinn report reports/<machine>/NAME.json`.
 set -uo pipefail
@@ -20,9 +24,16 @@ case "${DJINN_GIT_DIRTY:-}" in
   *) echo "DJINN_GIT_DIRTY must be 0 or 1 (was '${DJINN_GIT_DIRTY:-}')" >&2; exit 2 ;;
 esac
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ "${1:-}" = --gpu ]; then
+  case "${2:-}" in
+    ''|*[!0-9]*) echo "--gpu takes a GPU index (was '${2:-}')" >&2; exit 2 ;;
+  esac
+  export CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES="$2"
+  shift 2
+fi
 if [ -d .whl ]; then
   # shellcheck source=/dev/null
-  source scripts/gpu_peers_setup.sh
+  source scripts/gpu_peers_setup.sh  # once per machine: lanes started together wait for the first install
 fi
 if [ "${1:-}" = all ]; then  # every report of the h100 profile (djinn_core/bench/profiles.py: H100_REPORTS)
   mapfile -t specs < <(python3 -c 'from djinn_core.bench.profiles import report_specs; print(*report_specs(), sep="\n")')

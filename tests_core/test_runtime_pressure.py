@@ -166,3 +166,23 @@ def test_a_runtime_can_be_given_another_eviction_policy(tiny):
         assert torch.equal(small.resume(), ref[0])
         rt.close_all()
     assert victims == {"lru": [12], "largest-first": [40]}
+
+
+def test_a_resumed_session_keeps_only_its_last_positions_logits_until_it_generates(tiny):
+    """Memory outside the slab does not grow with the prompt while sessions wait between resume and generate (what
+    the server does with many clients: their resumes interleave). A view of the last position used to keep each
+    session's whole prompt logits alive: 262 MB at 2048 tokens of Llama-2's vocabulary, which ran the server out of
+    memory under the 80GB budget (reports/h200/probes/2026-11-30-server-memory-pressure-oom.json)."""
+    model, ids, one, ref = tiny
+    rt = _runtime(model, 4 * one)
+    sessions = [rt.open(ids, max_new_tokens=NEW) for _ in range(3)]
+    for s in sessions:
+        s.run_to(LAYER)
+        assert torch.equal(s.resume(), ref[0])
+    vocab = model.config.vocab_size
+    for s in sessions:
+        held = s._next_logits  # what the session keeps for its first token until generate consumes it
+        assert held.untyped_storage().nbytes() == ids.shape[0] * vocab * held.element_size()
+    for s in sessions:
+        assert torch.equal(s.generate(NEW), ref[1])
+    rt.close_all()

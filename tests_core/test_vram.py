@@ -41,3 +41,16 @@ def test_sampler_records_a_timeline_marks_and_peaks_from_its_probe():
 def test_sampler_rejects_a_period_too_coarse_for_the_claims():
     with pytest.raises(ConfigError):
         VramSampler(period_s=0.05, memory_probe=lambda: {})
+
+
+@pytest.mark.cpu
+def test_nvml_index_follows_cuda_visible_devices():
+    """A lane pinned to the second GPU (CUDA_VISIBLE_DEVICES=1) samples NVML's device 1, not device 0."""
+    from djinn_core.bench.vram import nvml_index
+
+    assert nvml_index(0, visible="") == 0 and nvml_index(1, visible="") == 1
+    assert nvml_index(0, visible="1") == 1
+    assert nvml_index(1, visible="3, 2") == 2
+    assert nvml_index(0, visible="GPU-8f2c") == "GPU-8f2c"
+    with pytest.raises(DeviceUnavailable, match="not among"):
+        nvml_index(1, visible="1")

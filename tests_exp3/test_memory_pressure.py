@@ -36,6 +36,7 @@ from djinn_core.bench.experiments.memory_pressure import (GEN_PER_ROUND, NEW_TOK
                                                           run_workload, session_counts, solo_tokens, swap_pool_bytes,
                                                           unequal_sessions)
 from djinn_core.bench.timing import TimingStats
+from djinn_core.bench.vram import nvml_handle
 from djinn_core.errors import AdmissionRefused, ConfigError
 from djinn_core.memory.host_pool import HostPool
 from djinn_core.memory.host_ram import default_min_free_host_bytes
@@ -105,10 +106,7 @@ def pressure_rig(llama2_13b_fp16, cuda_device, vram_budget, vram_enforcement, py
     eager = eager_baseline(model, ps, KVGeometry.for_model(model.config, batch=1, capacity=PROMPT_TOKENS,
                                                           dtype=torch.float16).block_bytes * geo.num_layers,
                            allocatable=lambda: allocatable_bytes(cuda_device, vram_enforcement))
-    import pynvml
-
-    pynvml.nvmlInit()
-    handle = pynvml.nvmlDeviceGetHandleByIndex(cuda_device.index or 0)
+    pynvml, handle = nvml_handle(cuda_device.index or 0)
     used_now = pynvml.nvmlDeviceGetMemoryInfo(handle).used  # weights, CUDA context, allocator cache
     budget = vram_budget.bytes
     slab = pool = None

@@ -26,7 +26,7 @@ from djinn_core.bench import preconditions as pre
 from djinn_core.bench.experiments.memory_pressure import NEW_TOKENS, ROUNDS, demand_bytes, prompts, swap_pool_bytes
 from djinn_core.bench.experiments.server_pressure import (peak, resume_timing, run_server_pressure, serve_accepts,
                                                           serve_args, verdict)
-from djinn_core.bench.vram import VramSampler
+from djinn_core.bench.vram import VramSampler, nvml_handle
 from djinn_core.memory.host_ram import default_min_free_host_bytes
 from djinn_core.models import architecture_config, model_sizes
 from djinn_core.rpc.process import ServerProcess
@@ -49,10 +49,7 @@ def _session_bytes(model: str, tokens: int, dtype: torch.dtype) -> int:
 
 def nvml_probe(index: int, pid: int):
     """Device memory used (NVML, every process) and what process ``pid`` holds, without touching CUDA here."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    pynvml, handle = nvml_handle(index)
 
     def probe() -> dict[str, float]:
         procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
@@ -74,11 +71,6 @@ def _record(claim, v: dict, params: dict) -> None:
 
 @pytest.mark.h100
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "measured on the H200 at d7008ad (reports/h200/probes/2026-11-30-server-memory-pressure-oom.json): the server "
-    "ran out of CUDA memory under the 80GB budget (79.37 GiB in use, 78.66 GiB allowed, 54 MiB asked for) during "
-    "a resume's replay, after 102 evictions and 120 swap-ins; its slab is sized budget - weights - 4 GiB, too "
-    "little headroom for 64 sessions' decode activations; every client lost its work"))
 def test_64_clients_with_2048_token_sessions_swap_through_the_server_within_the_budget(vram_budget, claim):
     budget = vram_budget.bytes
     params = {"model": MODEL, "clients": CLIENTS, "L": PAUSE_LAYER, "prompt_tokens": PROMPT_TOKENS,

@@ -35,7 +35,9 @@ def host_memory_bytes() -> dict[str, int]:
 
 
 def gpu_facts(index: int = 0) -> dict[str, Any]:
-    """GPU name, memory, driver, CUDA runtime, compute capability and PCIe link; ``{}`` without CUDA."""
+    """GPU name, memory, driver, CUDA runtime, compute capability and PCIe link of CUDA device ``index``, and which
+    GPU of the host it is (UUID, PCI bus, ``CUDA_VISIBLE_DEVICES``: a lane of a several-GPU machine says which one it
+    measured); ``{}`` without CUDA."""
     if not torch.cuda.is_available():
         return {}
     props = torch.cuda.get_device_properties(index)
@@ -47,11 +49,15 @@ def gpu_facts(index: int = 0) -> dict[str, Any]:
         "multiprocessors": props.multi_processor_count,
         "cuda_runtime": torch.version.cuda,
     }
+    uuid = getattr(props, "uuid", None)
+    facts.update(gpu_index=index, gpu_uuid=f"GPU-{uuid}" if uuid is not None else None,
+                 pci_bus_id=getattr(props, "pci_bus_id", None),
+                 cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
-        import pynvml
+        from djinn_core.bench.vram import nvml_handle
 
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        pynvml, h = nvml_handle(index)
+        facts["nvml_uuid"] = pynvml.nvmlDeviceGetUUID(h)  # the GPU NVML read below: equal to gpu_uuid
         drv = pynvml.nvmlSystemGetDriverVersion()
         facts["driver"] = drv.decode() if isinstance(drv, bytes) else drv
         facts["pcie_link_gen"] = pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h)

@@ -12,6 +12,7 @@ Without CUDA or NVML there is nothing honest to sample: the constructor raises :
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -26,23 +27,47 @@ log = logging.getLogger(__name__)
 Probe = Callable[[], dict[str, float]]
 
 
-def _nvml_handle(index: int):
+def nvml_index(index: int, visible: str | None = None) -> int | str:
+    """The NVML device (its index, or its UUID) behind CUDA device ``index`` of this process.
+
+    NVML numbers every GPU of the host in PCI bus order and ignores ``CUDA_VISIBLE_DEVICES``; CUDA numbers only the
+    visible ones. ``visible`` defaults to ``$CUDA_VISIBLE_DEVICES``: unset or empty, the numbers agree; a list of
+    integers names NVML indices (exact when ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, which ``scripts/gpu_suite.sh --gpu``
+    sets); ``GPU-...`` entries are UUIDs. Without this a lane on the second GPU would sample the first one."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
+    if not entries:
+        return index
+    if index >= len(entries):
+        raise DeviceUnavailable(f"CUDA device {index} is not among CUDA_VISIBLE_DEVICES={visible!r}")
+    entry = entries[index]
+    return int(entry) if entry.isdigit() else entry
+
+
+def nvml_handle(index: int = 0):
+    """``(pynvml, handle)`` of the NVML device behind CUDA device ``index`` (:func:`nvml_index`); needs no CUDA
+    context. :class:`DeviceUnavailable` without nvidia-ml-py or NVML."""
     try:
         import pynvml
     except ImportError as e:  # nvidia-ml-py is a dependency, but say what is missing
         raise DeviceUnavailable("VRAM sampling needs nvidia-ml-py (the pynvml module)") from e
+    which = nvml_index(index)
     try:
         pynvml.nvmlInit()
-        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+        if isinstance(which, str):
+            return pynvml, pynvml.nvmlDeviceGetHandleByUUID(which)
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(which)
     except pynvml.NVMLError as e:
         raise DeviceUnavailable(f"NVML is not available on this machine: {e}") from e
+
+
 
 
 def default_memory_probe(device: int = 0) -> Probe:
     """A probe reading NVML used bytes and torch allocated/reserved bytes for CUDA device ``device``."""
     if not torch.cuda.is_available():
         raise DeviceUnavailable("VRAM sampling needs a CUDA GPU; this machine has none")
-    pynvml, handle = _nvml_handle(device)
+    pynvml, handle = nvml_handle(device)
 
     def probe() -> dict[str, float]:
         return {
@@ -56,7 +81,7 @@ def default_memory_probe(device: int = 0) -> Probe:
 
 def default_pcie_probe(device: int = 0) -> Probe:
     """A probe reading NVML PCIe TX and RX throughput (KB/s over the driver's ~20 ms window)."""
-    pynvml, handle = _nvml_handle(device)
+    pynvml, handle = nvml_handle(device)
 
     def probe() -> dict[str, float]:
         return {

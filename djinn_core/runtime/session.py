@@ -378,7 +378,9 @@ class BreakpointSession:
         with exact_attention():
             logits = replay_from(rt.model, self.layer, self._head.view(HIDDEN), kwargs, parts)
         self._checkpoint = None
-        self._next_logits = logits[:, -1]
+        # a copy, not a view: a view of the last position would keep the whole prompt's logits (seq x vocab, 262 MB
+        # at 2048 tokens of a 32000-token fp32 vocabulary) alive until generate, per resumed session
+        self._next_logits = logits[:, -1].clone()
         return logits
 
     def _free_head(self) -> None:

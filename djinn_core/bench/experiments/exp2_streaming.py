@@ -59,10 +59,11 @@ def fill_seeded(layer: nn.Module, index: int) -> None:
 
 
 def nvml_used_bytes(device: torch.device) -> int:
-    import pynvml
+    """NVML's used bytes (every process) on ``device``."""
+    from djinn_core.bench.vram import nvml_handle
 
-    pynvml.nvmlInit()
-    return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)).used)
+    pynvml, handle = nvml_handle(device.index or 0)
+    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
 
 def free_device_memory() -> None:

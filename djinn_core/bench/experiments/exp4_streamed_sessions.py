@@ -334,7 +334,7 @@ class PlainSession:
         with exact_attention():
             logits = plain_run(model, ids, 0, cache=cache, layer=layer, edit=edit)[0]
         self.kv = [[lay.keys, lay.values] for lay in cache.layers]  # (1, kv_heads, length, head_dim) each
-        self.next_logits: torch.Tensor | None = logits[:, -1]
+        self.next_logits: torch.Tensor | None = logits[:, -1].clone()  # not a view that keeps every position
         self.generated: list[torch.Tensor] = []
 
     @property
