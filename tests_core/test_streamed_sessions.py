@@ -199,7 +199,7 @@ def test_a_budget_too_small_for_the_ring_and_one_session_is_refused_with_the_num
 
 def test_bad_arguments_are_config_errors():
     for kw in (dict(ring_slots=0), dict(session_tokens=0), dict(activation_headroom_bytes=-1),
-               dict(ring_slots=2.0), dict(device_overhead_bytes=True)):
+               dict(ring_slots=2.0), dict(device_overhead_bytes=True), dict(decode_batch=0)):
         with pytest.raises(ConfigError):
             RingFirstSplit(**kw)
     rt = _runtime()
@@ -210,6 +210,25 @@ def test_bad_arguments_are_config_errors():
     rt.release()
     with pytest.raises(ConfigError, match="removed"):
         StreamedBreakpointRuntime(rt.streamed, rt.split)
+
+
+def test_the_split_sizes_activations_for_its_largest_batched_decode_step():
+    """A batched decode step of k sessions gathers each layer's padded K/V and repeats it to every query head: on
+    the 70B architecture at k=64 and 528 tokens that is 1.11 GB a layer for the repeat alone, against 0.3 GB for one
+    2048-token prefill (the H200 run that ran out of memory inside the one-prefill headroom). The split takes the
+    larger, so the slab shrinks instead of the step running out of memory."""
+    from djinn_core.streaming.plan import batched_decode_bytes
+
+    model = build_model("llama2-70b", num_layers=2, dtype=torch.float16, materialize=False)
+    c = model.config
+    one = RingFirstSplit(session_tokens=528).split(model, 24 << 30, fused_attention=True)
+    many = RingFirstSplit(session_tokens=528, decode_batch=64).split(model, 24 << 30, fused_attention=True)
+    repeat = 2 * 64 * c.num_attention_heads * 529 * (c.hidden_size // c.num_attention_heads) * 2
+    assert repeat > 1_000_000_000 > one.activation_bytes
+    assert many.activation_bytes == batched_decode_bytes(c, batch=64, context_tokens=528) > repeat
+    assert abs((one.slab_bytes - many.slab_bytes) - (many.activation_bytes - one.activation_bytes)) < 512
+    assert RingFirstSplit(session_tokens=528, decode_batch=1).split(model, 24 << 30).activation_bytes == \
+        one.activation_bytes
 
 
 # ----------------------------------------------------------------------------------------- batched decode (item 3)

@@ -141,7 +141,8 @@ def test_batched_decode_of_sessions_holds_the_copy_bound_rate(llama70b_host_pack
     pack = llama70b_host_pack
 
     def run() -> dict:
-        with streamed_runtime(pack, cuda_device, session_tokens=BATCH_CONTEXT + 16, record_timeline=True) as rt:
+        with streamed_runtime(pack, cuda_device, session_tokens=BATCH_CONTEXT + 16, record_timeline=True,
+                              decode_batch=max(BATCH_KS)) as rt:
             ids = prompt(BATCH_CONTEXT, rt.model.config.vocab_size, device=cuda_device)
             runs = {k: measure_batched_decode(rt, ids, k, warmup=1, repeats=3,
                                               ceiling=slot_ceiling(rt.streamed, copy_ceilings)) for k in BATCH_KS}

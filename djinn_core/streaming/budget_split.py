@@ -21,7 +21,7 @@ from djinn_core.errors import StreamingBudgetTooSmall
 from djinn_core.memory.slab import DEFAULT_ALIGNMENT
 from djinn_core.models import decoder_layers, family_of
 from djinn_core.streaming.layout import LayerLayout, round_up
-from djinn_core.streaming.plan import MiB, activation_bytes, resident_param_bytes
+from djinn_core.streaming.plan import MiB, activation_bytes, batched_decode_bytes, resident_param_bytes
 from djinn_core.validation import check_int, check_optional_int
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,12 @@ class RingFirstSplit:
     ``ring_slots``: whole-layer ring slots (>= 2 overlaps copies with compute). ``session_tokens``: the KV capacity
     (prompt + new tokens, batch 1) one session must be able to hold. ``prefill_tokens``: the largest prefill the
     activation headroom is sized for (default ``session_tokens``). ``activation_headroom_bytes``: set the headroom
-    instead of estimating it (:func:`~djinn_core.streaming.plan.activation_bytes`). ``device_overhead_bytes``: VRAM
-    the caller counts for the CUDA context and workspaces.
+    instead of estimating it (:func:`~djinn_core.streaming.plan.activation_bytes`). ``decode_batch``: the most
+    sessions one batched decode step runs (:func:`~djinn_core.runtime.batch.decode_batch`); the estimated headroom
+    is the larger of the prefill's and that step's (:func:`~djinn_core.streaming.plan.batched_decode_bytes`, with
+    every session at ``session_tokens``), since a batch's padded, GQA-repeated K/V outgrow one prefill's activations
+    (an H200 run of k=64 sessions ran out of memory inside a 288 MiB headroom sized for one prefill).
+    ``device_overhead_bytes``: VRAM the caller counts for the CUDA context and workspaces.
     """
 
     name = "ring-first"
@@ -94,6 +98,7 @@ class RingFirstSplit:
     session_tokens: int = 2048
     prefill_tokens: int | None = None
     activation_headroom_bytes: int | None = None
+    decode_batch: int = 1
     device_overhead_bytes: int = 0
 
     def __post_init__(self) -> None:
@@ -101,6 +106,7 @@ class RingFirstSplit:
         check_int("session_tokens", self.session_tokens, 1)
         check_optional_int("prefill_tokens", self.prefill_tokens, 1)
         check_optional_int("activation_headroom_bytes", self.activation_headroom_bytes, 0)
+        check_int("decode_batch", self.decode_batch, 1)
         check_int("device_overhead_bytes", self.device_overhead_bytes, 0)
 
     def split(self, model: nn.Module, budget_bytes: int, *, fused_attention: bool = True) -> VramSplit:
@@ -114,6 +120,9 @@ class RingFirstSplit:
         if act is None:
             act = activation_bytes(config, tokens=self.prefill_tokens or self.session_tokens, dtype=layout.dtype,
                                    fused_attention=fused_attention)
+            if self.decode_batch > 1:
+                act = max(act, batched_decode_bytes(config, batch=self.decode_batch,
+                                                    context_tokens=self.session_tokens, dtype=layout.dtype))
         resident = resident_param_bytes(model)
         ring = self.ring_slots * layout.stride
         session = session_slab_bytes(config, tokens=self.session_tokens, element_size=es)

@@ -155,6 +155,34 @@ def activation_bytes(config: Any, *, tokens: int, batch: int = 1, dtype: torch.d
     return int(1.25 * (stream + max(attn, mlp, head))) + 64 * MiB
 
 
+def batched_decode_bytes(config: Any, *, batch: int, context_tokens: int,
+                         dtype: torch.dtype | str = torch.float16) -> int:
+    """A conservative estimate of the activation bytes of one batched decode step of ``batch`` sessions whose longest
+    holds ``context_tokens`` (:func:`~djinn_core.runtime.batch.decode_batch`), per layer at its peak.
+
+    The step gathers each layer's K and V into a left-padded ``(batch, kv_heads, M + 1, head_dim)`` pair, and
+    attention with a padding mask repeats them to every query head (GQA's ``repeat_kv``): at k=64 sessions of 528
+    tokens of Llama-2-70B that is 1.1 GB a layer, where one session's 2048-token prefill needs 0.3 GB. Plus the
+    additive mask, the residual stream, the MLP of ``batch`` tokens and the head's logits (and an fp32 copy); times
+    1.25 plus 64 MiB for allocator rounding, as :func:`activation_bytes`."""
+    es = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
+    check_int("batch", batch, 1)
+    check_int("context_tokens", context_tokens, 1)
+    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    nh = config.num_attention_heads
+    kvh = getattr(config, "num_key_value_heads", None) or nh
+    hd = getattr(config, "head_dim", None) or h // nh
+    m = context_tokens + 1
+    kv = 2 * batch * kvh * m * hd * es  # the padded K and V of one layer
+    repeat = 2 * batch * nh * m * hd * es if kvh != nh else 0  # repeat_kv's copies for the query heads
+    mask = batch * m * 4
+    attn = kv + repeat + mask + 4 * batch * nh * hd * es
+    stream = 4 * batch * h * es + 3 * batch * h * 4
+    mlp = 3 * batch * inter * es
+    head = batch * vocab * (es + 4)
+    return int(1.25 * (stream + max(attn, mlp, head))) + 64 * MiB
+
+
 def _kv_bytes(config: Any, *, tokens: int, batch: int, es: int) -> int:
     nh = config.num_attention_heads
     kvh = getattr(config, "num_key_value_heads", None) or nh

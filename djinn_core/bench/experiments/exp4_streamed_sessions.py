@@ -74,9 +74,11 @@ def streamed_runtime(
     arch: str = ARCH,
     dtype: torch.dtype = torch.float16,
     activation_headroom_bytes: int | None = None,
+    decode_batch: int = 1,
 ) -> Iterator[StreamedBreakpointRuntime]:
     """Breakpoint sessions over a fresh ``arch`` model of ``num_layers`` streamed from ``pack`` (layer i <- set
-    i % pack.num_sets), under ``budget_bytes`` split by :class:`RingFirstSplit`. On CUDA the split counts the
+    i % pack.num_sets), under ``budget_bytes`` split by :class:`RingFirstSplit` (its activation headroom sized
+    for batched decode steps of up to ``decode_batch`` sessions). On CUDA the split counts the
     memory the device already uses outside torch's allocator (the context) plus a margin, and torch's allocator is
     capped at the rest for the duration."""
     free_device_memory()
@@ -84,7 +86,8 @@ def streamed_runtime(
     overhead = nvml_used_bytes(device) - torch.cuda.memory_reserved(device) + DEVICE_OVERHEAD_MARGIN if cuda else 0
     model = build_model(arch, num_layers=num_layers, dtype=dtype, materialize=False)
     split = RingFirstSplit(ring_slots=ring_slots, session_tokens=session_tokens, prefill_tokens=session_tokens,
-                           activation_headroom_bytes=activation_headroom_bytes, device_overhead_bytes=overhead)
+                           activation_headroom_bytes=activation_headroom_bytes, decode_batch=decode_batch,
+                           device_overhead_bytes=overhead)
     plan = split.split(model, budget_bytes, fused_attention=cuda)
     sm = rt = None
     try:
