@@ -272,3 +272,22 @@ def test_experiment_counts_the_work_of_both_sides_and_refuses_a_ratio_over_unlik
     with pytest.raises(PreconditionFailed, match="layers_per_forward"):
         bandwidth_bytes_counted(rec, works["part_short"], bytes_per_forward=3 * pack.layout.param_bytes, layers=5)
     assert rec.records[-1]["kind"] == "precondition" and not rec.records[-1]["passed"]  # recorded before it raised
+
+
+@pytest.mark.slow
+def test_four_ranks_each_pull_a_quarter_and_stay_bitwise_one_process_and_resident(tmp_path):
+    """Issue 23's world on the CPU: 4 gloo ranks, each pinning a quarter of every layer and all-gathering the other
+    three; 6 layers through 3 slots, 64 KiB chunks. Every rank's own prompt gives the logits and tokens of
+    one-process streaming and of the resident model, and the four shards tile each layer in rank order."""
+    cfg = ScaleoutConfig(arch="llama-tiny", layers=6, world_size=4, baseline_sets=6, chunk_bytes=64 * KiB,
+                         bitwise_tokens=12, bitwise_steps=2, dtype="float32", backend="gloo")
+    ranks = run(cfg, tmp_path, rank_fn=bitwise_rank, args=(3,))["ranks"]
+    zero = {"prefill_logits": 0, "decode_logits": 0, "tokens": 0}
+    assert [res["rank"] for res in ranks] == [0, 1, 2, 3]
+    for res in ranks:
+        assert res["layers"] == 6 and res["slots"] == 3
+        assert res["vs_one_device"] == zero and res["vs_resident"] == zero
+        assert res["tokens"] == res["one_device_tokens"] == res["resident_tokens"]
+    assert len({res["prompt_seed"] for res in ranks}) == 4
+    assert sum(res["shard_layer_bytes"] for res in ranks) == ranks[0]["layer_used_bytes"]
+    assert ranks[3]["shard_layer_bytes"] <= ranks[0]["shard_layer_bytes"] == ranks[0]["shard_bytes"]
