@@ -130,6 +130,19 @@ class StreamingBudget:
         return {**asdict(self), "ring_bytes": self.ring_bytes, "planned_bytes": self.planned_bytes}
 
 
+def _shape(config: Any) -> tuple[int, int, int, int, int, int]:
+    """(hidden, intermediate, vocabulary, query heads, key/value heads, head dim) of a Llama-family config."""
+    nh = config.num_attention_heads
+    kvh = getattr(config, "num_key_value_heads", None) or nh
+    hd = getattr(config, "head_dim", None) or config.hidden_size // nh
+    return config.hidden_size, config.intermediate_size, config.vocab_size, nh, kvh, hd
+
+
+def _estimate(parts: tuple[int, ...], stream: int) -> int:
+    """The residual stream plus the largest of ``parts``, times 1.25, plus 64 MiB for allocator rounding."""
+    return int(1.25 * (stream + max(parts))) + 64 * MiB
+
+
 def activation_bytes(config: Any, *, tokens: int, batch: int = 1, dtype: torch.dtype | str = torch.float16,
                      fused_attention: bool = True) -> int:
     """A conservative estimate of the activation bytes of one Llama-family forward over ``batch x tokens``.
@@ -141,10 +154,7 @@ def activation_bytes(config: Any, *, tokens: int, batch: int = 1, dtype: torch.d
     es = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
     check_int("tokens", tokens, 1)
     check_int("batch", batch, 1)
-    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    nh = config.num_attention_heads
-    kvh = getattr(config, "num_key_value_heads", None) or nh
-    hd = getattr(config, "head_dim", None) or h // nh
+    h, inter, vocab, nh, kvh, hd = _shape(config)
     t = tokens * batch
     stream = 4 * t * h * es + 3 * t * h * 4
     attn = 2 * t * (nh + 2 * kvh) * hd * es + 2 * t * nh * hd * es + t * nh * hd * es
@@ -152,7 +162,7 @@ def activation_bytes(config: Any, *, tokens: int, batch: int = 1, dtype: torch.d
         attn += batch * nh * tokens * tokens * (es + 4)
     mlp = 3 * t * inter * es
     head = t * vocab * (es + 4)
-    return int(1.25 * (stream + max(attn, mlp, head))) + 64 * MiB
+    return _estimate((attn, mlp, head), stream)
 
 
 def batched_decode_bytes(config: Any, *, batch: int, context_tokens: int,
@@ -168,10 +178,7 @@ def batched_decode_bytes(config: Any, *, batch: int, context_tokens: int,
     es = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
     check_int("batch", batch, 1)
     check_int("context_tokens", context_tokens, 1)
-    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    nh = config.num_attention_heads
-    kvh = getattr(config, "num_key_value_heads", None) or nh
-    hd = getattr(config, "head_dim", None) or h // nh
+    h, inter, vocab, nh, kvh, hd = _shape(config)
     m = context_tokens + 1
     kv = 2 * batch * kvh * m * hd * es  # the padded K and V of one layer
     repeat = 2 * batch * nh * m * hd * es if kvh != nh else 0  # repeat_kv's copies for the query heads
@@ -180,13 +187,11 @@ def batched_decode_bytes(config: Any, *, batch: int, context_tokens: int,
     stream = 4 * batch * h * es + 3 * batch * h * 4
     mlp = 3 * batch * inter * es
     head = batch * vocab * (es + 4)
-    return int(1.25 * (stream + max(attn, mlp, head))) + 64 * MiB
+    return _estimate((attn, mlp, head), stream)
 
 
 def _kv_bytes(config: Any, *, tokens: int, batch: int, es: int) -> int:
-    nh = config.num_attention_heads
-    kvh = getattr(config, "num_key_value_heads", None) or nh
-    hd = getattr(config, "head_dim", None) or config.hidden_size // nh
+    _, _, _, _, kvh, hd = _shape(config)
     per_layer = 2 * kvh * hd * es * tokens * batch  # (batch, kv_heads, tokens, head_dim), K and V
     return per_layer * (config.num_hidden_layers + 1)  # + one layer's transient while a DynamicCache grows
 
