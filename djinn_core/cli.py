@@ -87,9 +87,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """The report of one JSON; with ``--runs``, the spread over those further runs of it (by default the ones in
+    ``runs/`` beside it)."""
     from djinn_core.bench.report import write_report
 
-    print(write_report(args.json, out_dir=args.out_dir, name=args.name))
+    print(write_report(args.json, out_dir=args.out_dir, name=args.name, runs=args.runs))
     return 0
 
 
@@ -137,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("json", help="pytest-benchmark JSON file")
     rep.add_argument("--out-dir", help="folder for the report (default: next to the JSON)")
     rep.add_argument("--name", help="report name (default: the JSON file's stem)")
+    rep.add_argument("--runs", nargs="*", metavar="FILE",
+                     help="further runs of the same report (pytest-benchmark JSONs at its clean commit) whose spread "
+                          "the report records (default: runs/<stem>.run<N>.json beside the JSON; --runs with no FILE: "
+                          "none)")
     rep.set_defaults(fn=cmd_report)
 
     info = sub.add_parser("info", help="print this machine's facts (GPU, driver, PCIe, packages)")

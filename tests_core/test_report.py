@@ -5,13 +5,14 @@ import pytest
 
 from djinn_core.bench.claims import make_record
 from djinn_core.errors import ConfigError
-from djinn_core.bench.report import claim_rows, load_benchmark_json, write_report
+from djinn_core.bench.report import (claim_rows, discover_runs, load_benchmark_json, parse_run_file, run_spread,
+                                     write_report)
 from djinn_core.bench.timing import TimingStats
 
 pytestmark = pytest.mark.cpu
 
 
-def _bench_json(tmp_path, claims, info=None):
+def _bench_json(tmp_path, claims, info=None, name="exp.json"):
     data = {
         "machine_info": {"djinn": {"gpu_name": "NVIDIA H100 80GB HBM3", "driver": "580", "torch_version": "2.11",
                                    "packages": {"transformers": "5.17.0"}, "host_memory": {"total": 2**37}}},
@@ -20,7 +21,7 @@ def _bench_json(tmp_path, claims, info=None):
         "benchmarks": [{"name": "test_x", "fullname": "tests_exp3/test_x.py::test_x",
                         "extra_info": {"claims": claims, "info": info or {}}}],
     }
-    p = tmp_path / "exp.json"
+    p = tmp_path / name
     p.write_text(json.dumps(data))
     return p
 
@@ -121,6 +122,159 @@ def test_resume_benchmarks_get_a_crossover_plot_of_every_method(tmp_path):
     p.write_text(json.dumps(data))
     text = write_report(p, out_dir=tmp_path / "rep", name="exp3").read_text()
     assert "(exp3_crossover.png)" in text and (tmp_path / "rep" / "exp3_crossover.png").is_file()
+
+
+def _run_json(folder, name, claims, *, date="2026-11-27T10:00:00", commit="abc123", dirty=False, gpu_count=None):
+    """One run of the report ``exp``: the JSON :func:`_bench_json` writes, as ``folder/name``, with its own date and
+    commit (and GPU count when given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    p = _bench_json(folder, claims, name=name)
+    data = json.loads(p.read_text())
+    data["datetime"], data["commit_info"] = date, {"id": commit, "dirty": dirty}
+    if gpu_count is not None:
+        data["machine_info"]["djinn"]["gpu_count"] = gpu_count
+    p.write_text(json.dumps(data))
+    return p
+
+
+def _speedup(value):
+    """A ``>=`` claim whose ratio is ``value`` exactly: a speedup over a reference of 1 ms, held to 2x."""
+    return make_record("speedup_over_recompute", kind="ratio", method="djinn", bound=2.0, op=">=", unit="ms",
+                       params={"layer": 40}, measured=value, reference=1.0, reference_method="recompute")
+
+
+def _lost(value):
+    return make_record("load_no_session_lost", kind="check", method="djinn-rpc", bound=0, op="==", unit="clients",
+                       measured=value)
+
+
+def _three_runs(tmp_path):
+    """A report ``h200/exp.json`` and two runs of it in ``h200/runs/``: a ``<=`` claim passing in all three (ratios
+    1.0, 1.2, 1.1), a ``>=`` claim failing in run 2 (2.5, 1.8, 3.0), a check that run 3 did not record."""
+    folder = tmp_path / "h200"
+    main = _run_json(folder, "exp.json", [_ratio(1, (1.0,), (1.0,)), _speedup(2.5), _lost(0.0)],
+                     date="2026-12-01T10:00:00")
+    run2 = _run_json(folder / "runs", "exp.run2.json", [_ratio(1, (1.2,), (1.0,)), _speedup(1.8), _lost(0.0)],
+                     date="2026-12-01T11:00:00")
+    run3 = _run_json(folder / "runs", "exp.run3.json", [_ratio(1, (1.1,), (1.0,)), _speedup(3.0)],
+                     date="2026-12-01T12:00:00")
+    return main, run2, run3
+
+
+def test_run_spread_gives_each_claims_min_median_max_worst_run_and_counts(tmp_path):
+    main, run2, run3 = _three_runs(tmp_path)
+    spread = run_spread(main, [run2, run3])
+    assert spread.commit == "abc123"
+    assert [(r.file, r.date, r.commit) for r in spread.runs] == [
+        ("exp.json", "2026-12-01T10:00:00", "abc123"), ("exp.run2.json", "2026-12-01T11:00:00", "abc123"),
+        ("exp.run3.json", "2026-12-01T12:00:00", "abc123")]
+    by_claim = {r.claim: r for r in spread.rows}
+    assert [r.key for r in spread.rows] == [r.key for r in claim_rows(load_benchmark_json(main))]
+
+    le = by_claim["resume_vs_manual"]
+    assert (le.runs_recorded, le.runs_passed, le.passed_every_run, le.missing) == (3, 3, True, [])
+    assert (le.min, le.median, le.max) == pytest.approx((1.0, 1.1, 1.2))
+    assert (le.op, le.bounds) == ("<=", [1.25])
+    assert le.worst[0] == "exp.run2.json" and le.worst[1].ratio == pytest.approx(1.2)  # <=: the largest ratio
+
+    ge = by_claim["speedup_over_recompute"]
+    assert (ge.runs_recorded, ge.runs_passed, ge.passed_every_run) == (3, 2, False)
+    assert (ge.min, ge.median, ge.max) == pytest.approx((1.8, 2.5, 3.0))
+    assert ge.worst[0] == "exp.run2.json" and ge.worst[1].passed is False  # >=: the smallest ratio, failing
+
+    check = by_claim["load_no_session_lost"]
+    assert (check.runs_recorded, check.runs_passed, check.missing) == (2, 2, ["exp.run3.json"])
+    assert not check.passed_every_run  # not recorded in run 3: not passed in every run
+    assert (check.min, check.median, check.max) == (0.0, 0.0, 0.0)  # a check's value is its ratio
+    assert [r.claim for r in spread.passed_every_run] == ["resume_vs_manual"]
+
+
+def test_run_spread_pairs_the_nth_record_of_a_repeated_key_and_picks_the_worst_by_op(tmp_path):
+    folder = tmp_path / "h200"
+    main = _run_json(folder, "exp.json", [_lost(0.0), _lost(0.0), _speedup(2.2)])
+    run2 = _run_json(folder / "runs", "exp.run2.json", [_lost(0.0), _lost(2.0), _speedup(2.1)])
+    run3 = _run_json(folder / "runs", "exp.run3.json", [_lost(0.0), _lost(1.0), _speedup(2.9)])
+    first, second, speedup = run_spread(main, [run2, run3]).rows
+    assert (first.occurrence, second.occurrence) == (1, 2) and first.key == second.key
+    assert first.runs_passed == 3 and second.runs_passed == 1
+    assert second.worst[0] == "exp.run2.json"  # ==: the value farthest from the bound
+    assert speedup.worst[0] == "exp.run2.json" and speedup.worst[1].passed  # >=: the smallest, passing
+
+
+def test_report_records_the_spread_over_its_runs_in_a_section(tmp_path):
+    main, run2, run3 = _three_runs(tmp_path)
+    text = write_report(main, out_dir=tmp_path / "rep", name="exp", runs=[run2, run3]).read_text()
+    section = text.split("## Spread over 3 runs\n")[1].split("\n## ")[0]
+    assert text.index("## Claims") < text.index("## Spread over 3 runs") < text.index("## Provenance")
+    assert ("3 runs of this report at commit abc123 (clean tree), dated 2026-12-01T10:00:00, 2026-12-01T11:00:00 and "
+            "2026-12-01T12:00:00: 1 of 3 claims passed in every run; 1 failed in at least one run; 1 not recorded in "
+            "every run.") in section
+    assert "- run 2: `exp.run2.json`, date 2026-12-01T11:00:00, commit abc123" in section
+    assert "| claim | parameters | runs passed / recorded | min | median | max | bound | worst run |" in section
+    assert "| resume_vs_manual | layer=1 | 3 / 3 | 1 | 1.1 | 1.2 | ratio <= 1.25 | `exp.run2.json` (1.2) |" in section
+    assert ("| speedup_over_recompute | layer=40 | 2 / 3 | 1.8 | 2.5 | 3 | ratio >= 2 | `exp.run2.json` "
+            "(1.8, **FAIL**) |") in section
+    assert ("| load_no_session_lost | none | 2 / 2 (not recorded in `exp.run3.json`) | 0 clients | 0 clients "
+            "| 0 clients | == 0 clients | `exp.json` (0 clients) |") in section
+    assert "3 claims, 3 pass, 0 fail" in text  # the claims table is still the report's own run
+
+
+@pytest.mark.parametrize("change,why", [
+    (dict(commit="def456"), "commit def456.*share one commit"),
+    (dict(dirty=True), "dirty=True"),
+    (dict(dirty=None), "dirty=None"),
+    (dict(gpu_count=2), "gpu_count=2"),
+])
+def test_run_spread_refuses_runs_of_another_commit_a_dirty_tree_or_another_machine(tmp_path, change, why):
+    main, run2, _ = _three_runs(tmp_path)
+    other = _run_json(tmp_path / "h200" / "runs", "exp.run4.json", [_speedup(2.5)], **change)
+    with pytest.raises(ConfigError, match=why):
+        run_spread(main, [run2, other])
+    with pytest.raises(ConfigError, match=why):
+        write_report(main, out_dir=tmp_path / "rep", runs=[other])
+
+
+def test_run_spread_refuses_a_dirty_report_a_file_that_is_no_benchmark_json_and_a_run_named_twice(tmp_path):
+    main, run2, _ = _three_runs(tmp_path)
+    dirty_main = _run_json(tmp_path / "other", "exp.json", [_speedup(2.5)], dirty=True)
+    with pytest.raises(ConfigError, match="dirty=True"):
+        run_spread(dirty_main, [])
+    bad = tmp_path / "h200" / "runs" / "exp.run5.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ConfigError, match="pytest-benchmark"):
+        run_spread(main, [run2, bad])
+    with pytest.raises(ConfigError, match="no such"):
+        run_spread(main, [tmp_path / "missing.json"])
+    with pytest.raises(ConfigError, match="named twice"):
+        run_spread(main, [run2, main])
+
+
+def test_report_picks_up_the_runs_beside_it_by_run_number_and_only_its_own(tmp_path):
+    main, run2, run3 = _three_runs(tmp_path)
+    runs = tmp_path / "h200" / "runs"
+    run10 = _run_json(runs, "exp.run10.json", [_speedup(2.6)])
+    for stray in ("other.run2.json", "exp.run2.json.bak", "exp_run6.json", "exp.runX.json", "exp2.run2.json"):
+        (runs / stray).write_text("{not json")  # read, these would be refused: they must not be picked up
+    assert discover_runs(main) == [run2, run3, run10]
+    assert parse_run_file(run10) == ("exp", 10) and parse_run_file(runs / "exp_run6.json") is None
+    assert "## Spread over 4 runs" in write_report(main).read_text()
+    assert "Spread over" not in write_report(main, runs=[]).read_text()  # an empty list: none
+    assert discover_runs(tmp_path / "h200" / "no_runs.json") == []
+
+
+def test_djinn_report_takes_its_runs_from_the_command_line(tmp_path, capsys):
+    from djinn_core.cli import main as djinn
+
+    main, run2, run3 = _three_runs(tmp_path)
+    out = tmp_path / "rep"
+    assert djinn(["report", str(main), "--out-dir", str(out), "--runs", str(run3)]) == 0
+    assert "## Spread over 2 runs" in Path(capsys.readouterr().out.strip()).read_text()
+    assert djinn(["report", str(main), "--out-dir", str(out)]) == 0  # by default: the runs beside it
+    assert "## Spread over 3 runs" in (out / "exp.md").read_text()
+    assert djinn(["report", str(main), "--out-dir", str(out), "--runs"]) == 0  # --runs alone: none
+    assert "Spread over" not in (out / "exp.md").read_text()
+    dirty = _run_json(tmp_path / "h200" / "runs", "exp.run4.json", [_speedup(2.5)], dirty=True)
+    assert djinn(["report", str(main), "--out-dir", str(out), "--runs", str(dirty)]) == 2  # said, not raised
 
 
 @pytest.mark.cpu

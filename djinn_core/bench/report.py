@@ -11,17 +11,24 @@ Plots are drawn from what the tests put in ``extra_info``:
   sampled;
 - ``info["layer_timeline"]`` (rows with ``layer``, ``copy_start_ms``, ``copy_end_ms``, ``compute_start_ms``,
   ``compute_end_ms``) gives a per-layer copy/compute Gantt chart.
+
+A claim must pass in several runs at one clean commit, so a report may have runs beside it: ``<folder>/runs/
+<stem>.run<N>.json`` (N from 2: the report itself is run 1), found by :func:`discover_runs` or named explicitly.
+:func:`run_spread` recomputes every claim of every run and gives, per claim, the runs that recorded it, the runs it
+passed in and the min / median / max of its ratio; the report gets a "Spread over N runs" section from it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from djinn_core.bench.claims import describe, evaluate, what_was_measured
 from djinn_core.errors import ConfigError
@@ -410,10 +417,262 @@ def capabilities_table(resume: dict[str, Any], pressure: dict[str, Any] | None =
     return "\n".join(lines) + "\n"
 
 
-def write_report(json_path: str | Path, out_dir: str | Path | None = None, name: str | None = None) -> Path:
-    """Write ``<out_dir>/<name>.md`` (and its PNG plots) for a pytest-benchmark JSON file. Returns the .md path."""
+# ---------------------------------------------------------------------------------------------------------------------
+# several runs of one report: the spread of every claim over them
+
+RUNS_DIR = "runs"  # beside a report: <folder>/runs/<stem>.run<N>.json
+RUN_FILE = re.compile(r"^(?P<stem>.+)\.run(?P<n>[0-9]+)\.json$")
+FIRST_RUN_FILE = 2  # the report's own JSON is run 1
+
+
+def parse_run_file(path: str | Path) -> tuple[str, int] | None:
+    """``(stem, N)`` of a run file named ``<stem>.run<N>.json``; ``None`` for any other name."""
+    m = RUN_FILE.match(Path(path).name)
+    return (m["stem"], int(m["n"])) if m else None
+
+
+def discover_runs(json_path: str | Path) -> list[Path]:
+    """The run files of the report ``json_path`` (``<its folder>/runs/<stem>.run<N>.json``), by run number: what
+    :func:`write_report` folds into the report's spread when it is not given its runs."""
+    json_path = Path(json_path)
+    found = []
+    for p in (json_path.parent / RUNS_DIR).glob(f"{glob.escape(json_path.stem)}.run*.json"):
+        parsed = parse_run_file(p)
+        if parsed is not None and parsed[0] == json_path.stem and p.is_file():
+            found.append((parsed[1], p.name, p))
+    return [p for _, _, p in sorted(found)]
+
+
+@dataclass(frozen=True)
+class RunProvenance:
+    """One run of a report: its file's name and where and when it was measured."""
+
+    file: str
+    date: str | None
+    commit: str | None
+    gpu: str | None
+
+
+def _shortfall(op: str, ratio: float, bound: float) -> float:
+    """How near ``ratio`` comes to failing ``op bound``: larger is nearer, positive is past the bound (for ``<=`` how
+    far the ratio lies above the bound, for ``>=`` how far below, for ``==`` how far from it). Used to pick the worst
+    run; a NaN ratio (a claim that cannot pass) is the worst of all."""
+    if op in ("<=", "<"):
+        d = ratio - bound
+    elif op in (">=", ">"):
+        d = bound - ratio
+    else:
+        d = abs(ratio - bound)
+    return math.inf if math.isnan(d) else d
+
+
+@dataclass(frozen=True)
+class SpreadRow:
+    """One claim over the runs of a report: its recomputed row in each run (``None`` where a run did not record it,
+    say because its test failed before recording) and the figures of the spread table."""
+
+    key: str  # ClaimRow.key
+    occurrence: int  # 1; n for the n-th record of one key within a run (a test that records a claim twice)
+    claim: str
+    params: dict[str, Any]
+    kind: str
+    unit: str
+    op: str
+    files: tuple[str, ...]  # every run's file, in run order
+    rows: tuple[ClaimRow | None, ...]  # per run, in the order of ``files``
+
+    @property
+    def recorded(self) -> list[tuple[str, ClaimRow]]:
+        """``(file, row)`` of the runs that recorded the claim."""
+        return [(f, r) for f, r in zip(self.files, self.rows) if r is not None]
+
+    @property
+    def missing(self) -> list[str]:
+        """The runs that did not record the claim."""
+        return [f for f, r in zip(self.files, self.rows) if r is None]
+
+    @property
+    def runs_recorded(self) -> int:
+        return len(self.recorded)
+
+    @property
+    def runs_passed(self) -> int:
+        """Runs whose recomputed verdict passes (each run held to its own recorded bound)."""
+        return sum(r.passed for _, r in self.recorded)
+
+    @property
+    def passed_every_run(self) -> bool:
+        return self.runs_passed == len(self.files)
+
+    @property
+    def ratios(self) -> list[float]:
+        """The ratio in every run that recorded the claim (the value itself for ``check`` and ``precondition``)."""
+        return [r.ratio for _, r in self.recorded]
+
+    def _finite(self) -> list[float]:
+        return [x for x in self.ratios if not math.isnan(x)]
+
+    @property
+    def min(self) -> float:
+        return min(self._finite(), default=math.nan)
+
+    @property
+    def median(self) -> float:
+        finite = self._finite()
+        return statistics.median(finite) if finite else math.nan
+
+    @property
+    def max(self) -> float:
+        return max(self._finite(), default=math.nan)
+
+    @property
+    def bounds(self) -> list[float]:
+        """The distinct bounds the runs held the claim to, ascending: one, unless the bound is derived from a figure of
+        the run (a ceiling, a pool size)."""
+        return sorted({r.bound for _, r in self.recorded})
+
+    @property
+    def worst(self) -> tuple[str, ClaimRow]:
+        """``(file, row)`` of the run closest to failing, or failing: a failing run first, then by the op (for ``<=``
+        the ratio farthest above its bound, the largest when the bound is one; for ``>=`` the farthest below, the
+        smallest; for ``==`` the farthest from it); the earliest on a tie."""
+        return max(self.recorded, key=lambda fr: (not fr[1].passed, _shortfall(self.op, fr[1].ratio, fr[1].bound)))
+
+
+@dataclass(frozen=True)
+class RunSpread:
+    """The runs of one report at one clean commit, and the spread of each claim over them (first the report's own
+    claims in its order, then any that only later runs recorded)."""
+
+    runs: tuple[RunProvenance, ...]
+    commit: str
+    rows: tuple[SpreadRow, ...]
+
+    @property
+    def passed_every_run(self) -> list[SpreadRow]:
+        return [r for r in self.rows if r.passed_every_run]
+
+
+def _keyed_rows(rows: list[ClaimRow]) -> dict[tuple[str, int], ClaimRow]:
+    """A run's rows by ``(ClaimRow.key, n)``, n counting the records of one key in recording order, so that the n-th
+    record of a key a test records more than once is compared with the n-th of every other run (one commit, one code
+    path)."""
+    seen: dict[str, int] = {}
+    keyed = {}
+    for r in rows:
+        seen[r.key] = seen.get(r.key, 0) + 1
+        keyed[(r.key, seen[r.key])] = r
+    return keyed
+
+
+def run_spread(main_json: str | Path, run_jsons: Sequence[str | Path]) -> RunSpread:
+    """Recompute every claim of the report ``main_json`` (run 1) and of its ``run_jsons`` (runs 2...), and give each
+    claim's spread over them.
+
+    The files must be runs of one report: pytest-benchmark JSONs measured at the same commit, each on a clean tree (a
+    dirty tree ran code that is not the commit it names, so its figures cannot count towards that commit), on the
+    same GPU(s). A run that lacks a claim (its test failed before recording it) is listed as missing for that claim,
+    not refused. :class:`ConfigError` names the file and the reason otherwise."""
+    paths = [Path(main_json), *(Path(p) for p in run_jsons)]
+    seen_paths: dict[Path, Path] = {}
+    for p in paths:
+        if p.resolve() in seen_paths:
+            raise ConfigError(f"{p} is named twice among the runs of {paths[0]} (as {seen_paths[p.resolve()]}): "
+                              "a run would count twice")
+        seen_paths[p.resolve()] = p
+    datas = [load_benchmark_json(p) for p in paths]
+    provs = [provenance(d) for d in datas]
+    main_prov = provs[0]
+    if not main_prov.get("commit"):
+        raise ConfigError(f"{paths[0]} names no commit: its runs cannot be shown to be of one commit")
+    for p, prov in zip(paths, provs):
+        if prov.get("commit") != main_prov["commit"]:
+            raise ConfigError(f"{p} was measured at commit {prov.get('commit')}, {paths[0]} at {main_prov['commit']}: "
+                              "runs of one report must share one commit")
+        if prov.get("commit_dirty") is not False:
+            raise ConfigError(f"{p} was measured on a tree whose state is dirty={prov.get('commit_dirty')!r} (commit "
+                              f"{prov.get('commit')}): the code that ran is not the commit it names, so it is no run "
+                              "of that commit")
+        for field in ("gpu", "gpu_count"):
+            if prov.get(field) != main_prov.get(field):
+                raise ConfigError(f"{p} ran with {field}={prov.get(field)!r}, {paths[0]} with "
+                                  f"{main_prov.get(field)!r}: runs of one report must share one machine")
+    files = tuple(p.name for p in paths)
+    keyed = [_keyed_rows(claim_rows(d)) for d in datas]
+    order: dict[tuple[str, int], None] = {}
+    for k in keyed:
+        order.update(dict.fromkeys(k))
+    spread_rows = []
+    for key, occurrence in order:
+        per_run = tuple(k.get((key, occurrence)) for k in keyed)
+        present = [r for r in per_run if r is not None]
+        first = present[0]
+        ops = {r.op for r in present}
+        if len(ops) > 1:
+            raise ConfigError(f"{key} is held to {' and '.join(sorted(ops))} in different runs: the runs did not run "
+                              "the same code")
+        spread_rows.append(SpreadRow(key, occurrence, first.claim, first.params, first.record["kind"], first.unit,
+                                     first.op, files, per_run))
+    runs = tuple(RunProvenance(p.name, prov.get("date"), prov.get("commit"), prov.get("gpu"))
+                 for p, prov in zip(paths, provs))
+    return RunSpread(runs, main_prov["commit"], tuple(spread_rows))
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def spread_section(spread: RunSpread) -> str:
+    """The report's "Spread over N runs" section: a sentence (runs, commit, dates, claims that passed in every run),
+    a line per run, and a table with a row per claim: runs passed / recorded, min, median and max of the ratio (the
+    value for ``check`` and ``precondition`` claims), the bound, and the run closest to failing."""
+    n = len(spread.runs)
+    rows = spread.rows
+    everywhere = len(spread.passed_every_run)
+    dates = _and([_fmt(r.date) or "no date" for r in spread.runs])
+    sentence = (f"{n} runs of this report at commit {spread.commit} (clean tree), dated {dates}: {everywhere} of "
+                f"{len(rows)} claims passed in every run")
+    n_missing = sum(bool(r.missing) for r in rows)
+    n_failed = sum(r.runs_passed < r.runs_recorded for r in rows)
+    if n_failed:
+        sentence += f"; {n_failed} failed in at least one run"
+    if n_missing:
+        sentence += f"; {n_missing} not recorded in every run"
+    lines = [f"## Spread over {n} runs", "",
+             sentence + ". Every verdict is recomputed from each run's raw statistics, each run held to its own "
+                        "recorded bound.", ""]
+    lines += [f"- run {i}: `{r.file}`, date {_fmt(r.date) or 'none'}, commit {_fmt(r.commit) or 'none'}"
+              for i, r in enumerate(spread.runs, 1)]
+    lines += ["", "| claim | parameters | runs passed / recorded | min | median | max | bound | worst run |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r.params.items()) or "none"
+        claim = f"{r.claim} (record {r.occurrence})" if r.occurrence > 1 else r.claim
+        counts = f"{r.runs_passed} / {r.runs_recorded}"
+        if r.missing:
+            counts += " (not recorded in " + ", ".join(f"`{f}`" for f in r.missing) + ")"
+        absolute = r.kind in ("check", "precondition")
+        unit = f" {r.unit}" if absolute and r.unit else ""
+        bound = " or ".join(_fmt(b) for b in r.bounds)
+        bound = f"{r.op} {bound}{unit}" if absolute else f"ratio {r.op} {bound}"
+        worst_file, worst = r.worst
+        worst_cell = f"`{worst_file}` ({_fmt(worst.ratio)}{unit}{'' if worst.passed else ', **FAIL**'})"
+        lines.append(f"| {claim} | {params} | {counts} | {_fmt(r.min)}{unit} | {_fmt(r.median)}{unit} "
+                     f"| {_fmt(r.max)}{unit} | {bound} | {worst_cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(json_path: str | Path, out_dir: str | Path | None = None, name: str | None = None,
+                 runs: Sequence[str | Path] | None = None) -> Path:
+    """Write ``<out_dir>/<name>.md`` (and its PNG plots) for a pytest-benchmark JSON file. Returns the .md path.
+
+    ``runs``: further runs of the same report (:func:`run_spread` says what makes them so), recorded in a "Spread over
+    N runs" section; ``None`` takes those :func:`discover_runs` finds beside the JSON, an empty list none. Without
+    runs the report is the JSON's alone."""
     json_path = Path(json_path)
     data = load_benchmark_json(json_path)
+    runs = discover_runs(json_path) if runs is None else list(runs)
+    spread = run_spread(json_path, runs) if runs else None
     out_dir = Path(out_dir) if out_dir else json_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or json_path.stem
@@ -438,8 +697,10 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
     lines = [f"# Report: {name}", "",
              f"Source: `{json_path.name}`. {len(rows)} claims, {len(rows) - n_fail} pass, {n_fail} fail. "
              "Every verdict is recomputed from the raw statistics in the JSON.", "",
-             "## Claims", "", claims_table(rows) if rows else "No claims recorded.\n",
-             "## Provenance", ""]
+             "## Claims", "", claims_table(rows) if rows else "No claims recorded.\n"]
+    if spread is not None:
+        lines += [spread_section(spread)]
+    lines += ["## Provenance", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in prov.items() if v is not None and v != ""]
     pressure_path = json_path.parent / PRESSURE_JSON
     caps = capabilities_table(data, load_benchmark_json(pressure_path) if pressure_path.exists() else None)
@@ -454,5 +715,6 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
         lines += [f"![{p.stem}]({p.name})" for p in plots]
     md = out_dir / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
-    log.info("wrote %s (%d claims, %d plots)", md, len(rows), len(plots))
+    log.info("wrote %s (%d claims, %d plots%s)", md, len(rows), len(plots),
+             f", spread over {len(spread.runs)} runs" if spread else "")
     return md
