@@ -153,3 +153,38 @@ def test_bad_sizes_are_refused(pair):
         ClientChannel(server.name, server.capacity * 2)  # larger than the file
     with pytest.raises(ProtocolError):
         ClientChannel(server.name, True)
+
+
+class _CountingZmq:
+    """A stand-in for the ZeroMQ transport below the channels: counts the loop's looks at the socket."""
+
+    def __init__(self):
+        self.looks = 0
+
+    def serve(self, handle, wait_ms, spinning=False, stop=None) -> bool:
+        self.looks += 1
+        return False
+
+
+def test_spinning_on_hot_channels_looks_at_the_zeromq_socket_only_every_nth_time():
+    """While a channel is hot the loop reads its slot every spin (memory) and polls the ZeroMQ socket (a system
+    call) every ``zmq_every``-th spin; with no hot channel, or not spinning, it polls the socket every time."""
+    import threading
+
+    from djinn_core.rpc.shm_transport import ZMQ_EVERY, ShmServerTransport
+
+    inner = _CountingZmq()
+    t = ShmServerTransport(inner, channel_bytes=0, max_channels=1, busy_poll_s=0.2, stop=threading.Event())
+    assert t.zmq_every == ZMQ_EVERY == 8
+    for _ in range(40):
+        t.serve(lambda *a: None, 0, True)
+    assert inner.looks == 40  # spinning without a hot channel: every time
+    t._hot = [object.__new__(ServerChannel)]
+    t._take = staticmethod(lambda channels, handle: False)  # the hot slot is empty
+    inner.looks = 0
+    for _ in range(40):
+        t.serve(lambda *a: None, 0, True)
+    assert inner.looks == 40 // ZMQ_EVERY
+    with pytest.raises(ConfigError, match="zmq_every"):
+        ShmServerTransport(inner, channel_bytes=0, max_channels=1, busy_poll_s=0.2, stop=threading.Event(),
+                           zmq_every=0)

@@ -23,9 +23,12 @@ from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
 from djinn_core.rpc.transport import ClientTransport, Handler, ServerTransport
 from djinn_core.rpc.wire import Message, decode, encode
 from djinn_core.rpc.zmq_transport import REPLY_HEADER_BYTES, WARM_EVERY_S, ZmqClientTransport, ZmqServerTransport
-from djinn_core.validation import is_int
+from djinn_core.validation import check_int, is_int
 
 log = logging.getLogger(__name__)
+
+
+ZMQ_EVERY = 8  # spinning on hot channels, the loop looks at the ZeroMQ socket every 8th time (as the client does)
 
 
 def _route(origin: Any) -> tuple[bytes, ...]:
@@ -42,10 +45,16 @@ class ShmServerTransport(ServerTransport):
         max_channels: channels open at once, all connections together.
         busy_poll_s: how long the loop polls a channel's request slot after a request (published with each reply).
         stop: set when the server stops (from then on no polling window is published).
+        zmq_every: while channels are hot, look at the ZeroMQ socket once every this many spins (a look is a
+            ``poll`` system call; the slots are memory reads). A request over ZeroMQ then waits a few spins more;
+            a request in a slot meets a loop that has not just left the kernel.
     """
 
     def __init__(self, inner: ZmqServerTransport, *, channel_bytes: int, max_channels: int, busy_poll_s: float,
-                 stop: threading.Event):
+                 stop: threading.Event, zmq_every: int = ZMQ_EVERY):
+        check_int("zmq_every", zmq_every, 1)
+        self.zmq_every = zmq_every
+        self._spins = 0
         self.inner = inner
         self.channel_bytes = channel_bytes
         self.max_channels = max_channels
@@ -60,6 +69,11 @@ class ShmServerTransport(ServerTransport):
               stop: threading.Event | None = None) -> bool:
         if spinning:  # after a request: the next one, in a slot or on the socket, is seen at once
             served = self._take(self._hot, handle)
+            if self._hot:  # NOTE: the socket every zmq_every-th spin: its poll is a system call, the slots are not
+                self._spins += 1
+                if self._spins < self.zmq_every:
+                    return served
+                self._spins = 0
             return self.inner.serve(handle, 0, True, stop) or served
         # the last look at every slot before sleeping (clients stop using them by now), and each tick
         self._hot = []
