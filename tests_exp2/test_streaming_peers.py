@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from djinn_core.bench import preconditions as pre
+from djinn_core.bench.experiments.peers import PeerUnavailable, import_deepspeed, zero_inference
 from djinn_core.models import build_model
 from djinn_core.bench.experiments.exp2_streaming import (ARCH, SEED, SWEEP_TOKENS, ForwardRun, MiB, free_device_memory,
                                                          measure_forwards, prefill_fn, prompt, slot_ceiling,
@@ -77,59 +78,30 @@ def test_djinn_streams_at_least_6x_accelerate_cpu_offload(llama70b_host_pack, cu
     _record(claim, "djinn_vs_accelerate_cpu_offload", "accelerate.cpu_offload", djinn, peer, 6.0, extra)
 
 
-def _import_deepspeed():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import deepspeed  # noqa: F401
-    except Exception as e:  # not installed (see scripts/gpu_peers_setup.sh), or it fails to load here
-        # a report without its peer says nothing about the peer: the claim fails, it does not skip
-        pytest.fail(f"DeepSpeed cannot be imported on this machine ({type(e).__name__}: {e}); carry .whl and "
-                    "source scripts/gpu_peers_setup.sh to run this peer")
-    return deepspeed
-
-
 @pytest.mark.h100
 @pytest.mark.slow
-def test_djinn_vs_deepspeed_zero_inference(llama70b_host_pack, cuda_device, copy_ceilings, claim, monkeypatch):
+def test_djinn_vs_deepspeed_zero_inference(llama70b_host_pack, cuda_device, copy_ceilings, claim):
     """The peer to beat (49.6 GB/s, 90% of the ceiling in PEERS.md): Djinn must at least match it in the same run."""
-    deepspeed = _import_deepspeed()
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0",
-                 "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(k, v)
+    try:
+        import_deepspeed()
+    except PeerUnavailable as e:  # a report without its peer says nothing about the peer: fail, do not skip
+        pytest.fail(str(e))
 
     def run() -> tuple[ForwardRun, ForwardRun, dict]:
         djinn, info = _djinn_run(llama70b_host_pack, cuda_device, copy_ceilings)
         free_device_memory()
         model = build_model(ARCH, num_layers=PEER_LAYERS, device=cuda_device, seed=SEED)
         nbytes = _param_bytes(model)
-        hidden = model.config.hidden_size
-        config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "fp16": {"enabled": True},
-            "zero_optimization": {
-                "stage": 3,
-                "offload_param": {"device": "cpu", "pin_memory": True, "buffer_count": 8},
-                "stage3_prefetch_bucket_size": 2e9,
-                "stage3_max_live_parameters": 4e9,
-                "stage3_param_persistence_threshold": 10 * hidden,
-                "overlap_comm": True,
-            },
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engine = deepspeed.initialize(model=model, config=config)[0]
-            engine.module.eval()
+        with zero_inference(model) as (module, config):
             free_device_memory()
             ids = prompt(SWEEP_TOKENS, model.config.vocab_size, device=cuda_device)
             ceiling = pack_ceiling(llama70b_host_pack, cuda_device, copy_ceilings)
-            peer = measure_forwards(prefill_fn(engine.module, ids), device=cuda_device, bytes_per_forward=nbytes,
+            peer = measure_forwards(prefill_fn(module, ids), device=cuda_device, bytes_per_forward=nbytes,
                                     warmup=2, repeats=3, ceiling=ceiling)
-        del engine, model
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        del model, module
         free_device_memory()
-        return djinn, peer, {"djinn": info, "deepspeed_version": deepspeed.__version__, "deepspeed_config": config}
+        return djinn, peer, {"djinn": info, "deepspeed_version": config["deepspeed_version"],
+                             "deepspeed_config": config}
 
     djinn, peer, extra = claim.measure(run)
     _record(claim, "djinn_vs_deepspeed_zero_inference", "deepspeed ZeRO-3 offload_param", djinn, peer, 1.0, extra)

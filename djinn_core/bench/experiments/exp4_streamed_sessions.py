@@ -50,6 +50,7 @@ EDIT_BOUND = 1.1  # edit -> logits <= 1.1 x max(transfer of layers L.. at the ce
 BATCH_KS = (1, 8, 32, 64)  # sessions per batched decode step
 BATCH_CONTEXT = 512  # prompt tokens of the batched sessions (the 2026-11-30 anchor's context)
 BATCH_BOUND = 0.9  # tokens/s >= 0.9 x k x ceiling / streamed bytes while the pass is copy-bound
+BATCH_PEER_BOUND = 1.2  # at every k, Djinn's batched decode >= 1.2x DeepSpeed ZeRO-Inference's (same weight bytes)
 
 
 def steering_vector(hidden_size: int, device: torch.device | str, dtype: torch.dtype, scale: float = 4.0
@@ -249,11 +250,84 @@ class BatchRun:
         """The pass is copy-bound: its compute is shorter than its transfer at the ceiling."""
         return self.compute_ms < self.transfer_ms
 
+    @property
+    def weight_GBps(self) -> float:
+        """Weight bytes streamed per step over the step's median: what a peer streaming another depth compares to."""
+        return self.bytes_per_step / (self.step.median_ms * 1e-3) / 1e9
+
     def to_dict(self) -> dict[str, Any]:
         return {"k": self.k, "step": self.step.to_dict(), "bytes_per_step": self.bytes_per_step,
                 "compute_ms": self.compute_ms, "transfer_ms": self.transfer_ms, "ceiling_GBps": self.ceiling_GBps,
                 "tokens_per_s": self.tokens_per_s, "copy_bound_tokens_per_s": self.copy_bound_tokens_per_s,
-                "copy_bound": self.copy_bound, "lengths": self.lengths}
+                "copy_bound": self.copy_bound, "weight_GBps": self.weight_GBps, "lengths": self.lengths}
+
+
+@dataclass
+class PeerBatchRun:
+    """A peer's decode steps of one equal-length batch of ``k`` prompts (plain Hugging Face forwards over a
+    ``DynamicCache``, the peer moving the weights), to compare with :class:`BatchRun` at the same k."""
+
+    peer: str
+    k: int
+    step: TimingStats  # one decode step of the whole batch (ms)
+    bytes_per_step: int  # the parameter bytes the peer brings to the GPU for each forward
+    layers: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.k / (self.step.median_ms * 1e-3)
+
+    @property
+    def weight_GBps(self) -> float:
+        return self.bytes_per_step / (self.step.median_ms * 1e-3) / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peer": self.peer, "k": self.k, "step": self.step.to_dict(), "bytes_per_step": self.bytes_per_step,
+                "layers": self.layers, "tokens_per_s": self.tokens_per_s, "weight_GBps": self.weight_GBps}
+
+
+def measure_peer_batched_decode(module: Any, k: int, *, peer: str, bytes_per_step: int, device: torch.device | str,
+                                context: int = BATCH_CONTEXT, steps: int = 3, warmup: int = 1,
+                                seed: int = 1) -> PeerBatchRun:
+    """``k`` seeded prompts of ``context`` tokens prefilled as one batch (untimed), then ``steps`` timed greedy decode
+    steps after ``warmup`` (:func:`~djinn_core.bench.experiments.scaleout.time_decode_steps`). ``bytes_per_step``: the
+    model's parameter bytes, counted before the peer took them over (ZeRO-3 empties the module's tensors)."""
+    from djinn_core.bench.experiments.scaleout import time_decode_steps
+
+    cfg = module.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (k, context), generator=g).to(device)
+    timing = time_decode_steps(module, ids, steps=steps, warmup=warmup)
+    return PeerBatchRun(peer, k, timing, bytes_per_step, cfg.num_hidden_layers)
+
+
+@torch.no_grad()
+def batched_divergence(model: Any, prompts: list[torch.Tensor], steps: int) -> list[dict[str, Any]]:
+    """Where batched decode first departs from each session decoded alone (recorded, never claimed: a batch of k rows
+    and its padding change GEMM and attention shapes, so the kernels differ). Each prompt (batch 1, lengths may
+    differ) is prefilled alone; then ``steps`` batched steps of all of them (:func:`padded_step_reference`, the
+    protocol of :func:`~djinn_core.runtime.batch.decode_batch`) against :func:`~djinn_core.runtime.plain_run` of each
+    alone. Per session: its prompt length, the first step whose logits differ bitwise and the first whose token
+    differs (None: never within ``steps``), and the largest absolute logit difference."""
+    sessions = [PlainSession(model, ids) for ids in prompts]
+    chose: list[list[torch.Tensor]] = [[] for _ in sessions]
+    for _ in range(steps):
+        _, step_logits = padded_step_reference(model, sessions)
+        for i, lg in enumerate(step_logits):
+            chose[i].append(lg)
+    out = []
+    for i, (ids, s) in enumerate(zip(prompts, sessions)):
+        _, tokens, solo_logits = plain_run(model, ids, steps)
+        batched_tokens = torch.cat(s.generated, dim=1)
+        batched_logits = torch.stack([lg[0] for lg in chose[i]])  # (steps, vocab)
+        solo = solo_logits[0].to(batched_logits.dtype)
+        logits_equal = [torch.equal(batched_logits[t], solo[t]) for t in range(steps)]
+        tokens_equal = [int(batched_tokens[0, t]) == int(tokens[0, t]) for t in range(steps)]
+        out.append({"session": i, "prompt_tokens": ids.shape[1],
+                    "first_step_logits_differ": next((t for t, eq in enumerate(logits_equal) if not eq), None),
+                    "first_step_token_differs": next((t for t, eq in enumerate(tokens_equal) if not eq), None),
+                    "max_abs_logit_difference": float((batched_logits.float() - solo.float()).abs().max())})
+    return out
 
 
 def measure_batched_decode(rt: StreamedBreakpointRuntime, ids: torch.Tensor, k: int, *, warmup: int = 1,
@@ -402,6 +476,7 @@ def unequal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> dict[st
     return {"prompt_logits": diff(a[0], b[0]), "tokens": diff(a[1], b[1]), "step_logits": diff(a[2], b[2])}
 
 
-__all__ = ["BATCH_BOUND", "BATCH_CONTEXT", "BATCH_KS", "BatchRun", "EDIT_BOUND", "EDIT_LAYERS", "EditCosts",
+__all__ = ["BATCH_BOUND", "BATCH_CONTEXT", "BATCH_KS", "BATCH_PEER_BOUND", "BatchRun", "PeerBatchRun",
+           "batched_divergence", "measure_peer_batched_decode", "EDIT_BOUND", "EDIT_LAYERS", "EditCosts",
            "PlainSession", "measure_batched_decode", "measure_edit_costs", "padded_step_reference",
            "resident_reference", "session_run", "steering_vector", "streamed_runtime", "unequal"]
