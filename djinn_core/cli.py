@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", add_help=False,
                            help="serve breakpoint sessions over RPC (djinn serve --help for its arguments)")
     serve.set_defaults(fn=cmd_serve, takes_rest=True)
+    sub.add_parser("route", add_help=False, help="one endpoint over several djinn serve workers (djinn route --help)"
+                   ).set_defaults(fn=lambda a: importlib.import_module(SERVE_PARSER_MODULE).main_route(a),
+                                  takes_rest=True)
     return p
 
 

@@ -120,6 +120,11 @@ class ServerUnavailable(DjinnError, ConnectionError):
     """No answer from a Djinn server within the client's timeout, or the server is shutting down."""
 
 
+class WorkerLost(DjinnError, ConnectionError):
+    """A session's worker behind a ``djinn route`` router stopped answering (timed out, shut down, or its process is
+    gone): that session is lost. Sessions on the other workers are unaffected, and new sessions open on them."""
+
+
 class RemoteError(DjinnError, RuntimeError):
     """An error raised on a Djinn server while executing a request, carried back to the client.
 

@@ -1,5 +1,6 @@
-"""The ``djinn serve`` command: its arguments (:func:`add_serve_parser`, importable without torch, ZeroMQ or
-transformers: the ``djinn`` parser is built at every start) and :func:`cmd_serve`, which imports them when it runs."""
+"""The ``djinn serve`` and ``djinn route`` commands: their arguments (:func:`add_serve_parser`,
+:func:`add_route_parser`; importable without torch, ZeroMQ or transformers: the ``djinn`` parser is built at every
+start) and :func:`cmd_serve` / :func:`cmd_route`, which import them when they run."""
 
 from __future__ import annotations
 
@@ -214,3 +215,54 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "(0: none)")
     p.set_defaults(fn=cmd_serve)
     return p
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """``djinn route``: one endpoint over the ``djinn serve`` workers at ``--worker`` (:mod:`djinn_core.rpc.router`);
+    routes until SIGINT/SIGTERM. Bad input raises a typed :class:`~djinn_core.errors.DjinnError` before binding."""
+    config = ServerConfig(host=args.host, port=args.port, token=read_token(args.token_file),
+                          max_request_bytes=args.max_request_bytes)
+    import signal
+
+    from djinn_core.rpc.router import Router
+
+    router = Router(args.worker, config, worker_timeout_s=args.worker_timeout_s)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        router.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    router.bind()
+    print(f"djinn route: {len(args.worker)} workers, listening on {router.address}", flush=True)
+    router.serve_forever()
+    return 0
+
+
+def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``djinn route`` (its parser imports nothing heavy, as :func:`add_serve_parser`)."""
+    d = ServerConfig
+    p = subparsers.add_parser("route", help="one endpoint over several djinn serve workers (one per GPU)",
+                              description="Route breakpoint sessions over several `djinn serve` workers behind one "
+                                          "ZeroMQ endpoint: new sessions go to the worker with the most free slab, "
+                                          "forks stay with their parent. The auth token (--token-file or "
+                                          "DJINN_TOKEN) is checked here and sent to the workers.")
+    p.add_argument("--worker", action="append", required=True, metavar="ADDR",
+                   help="a worker's endpoint, e.g. tcp://127.0.0.1:5557 (repeat for each worker)")
+    p.add_argument("--host", default=d.host, help="address to bind (non-loopback needs a token)")
+    p.add_argument("--port", type=int, default=d.port, help="TCP port (0: any free port)")
+    p.add_argument("--token-file", help="file holding the auth token (default: $DJINN_TOKEN, else no auth)")
+    p.add_argument("--worker-timeout-s", type=float, default=300.0,
+                   help="a worker that takes longer than this to answer one request is lost, with its sessions")
+    p.add_argument("--max-request-bytes", type=parse_bytes, default=d.max_request_bytes)
+    p.set_defaults(fn=cmd_route)
+    return p
+
+
+def main_route(args: argparse.Namespace) -> int:
+    """``djinn route`` from :mod:`djinn_core.cli`: parse the rest of its line (``args.extra``) here, then run it."""
+    parser = argparse.ArgumentParser(prog="djinn")
+    add_route_parser(parser.add_subparsers(dest="cmd", required=True))
+    route_args = parser.parse_args(["route", *args.extra], namespace=argparse.Namespace(verbose=args.verbose))
+    return route_args.fn(route_args)
