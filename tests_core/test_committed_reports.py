@@ -70,12 +70,16 @@ KNOWN_RUN_SHORTFALLS: dict[str, str] = {
 }
 
 
-def _claim_params():
+def _claim_params(paths=None, shortfalls=None, name=lambda path: path.stem):
+    """One param per claim recorded in ``paths`` (default: the committed reports), id ``<name(path)>::<claim key>``,
+    a strict xfail where ``shortfalls`` (default: KNOWN_SHORTFALLS) lists it."""
+    paths = COMMITTED if paths is None else paths
+    shortfalls = KNOWN_SHORTFALLS if shortfalls is None else shortfalls
     params = []
-    for path in COMMITTED:
+    for path in paths:
         for row in claim_rows(load_benchmark_json(path)):
-            key = f"{path.stem}::{row.key}"
-            marks = [pytest.mark.xfail(strict=True, reason=KNOWN_SHORTFALLS[key])] if key in KNOWN_SHORTFALLS else []
+            key = f"{name(path)}::{row.key}"
+            marks = [pytest.mark.xfail(strict=True, reason=shortfalls[key])] if key in shortfalls else []
             params.append(pytest.param(path, row, id=key, marks=marks))
     return params
 
@@ -98,16 +102,22 @@ def test_known_dirty_history_names_committed_dirty_reports():
     assert not stale, f"KNOWN_DIRTY_HISTORY names reports that are gone or clean: {stale}"
 
 
-@pytest.mark.parametrize("path,row", _claim_params())
-def test_committed_claim_holds_when_recomputed(path, row):
+def _holds(row) -> None:
     assert row.stored_passed == row.passed, f"stored verdict {row.stored_passed} != recomputed {row.passed}"
     assert row.passed, f"{row.key}: ratio {row.ratio:.4g} {row.op} {row.bound} fails (measured {row.measured:.4g})"
 
 
-def test_known_shortfalls_name_committed_claims():
-    keys = {p.id for p in _claim_params()}
-    stale = set(KNOWN_SHORTFALLS) - keys
-    assert not stale, f"KNOWN_SHORTFALLS names claims that are not committed: {stale}"
+@pytest.mark.parametrize("path,row", _claim_params())
+def test_committed_claim_holds_when_recomputed(path, row):
+    _holds(row)
+
+
+@pytest.mark.parametrize("listed,params", [("KNOWN_SHORTFALLS", "_claim_params"),
+                                           ("KNOWN_RUN_SHORTFALLS", "_run_claim_params")])
+def test_known_shortfalls_name_committed_claims(listed, params):
+    keys = {p.id for p in globals()[params]()}
+    stale = set(globals()[listed]) - keys
+    assert not stale, f"{listed} names claims that are not committed: {stale}"
 
 
 def _main_data(run_path: Path) -> dict | None:
@@ -117,14 +127,7 @@ def _main_data(run_path: Path) -> dict | None:
 
 
 def _run_claim_params():
-    params = []
-    for path in COMMITTED_RUNS:
-        for row in claim_rows(load_benchmark_json(path)):
-            key = f"{path.name}::{row.key}"
-            marks = ([pytest.mark.xfail(strict=True, reason=KNOWN_RUN_SHORTFALLS[key])]
-                     if key in KNOWN_RUN_SHORTFALLS else [])
-            params.append(pytest.param(path, row, id=key, marks=marks))
-    return params
+    return _claim_params(COMMITTED_RUNS, KNOWN_RUN_SHORTFALLS, name=lambda path: path.name)
 
 
 @pytest.mark.parametrize("path", COMMITTED_RUNS, ids=[f"{report_key(p.parent)}/{p.name}" for p in COMMITTED_RUNS])
@@ -135,14 +138,9 @@ def test_committed_run_names_its_report_and_shares_its_clean_commit_and_gpu(path
 
 @pytest.mark.parametrize("path,row", _run_claim_params())
 def test_committed_run_claim_holds_when_recomputed(path, row):
-    assert row.stored_passed == row.passed, f"stored verdict {row.stored_passed} != recomputed {row.passed}"
-    assert row.passed, f"{row.key}: ratio {row.ratio:.4g} {row.op} {row.bound} fails (measured {row.measured:.4g})"
+    _holds(row)
 
 
-def test_known_run_shortfalls_name_committed_run_claims():
-    keys = {p.id for p in _run_claim_params()}
-    stale = set(KNOWN_RUN_SHORTFALLS) - keys
-    assert not stale, f"KNOWN_RUN_SHORTFALLS names claims that are not committed: {stale}"
 
 
 @pytest.mark.parametrize("main", REPORTS_WITH_RUNS, ids=[report_key(p) for p in REPORTS_WITH_RUNS])
