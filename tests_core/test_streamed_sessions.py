@@ -276,6 +276,38 @@ def test_batched_decode_across_sessions_joining_and_leaving_is_bitwise_the_padde
                  int(differ[0, 1]) if len(differ) else None)
 
 
+def test_batched_decode_under_pressure_swaps_sessions_between_steps_and_loses_nothing(resident):
+    """More decoding sessions than the slab holds (five, room for two and a half): each batched step brings its
+    members back from the host, evicting idle ones, and every session's tokens and logits still equal the plain
+    forward of the same composition; nothing is lost, the accounting holds after every step."""
+    model, _, _ = resident
+    session = SPLIT.split(build_model("llama-tiny", dtype=torch.float32, num_layers=LAYERS, materialize=False),
+                          64 * MiB, fused_attention=False).session_bytes
+    rt = _runtime(_budget_for(2 * session + session // 2), host_pool=HostPool(8 * MiB, segment_bytes=MiB, pin=False))
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 512, (1, n), generator=g) for n in (9, 14, 6, 11, 8)]
+    sessions, refs = [], []
+    for ids in prompts:
+        s = rt.open(ids, max_new_tokens=6)
+        s.run_to(LAYERS)
+        s.resume()
+        sessions.append(s)
+        refs.append(PlainSession(model, ids))
+    steps = [[0, 1], [2, 3], [4, 0], [1, 2], [3, 4], [0, 2], [1, 3], [4, 1]]
+    before = rt.evictions
+    for n, members in enumerate(steps):
+        tokens, logits = decode_batch(rt, [sessions[i] for i in members], return_logits=True)
+        want_tokens, want_logits = padded_step_reference(model, [refs[i] for i in members])
+        for got, want, gl, wl in zip(tokens, want_tokens, logits, want_logits):
+            assert torch.equal(got, want) and torch.equal(gl, wl), (n, members)
+        rt.check_invariants()
+    assert rt.evictions > before, "the slab was meant to force swapping between steps"
+    assert any(s.state is SessionState.SWAPPED for s in sessions)
+    assert [len(s.generated) for s in sessions] == [len(r.generated) for r in refs]
+    rt.release()
+    assert rt.slab.stats.used == 0 and rt.host_pool.stats.used == 0
+
+
 def test_batched_decode_refuses_bad_batches_and_changes_nothing(resident, rt):
     _, ids, _ = resident
     a, b = rt.open(ids, max_new_tokens=2), rt.open(ids, max_new_tokens=NEW)
