@@ -124,6 +124,28 @@ def test_resume_benchmarks_get_a_crossover_plot_of_every_method(tmp_path):
     assert "(exp3_crossover.png)" in text and (tmp_path / "rep" / "exp3_crossover.png").is_file()
 
 
+def test_streamed_session_benchmarks_get_the_edit_cost_and_batched_decode_plots(tmp_path):
+    """exp4's two plots: edit -> logits against L for the three methods beside the bound, and tokens/s against k
+    with the copy-bound line and the peer scaled to the same weight bytes."""
+    p = _bench_json(tmp_path, [_ratio(1, (0.5,), (0.4,))])
+    data = json.loads(p.read_text())
+    timing = lambda ms: {"median_ms": ms, "n": 3}  # noqa: E731 - as TimingStats.to_dict() names its median
+    edits = [{"name": f"edit[L={L}]", "fullname": f"edit[L={L}]", "extra_info": {"claims": [], "info": {
+        "costs": {"layer": L, "djinn": timing(30.0 * (48 - L)), "recompute_from_0": timing(1500.0),
+                  "nnsight_style_whole_forward": timing(1510.0)}, "bound_ms": 29.0 * (48 - L)}}} for L in (1, 24, 47)]
+    runs = {str(k): {"k": k, "tokens_per_s": 5.0 * k, "copy_bound_tokens_per_s": 5.3 * k, "bytes_per_step": 48}
+            for k in (1, 8, 32, 64)}
+    peer = {str(k): {"peer": "deepspeed", "k": k, "tokens_per_s": 30.0 * k, "bytes_per_step": 6}
+            for k in (1, 8, 32, 64)}
+    batched = {"name": "batched", "fullname": "batched", "extra_info": {"claims": [], "info": {"runs": runs,
+                                                                                             "peer_runs": peer}}}
+    data["benchmarks"] = edits + [batched]
+    p.write_text(json.dumps(data))
+    text = write_report(p, out_dir=tmp_path / "rep", name="exp4").read_text()
+    for plot in ("exp4_edit_cost_vs_layer.png", "exp4_tokens_per_s_vs_k.png"):
+        assert f"({plot})" in text and (tmp_path / "rep" / plot).is_file()
+
+
 def _run_json(folder, name, claims, *, date="2026-11-27T10:00:00", commit="abc123", dirty=False, gpu_count=None):
     """One run of the report ``exp``: the JSON :func:`_bench_json` writes, as ``folder/name``, with its own date and
     commit (and GPU count when given)."""

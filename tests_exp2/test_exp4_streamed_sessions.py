@@ -93,9 +93,9 @@ def test_streamed_sessions_are_bitwise_the_resident_model(llama70b_host_pack, cu
         want = [resident_reference(resident, ids, L, (lambda h: h + v) if e else None, NEW_TOKENS)
                 for L, e, _ in cases]
         # recorded, no claim: where batched decode departs from each session decoded alone (GEMM shapes change)
-        divergence = batched_divergence(resident, [prompt(n, resident.config.vocab_size, seed=2 + i,
-                                                          device=cuda_device) for i, n in enumerate(DIVERGENCE_PROMPTS)],
-                                        DIVERGENCE_STEPS)
+        alone = [prompt(n, resident.config.vocab_size, seed=2 + i, device=cuda_device)
+                 for i, n in enumerate(DIVERGENCE_PROMPTS)]
+        divergence = batched_divergence(resident, alone, DIVERGENCE_STEPS)
         del resident
         free_device_memory()
         return {"diff": {f"L={L}": unequal(g, w) for (L, _, _), g, w in zip(cases, got, want)},

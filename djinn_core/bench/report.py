@@ -372,6 +372,86 @@ def _plot_crossover(data: dict[str, Any], out_dir: Path, name: str) -> Path | No
     return p
 
 
+EDIT_METHODS = {"djinn: edit, resume from L": "djinn", "recompute from 0 (streamed)": "recompute_from_0",
+                "nnsight-style whole forward (streamed)": "nnsight_style_whole_forward"}
+
+
+def _plot_edit_costs(data: dict[str, Any], out_dir: Path, name: str) -> Path | None:
+    """Edit -> logits against the layer L edited, the three methods and the bound max(transfer, compute) of layers
+    L.., from the exp4 edit benchmarks' ``info["costs"]`` (medians)."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for bench in data.get("benchmarks", []):
+        info = (bench.get("extra_info") or {}).get("info") or {}
+        costs = info.get("costs")
+        if not isinstance(costs, dict) or "layer" not in costs:
+            continue
+        for label, key in EDIT_METHODS.items():
+            if isinstance(costs.get(key), dict) and "median_ms" in costs[key]:
+                points.setdefault(label, []).append((int(costs["layer"]), float(costs[key]["median_ms"])))
+        if "bound_ms" in info:
+            points.setdefault("max(transfer, compute) of layers L..", []).append((int(costs["layer"]),
+                                                                                  float(info["bound_ms"])))
+    if not points:
+        return None
+    return _line_plot(points, out_dir / f"{name}_edit_cost_vs_layer.png", xlabel="layer L edited",
+                      ylabel="edit -> logits, ms (median)", title="an edit costs only the layers after it",
+                      dashed=("max(transfer, compute) of layers L..",))
+
+
+def _plot_batched_decode(data: dict[str, Any], out_dir: Path, name: str) -> Path | None:
+    """Aggregate tokens/s against the batch size k: Djinn's batched decode, the copy-bound line k x ceiling /
+    streamed bytes, and the peer's tokens/s scaled to Djinn's streamed bytes per step, from ``info["runs"]`` and
+    ``info["peer_runs"]`` of the exp4 batched benchmark."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for bench in data.get("benchmarks", []):
+        info = (bench.get("extra_info") or {}).get("info") or {}
+        runs = info.get("runs")
+        if not isinstance(runs, dict):
+            continue
+        for k, r in runs.items():
+            if not isinstance(r, dict) or "tokens_per_s" not in r:
+                continue
+            points.setdefault("djinn decode_batch", []).append((int(k), float(r["tokens_per_s"])))
+            points.setdefault("copy bound: k x ceiling / streamed bytes", []).append(
+                (int(k), float(r["copy_bound_tokens_per_s"])))
+            peer = (info.get("peer_runs") or {}).get(k) or (info.get("peer_runs") or {}).get(str(k))
+            if isinstance(peer, dict) and peer.get("bytes_per_step") and r.get("bytes_per_step"):
+                scale = peer["bytes_per_step"] / r["bytes_per_step"]  # the peer's rate at Djinn's depth
+                points.setdefault(f"{peer.get('peer', 'peer')} (scaled to the same weight bytes)", []).append(
+                    (int(k), float(peer["tokens_per_s"]) * scale))
+    if not points:
+        return None
+    return _line_plot(points, out_dir / f"{name}_tokens_per_s_vs_k.png", xlabel="sessions per batched step k",
+                      ylabel="tokens/s, all sessions", title="sessions share one weight stream",
+                      dashed=("copy bound: k x ceiling / streamed bytes",), logx=True)
+
+
+def _line_plot(points: dict[str, list[tuple[int, float]]], path: Path, *, xlabel: str, ylabel: str, title: str,
+               dashed: tuple[str, ...] = (), logx: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, pts in points.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker="o", label=label,
+                linestyle="--" if label in dashed else "-")
+    ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 PRESSURE_JSON = "exp3_memory_pressure.json"  # read beside a resume JSON for the capabilities table's session counts
 
 
@@ -679,7 +759,8 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
     rows = claim_rows(data)
     prov = provenance(data)
     plots = _plot_claims(rows, out_dir, name)
-    plots += [p for p in (_plot_crossover(data, out_dir, name), _plot_timings(data, out_dir, name)) if p]
+    plots += [p for p in (_plot_crossover(data, out_dir, name), _plot_timings(data, out_dir, name),
+                          _plot_edit_costs(data, out_dir, name), _plot_batched_decode(data, out_dir, name)) if p]
     for bench in data.get("benchmarks", []):
         info = (bench.get("extra_info") or {}).get("info") or {}
         test = bench.get("name", "?")
