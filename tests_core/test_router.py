@@ -2,10 +2,16 @@
 workers, behave bitwise as on a single server, and a lost worker takes only its own sessions down.
 
 Workers are server threads on 127.0.0.1 over the same ``llama-tiny`` weights; a third, ``reference``, server is called
-directly for the bitwise comparisons. Every wait is bounded (client and worker timeouts of seconds).
+directly for the bitwise comparisons. Every wait is bounded (client and worker timeouts of seconds). The concurrency
+tests make a worker's op wait on an event (:func:`_hold_op`), so they assert orders of events, never speeds.
 """
 
 from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import Callable
 
 import pytest
 import torch
@@ -40,8 +46,10 @@ def _ids(seed: int, batch: int = 1, seq: int = 9) -> torch.Tensor:
 
 
 def _server(model) -> Server:
+    """A worker on its own copy of ``model``, as each ``djinn serve`` process has its own: the router runs workers
+    at the same time, and one model's capture hooks must not serve two server threads at once."""
     cfg = ServerConfig(port=0, stats_interval_s=0, tick_s=0.02, max_request_bytes=1 << 20)
-    return Server(BreakpointRuntime(model, slab_bytes=32 << 20), cfg).start()
+    return Server(BreakpointRuntime(copy.deepcopy(model), slab_bytes=32 << 20), cfg).start()
 
 
 def _router(workers: list[Server], **kw) -> Router:
@@ -51,6 +59,37 @@ def _router(workers: list[Server], **kw) -> Router:
 
 def _worker_of(router: Router, s: RemoteSession) -> int:
     return router.routes[s.id].worker
+
+
+def _open_on(router: Router, client: Client, worker: int, seed: int) -> tuple[RemoteSession, list[RemoteSession]]:
+    """A session of ``client`` on ``worker`` (placement alternates over a pool's idle workers), and every session
+    opened on the way (to close at the end)."""
+    opened = []
+    for i in range(6):
+        s = client.open(_ids(seed + i), max_new_tokens=NEW)
+        opened.append(s)
+        if _worker_of(router, s) == worker:
+            return s, opened
+    raise AssertionError(f"6 opens and none on worker {worker}")
+
+
+def _hold_op(server: Server, op: str, started: threading.Event,
+             release: threading.Event) -> tuple[threading.Event, Callable[[], None]]:
+    """Make ``op`` on ``server`` set ``started``, then wait for ``release`` (10 s at most) before it runs: (an event
+    set once a held op has finished, the undo)."""
+    fn = server.ops[op]
+    finished = threading.Event()
+
+    def held(req):
+        started.set()
+        release.wait(10)
+        try:
+            return fn(req)
+        finally:
+            finished.set()
+
+    server.ops[op] = held
+    return finished, lambda: server.ops.__setitem__(op, fn)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +143,10 @@ def _script(client: Client, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 # -- placement ---------------------------------------------------------------------------------------------------------
-def test_most_free_slab_picks_the_most_free_bytes_then_the_fewest_sessions():
+def test_most_free_slab_picks_the_most_free_bytes_per_session_then_the_fewest_sessions():
     p = MostFreeSlab()
-    assert p.choose([{"slab": {"free": 10}, "sessions": 0}, {"slab": {"free": 20}, "sessions": 5}]) == 1
+    assert p.choose([{"slab": {"free": 10}, "sessions": 0}, {"slab": {"free": 20}, "sessions": 5}]) == 0
+    assert p.choose([{"slab": {"free": 10}, "sessions": 1}, {"slab": {"free": 40}, "sessions": 2}]) == 1
     assert p.choose([{"slab": {"free": 20}, "sessions": 3}, {"slab": {"free": 20}, "sessions": 2}]) == 1
     assert p.choose([{"slab": {"free": 20}, "sessions": 2}, {"slab": {"free": 20}, "sessions": 2}]) == 0
     assert p.choose([None, {"slab": {"free": 1}, "sessions": 9}]) == 1
@@ -128,6 +168,34 @@ def test_opens_spread_over_both_workers_and_stats_total_them(pool, routed):
     assert st["slab"]["free"] == st["slab"]["capacity"] - st["slab"]["used"]
     assert sorted(i["session"] for i in routed.sessions()) == sorted(s.id for s in (*sessions, nxt))
     routed.ping()
+
+
+def test_a_burst_of_opens_decided_on_one_snapshot_still_spreads(pool):
+    """Eight clients open at once: their placements all read stats taken before any of them landed; the router
+    counts what it placed since, so the sessions split over both workers instead of piling onto one."""
+    router, _, _ = pool
+    start = threading.Barrier(8)
+    opened: list[tuple[Client, RemoteSession]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        c = Client(router.address, timeout_s=60)
+        start.wait(timeout=30)
+        s = c.open(_ids(20 + i), max_new_tokens=NEW)
+        with lock:
+            opened.append((c, s))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(opened) == 8
+    per = [sum(1 for _, s in opened if _worker_of(router, s) == w) for w in (0, 1)]
+    assert min(per) >= 3, per
+    for c, s in opened:
+        s.close()
+        c.close()
 
 
 # -- behaviour ---------------------------------------------------------------------------------------------------------
@@ -160,6 +228,60 @@ def test_close_is_idempotent_and_a_closed_session_answers_as_on_a_server(routed)
     with pytest.raises(CheckpointStateError, match=f"session {s.id} is closed"):
         s.info()
     assert s.id not in [i["session"] for i in routed.sessions()]
+
+
+# -- concurrency -------------------------------------------------------------------------------------------------------
+def test_a_request_to_one_worker_completes_while_the_other_is_still_computing(pool):
+    router, workers, _ = pool
+    with Client(router.address, timeout_s=30) as a, Client(router.address, timeout_s=30) as b:
+        slow, opened_a = _open_on(router, a, 0, 20)
+        fast, opened_b = _open_on(router, b, 1, 30)
+        started, release = threading.Event(), threading.Event()
+        finished, undo = _hold_op(workers[0], "run_to", started, release)
+        got: dict[str, object] = {}
+        t = threading.Thread(target=lambda: got.setdefault("slow", slow.run_to(LAYER)))
+        t.start()
+        try:
+            assert started.wait(10), "the slow request never reached its worker"
+            assert fast.run_to(LAYER).layer == LAYER  # worker 0 is still inside its run_to
+            fast_first = not finished.is_set()
+        finally:
+            release.set()
+            t.join(30)
+            undo()
+        assert fast_first, "the reply from worker 1 waited for worker 0's op"
+        assert got["slow"].layer == LAYER
+        for s in (*opened_a, *opened_b):
+            s.close()
+
+
+def test_many_clients_at_once_through_the_router_equal_a_single_server_bitwise(pool, direct):
+    router, workers, _ = pool
+    seeds = [100 + 10 * k for k in range(8)]
+    before = [w.counters["requests"] for w in workers]
+    got: dict[int, tuple[torch.Tensor, ...]] = {}
+    errors: list[BaseException] = []
+
+    def one(seed: int) -> None:
+        try:
+            with Client(router.address, timeout_s=60) as c:
+                for _ in range(2):
+                    got[seed] = _script(c, seed)
+        except BaseException as e:  # reported below, with the other threads' results
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    assert all(w.counters["requests"] > b for w, b in zip(workers, before)), "one worker did all the work"
+    for seed in seeds:
+        ref = _script(direct, seed)
+        assert len(got[seed]) == len(ref)
+        for i, (x, y) in enumerate(zip(got[seed], ref)):
+            assert x.dtype == y.dtype and torch.equal(x, y), f"seed {seed}: result {i} differs"
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------------
@@ -288,3 +410,48 @@ def test_a_worker_process_killed_outright_is_lost_and_the_other_keeps_serving(ll
         router.stop()
         thread_worker.stop()
         proc.stop()
+
+
+def test_requests_outstanding_on_a_worker_that_stops_answering_get_worker_lost(llama_tiny_fp32):
+    workers = [_server(llama_tiny_fp32), _server(llama_tiny_fp32)]
+    router = _router(workers, worker_timeout_s=2.0)
+    started, release = threading.Event(), threading.Event()
+    try:
+        with (Client(router.address, timeout_s=30) as a, Client(router.address, timeout_s=30) as b,
+              Client(router.address, timeout_s=30) as c):
+            sa, _ = _open_on(router, a, 0, 40)
+            sb, _ = _open_on(router, b, 0, 50)
+            sc, _ = _open_on(router, c, 1, 60)
+            _hold_op(workers[0], "run_to", started, release)  # worker 0 hangs in its next run_to
+            errors: dict[str, BaseException] = {}
+
+            def call(name: str, s: RemoteSession) -> None:
+                try:
+                    s.run_to(LAYER)
+                except BaseException as e:
+                    errors[name] = e
+
+            threads = [threading.Thread(target=call, args=("a", sa)), threading.Thread(target=call, args=("b", sb))]
+            threads[0].start()
+            assert started.wait(10)
+            threads[1].start()
+            deadline = time.monotonic() + 10
+            while len(router.workers[0].outstanding) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(router.workers[0].outstanding) == 2, "both requests should wait on worker 0"
+            assert sc.run_to(LAYER).layer == LAYER  # worker 1 answers meanwhile
+            assert all(t.is_alive() for t in threads) and router.workers[0].lost is None
+            for t in threads:
+                t.join(30)
+            for name in ("a", "b"):
+                assert isinstance(errors.get(name), WorkerLost), errors
+                assert "stopped answering" in str(errors[name])
+            with pytest.raises(WorkerLost, match="which is lost"):
+                sa.info()
+            assert sc.resume(logits="last").shape == (1, 512)
+            assert _worker_of(router, c.open(_ids(70), max_new_tokens=NEW)) == 1
+    finally:
+        release.set()
+        router.stop()
+        for w in workers:
+            w.stop()

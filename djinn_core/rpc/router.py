@@ -8,24 +8,34 @@ results, ``sessions``' listings, and error messages that name a session).
 
 * ``open`` goes to the worker a placement policy picks from every live worker's ``stats`` (default
   :class:`MostFreeSlab`: the most free slab bytes; ties go to the worker with fewer sessions, so a fresh pool spreads
-  its first sessions, which hold no slab until they run). If that worker does not answer, the next is tried.
+  its first sessions, which hold no slab until they run). If that worker is lost before it answers, the choice is
+  made again over the others.
 * ``fork`` stays on its parent's worker (the children share its device); every other session op goes to the
   session's worker.
 * ``ping`` is answered here; ``stats`` returns the totals over the live workers (``sessions``, ``slab``, ... at the
   top level, as a server's) plus each worker's own stats under ``workers``.
 
+Concurrency: one loop (the *router thread*) polls the client-facing ROUTER socket and one DEALER socket per worker
+together. A request is forwarded at once, under a router-assigned id (per worker) that maps its reply back to the
+waiting client, whose own id the reply gets again; replies are relayed as they arrive. So requests for different
+workers are in flight at the same time, and a slow op on one GPU delays only the requests queued behind it on that
+worker. A worker serves one connection's requests in arrival order, so each session's requests keep their order.
+Ops that need every worker (``open``'s placement, ``stats``, ``sessions``) ask them all at once and answer when the
+last live one has: they wait for the busiest worker's queue, but nothing else waits for them.
+
 Requests keep their client id on the way to the worker, so ownership between clients is enforced there exactly as on
 a single server, and checked here too (a session id of another client is an :class:`UnknownSession`). Tensors pass
 through (decoded, checked against the router's limits, and encoded again).
 
-A worker that does not answer within ``worker_timeout_s`` (or answers "server shutting down") is *lost*: its
-sessions answer :class:`~djinn_core.errors.WorkerLost` from then on, new sessions open on the other workers, and the
-other sessions keep working. A lost worker is not retried (restart the router to take it back).
+A worker with requests outstanding that sends no reply for ``worker_timeout_s`` (or answers "server shutting down",
+or something unreadable) is *lost*: its outstanding requests and every later one for its sessions answer
+:class:`~djinn_core.errors.WorkerLost`, new sessions open on the other workers, and the other sessions keep working.
+A lost worker is not retried (restart the router to take it back).
 
-The router handles one request at a time (like a server's loop): while a worker computes, other clients wait. The
-token is checked as a server checks it (constant time, before anything else is looked at), and the same token is
-sent to the workers unless ``worker_token`` says otherwise. Sessions the router opened are left to the workers' idle
-timeout when the router stops.
+The token is checked as a server checks it (constant time, before anything else is looked at), and the same token is
+sent to the workers unless ``worker_token`` says otherwise. On ``stop()`` the router refuses new requests ("router
+shutting down") and relays the replies to requests outstanding on workers for up to :data:`STOP_WAIT_S`; those
+still waiting then are refused too. Sessions the router opened are left to the workers' idle timeout.
 """
 
 from __future__ import annotations
@@ -35,9 +45,8 @@ import hmac
 import itertools
 import logging
 import re
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -56,9 +65,10 @@ from djinn_core.errors import (
 from djinn_core.rpc.config import ServerConfig
 from djinn_core.rpc.ops import CLOSED_MEMORY, Request
 from djinn_core.rpc.server import _error_header, _reply_id
+from djinn_core.rpc.service import LoopService
 from djinn_core.rpc.wire import Message, decode, decode_header, encode
-from djinn_core.rpc.zmq_transport import ZmqClientTransport, ZmqServerTransport
-from djinn_core.validation import check_number
+from djinn_core.rpc.zmq_transport import REPLY_HEADER_BYTES, ZERO_COPY_BYTES, ZmqServerTransport
+from djinn_core.validation import check_int, check_number
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,7 @@ __all__ = ["MostFreeSlab", "PlacementPolicy", "Router", "WorkerRefused"]
 ROUTER_CLIENT_ID = "djinn-router"  # the client id of the router's own requests to workers (stats)
 DEFAULT_WORKER_TIMEOUT_S = 300.0
 DEFAULT_MAX_REPLY_BYTES = 8 << 30
+STOP_WAIT_S = 10.0  # after stop(), how long requests outstanding on workers may still be answered
 # totals over the workers' stats: top-level counters and the slab's byte counts
 _SUMMED = ("sessions", "resident", "swapped", "clients", "requests", "errors", "evictions")
 _SLAB_SUMMED = ("capacity", "used", "free")
@@ -80,17 +91,22 @@ class PlacementPolicy(Protocol):
 
 
 class MostFreeSlab:
-    """The worker with the most free slab bytes (``stats["slab"]["free"]``); ties go to the one holding fewer
-    sessions, then to the lowest index."""
+    """The worker with the most free slab bytes per session once this one is added: ``stats["slab"]["free"] /
+    (stats["sessions"] + 1)``; ties go to the one holding fewer sessions, then to the lowest index.
+
+    Per session, not in total: a session takes no slab until it runs, so a burst of opens would otherwise all see
+    the same free bytes and land on one worker. The router counts the sessions it placed on a worker after the
+    worker's stats were taken (:meth:`Router._op_open`), so opens decided on one snapshot still spread."""
 
     def choose(self, stats: Sequence[dict[str, Any] | None]) -> int:
         live = [(i, s) for i, s in enumerate(stats) if s is not None]
         if not live:
             raise ServerUnavailable("no live worker")
 
-        def key(item: tuple[int, dict[str, Any]]) -> tuple[int, int, int]:
+        def key(item: tuple[int, dict[str, Any]]) -> tuple[float, int, int]:
             i, s = item
-            return (int((s.get("slab") or {}).get("free", 0)), -int(s.get("sessions", 0)), -i)
+            sessions = int(s.get("sessions", 0))
+            return (int((s.get("slab") or {}).get("free", 0)) / (sessions + 1), -sessions, -i)
 
         return max(live, key=key)[0]
 
@@ -111,52 +127,93 @@ class _Route:
     owner: str  # client id
 
 
-class _Worker:
-    """One worker server: its address, a DEALER connection, and why it was lost (None while it answers)."""
+@dataclass
+class _Job:
+    """One client request until it is answered (exactly once: ``done``)."""
 
-    def __init__(self, index: int, address: str, context: zmq.Context, *, timeout_s: float, max_reply_bytes: int):
+    origin: Any  # the client's routing frames
+    rid: Any  # the client's request id, echoed in the reply
+    req: Request | None = None
+    done: bool = False
+
+
+# what a worker's reply comes to: the reply (ok), or WorkerRefused (its error reply), WorkerLost, ServerUnavailable
+Outcome = Message | Exception
+
+
+@dataclass
+class _Pending:
+    """A request outstanding on a worker: the job it serves and what to do with the outcome (on the router thread)."""
+
+    job: _Job
+    then: Callable[[Outcome], None]
+    sent: float = field(default_factory=time.monotonic)
+
+
+class _Worker:
+    """One worker server: its address, a DEALER socket the router's loop polls, the requests outstanding on it
+    (router request id -> :class:`_Pending`, oldest first), and why it was lost (None while it answers)."""
+
+    def __init__(self, index: int, address: str, context: zmq.Context):
         self.index = index
         self.address = address
-        self.timeout_s = timeout_s
         self.lost: str | None = None
+        self.outstanding: dict[int, _Pending] = {}
+        self.last_reply = 0.0  # host monotonic time of its last reply
+        self.opens_sent = 0  # opens forwarded to it: those after a stats request are not in that request's reply
         self._ids = itertools.count(1)
-        self.transport: ZmqClientTransport | None = ZmqClientTransport(
-            address, context, busy_poll_s=0.0, max_reply_bytes=max_reply_bytes, paths=collections.Counter())
+        self.sock: zmq.Socket | None = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self.sock.connect(address)
+        except zmq.ZMQError as e:
+            self.close()
+            raise ConfigError(f"cannot connect to worker {address!r}: {e}") from None
 
-    def call(self, header: dict[str, Any], tensors: Sequence[torch.Tensor]) -> Message:
-        """One request (``header`` without ``id``) and its reply; :class:`ServerUnavailable` after the timeout."""
+    def send(self, header: dict[str, Any], tensors: Sequence[torch.Tensor], pending: _Pending) -> None:
+        """Forward one request (``header`` without ``id``; the router's id for it is added and maps the reply to
+        ``pending``). Never waits: a worker whose queue is full refuses it (:class:`ServerUnavailable`)."""
         rid = next(self._ids)
-        self.transport.send(rid, encode({**header, "id": rid}, tensors), bool(tensors))
-        reply, _ = self.transport.receive(rid, str(header.get("op")), self.timeout_s)
-        return reply
+        frames = encode({**header, "id": rid}, tensors)
+        small = all(memoryview(f).nbytes < ZERO_COPY_BYTES for f in frames)
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=small)
+        except zmq.Again:
+            raise ServerUnavailable(f"worker {self.index} ({self.address}) has {len(self.outstanding)} requests "
+                                    "queued and takes no more now") from None
+        self.outstanding[rid] = pending
 
-    def lose(self, why: str) -> None:
-        if self.lost is None:
-            self.lost = why
-            log.warning("worker %d (%s) lost: %s; its sessions are gone", self.index, self.address, why)
-        self.close()
+    def overdue(self, now: float, timeout_s: float) -> bool:
+        """Requests wait and the worker has sent no reply for ``timeout_s`` (since the oldest was sent, or since its
+        last reply: replies come in request order, so the oldest is the one it works on)."""
+        if not self.outstanding:
+            return False
+        oldest = next(iter(self.outstanding.values())).sent
+        return now - max(oldest, self.last_reply) > timeout_s
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
-class Router:
+class Router(LoopService):
     """One endpoint over the servers at ``workers`` (see the module docstring).
 
     Args:
         workers: the workers' ZeroMQ endpoints (``tcp://host:port``), at least one, all distinct.
         config: where the router listens and what it accepts: ``host``, ``port``, ``token``, ``max_request_bytes``,
-            ``max_header_bytes``, ``tick_s`` and ``linger_ms`` of a :class:`ServerConfig` (non-loopback needs a token).
+            ``max_header_bytes``, ``tick_s`` and ``linger_ms`` of a :class:`ServerConfig` (non-loopback
+            needs a token).
         worker_token: the token sent to the workers (default: ``config.token``).
-        worker_timeout_s: how long a worker may take to answer one request before it is lost. A request waits for
-            its worker: give this more than the longest op (a long ``generate``) takes.
+        worker_timeout_s: how long a worker with requests outstanding may go without replying before it is lost.
+            Its requests run one at a time: give this more than the longest op (a long ``generate``) takes.
         placement: picks the worker of each new session (default :class:`MostFreeSlab`).
         max_reply_bytes: the largest reply accepted from a worker.
 
-    ``start()`` binds and serves on a new thread; ``serve_forever()`` on the calling thread (the CLI); ``stop()``
-    from any thread or a signal handler.
+    ``start()`` binds and routes on a new thread; ``serve_forever()`` on the calling thread (the CLI); ``stop()``
+    from any thread or a signal handler (:class:`~djinn_core.rpc.service.LoopService`). Everything else runs on the
+    router thread.
     """
 
     def __init__(self, workers: Sequence[str], config: ServerConfig | None = None, *,
@@ -176,24 +233,25 @@ class Router:
         self.placement = placement or MostFreeSlab()
         if not callable(getattr(self.placement, "choose", None)):
             raise ConfigError(f"placement must have a choose(stats) method, got {type(self.placement).__name__}")
+        super().__init__("router")
         self.config = config or ServerConfig()
         self.worker_token = worker_token if worker_token is not None else self.config.token
         self.worker_timeout_s = float(check_number("worker_timeout_s", worker_timeout_s, 0, strict_minimum=True))
+        self.max_reply_bytes = check_int("max_reply_bytes", max_reply_bytes, 1)
         self._ctx = zmq.Context()
-        self.workers = [_Worker(i, a, self._ctx, timeout_s=self.worker_timeout_s, max_reply_bytes=max_reply_bytes)
-                        for i, a in enumerate(workers)]
+        self.workers = [_Worker(i, a, self._ctx) for i, a in enumerate(workers)]
+        self._poller = zmq.Poller()
+        for w in self.workers:
+            self._poller.register(w.sock, zmq.POLLIN)
         self.routes: dict[int, _Route] = {}  # global session id -> where it lives
         self._by_worker: dict[tuple[int, int], int] = {}  # (worker, worker session id) -> global session id
         self._closed: collections.OrderedDict[int, str] = collections.OrderedDict()  # closed id -> owner
         self._next_sid = itertools.count(1)
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
         self.transport: ZmqServerTransport | None = None
-        self.address: str | None = None
         self.started_at = time.monotonic()
         self.counters: collections.Counter[str] = collections.Counter()
-        self.ops: dict[str, Callable[[Request], tuple[dict[str, Any], list[torch.Tensor], Any]]] = {
+        # each op answers its job itself, at once or when its workers have replied
+        self.ops: dict[str, Callable[[_Job], None]] = {
             "ping": self._op_ping, "stats": self._op_stats, "open": self._op_open, "fork": self._op_fork,
             "sessions": self._op_sessions, "close": self._op_close}
 
@@ -204,54 +262,52 @@ class Router:
             cfg = self.config
             self.transport = ZmqServerTransport(cfg.endpoint, max_frame_bytes=2 * cfg.max_request_bytes
                                                 + cfg.max_header_bytes, linger_ms=cfg.linger_ms)
+            self._poller.register(self.transport.sock, zmq.POLLIN)
             self.address = self.transport.address
             log.info("djinn router listening on %s over %d workers (%s), auth %s", self.address, len(self.workers),
                      ", ".join(w.address for w in self.workers), "on" if cfg.token else "off")
         return self.address
 
-    def start(self) -> "Router":
-        """Bind, then route on a background thread; returns self."""
-        if self._thread is not None:
-            raise ConfigError("router already started")
-        self.bind()
-        self._thread = threading.Thread(target=self._run, name="djinn-router", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Bind and route on the calling thread until :meth:`stop`."""
-        self.bind()
-        self._run()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Ask the router to stop and, if it runs on its own thread, wait for it (at most ``timeout_s``; a request
-        waiting for a worker finishes first)."""
-        self._stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning("djinn router thread still busy %.1f s after stop()", timeout_s)
-
-    def __enter__(self) -> "Router":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
     def _run(self) -> None:
+        """The router thread: relay worker replies, take client requests, lose overdue workers; after a stop, drain."""
         tick_ms = max(1, int(self.config.tick_s * 1000))
+        client_sock = self.transport.sock
+        drain_until: float | None = None
         try:
-            while not self._stopping.is_set():
-                self.transport.serve(self._handle_guarded, tick_ms, False, self._stopping)
+            while True:
+                now = time.monotonic()
+                if self._stopping.is_set():
+                    drain_until = now + STOP_WAIT_S if drain_until is None else drain_until
+                    if now >= drain_until or not any(w.outstanding for w in self.workers):
+                        break
+                ready = dict(self._poller.poll(tick_ms))
+                for w in self.workers:  # replies first: they free clients
+                    if w.sock is not None and w.sock in ready:
+                        self._relay(w)
+                if client_sock in ready:
+                    self.transport.serve(self._handle_guarded, 0, False, None)
+                now = time.monotonic()
+                for w in self._live():
+                    if w.overdue(now, self.worker_timeout_s):
+                        self._lose(w, f"stopped answering: no reply within {self.worker_timeout_s:g} s")
         finally:
-            self.transport.close()
-            for w in self.workers:
-                w.close()
-            self._ctx.term()
-            self._stopped.set()
-            log.info("djinn router on %s stopped (%d requests routed)", self.address, self.counters["requests"])
+            self._shutdown()
 
-    # -- one request -----------------------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        left = [p.job for w in self.workers for p in w.outstanding.values()]
+        for w in self.workers:
+            w.outstanding.clear()
+        for job in left:
+            self._fail(job, ServerUnavailable("router shutting down"))
+        self.transport.close()
+        for w in self.workers:
+            w.close()
+        self._ctx.term()
+        self._stopped.set()
+        log.info("djinn router on %s stopped (%d requests routed, %d left unanswered by workers)", self.address,
+                 self.counters["requests"], len(left))
+
+    # -- client requests -------------------------------------------------------------------------------------------
     def _handle_guarded(self, origin: Any, body: list[Any] | None, slot_id: int | None,
                         error: Exception | None) -> None:
         try:
@@ -261,34 +317,23 @@ class Router:
             log.exception("a message could not be handled")
 
     def _handle(self, origin: Any, body: list[Any] | None, error: Exception | None) -> None:
-        """Check a request as a server does (bounded header, then the token, then the rest), route it, answer."""
+        """Check a request as a server does (bounded header, then the token, then the rest) and start its op."""
         self.counters["requests"] += 1
-        rid: Any = None
+        job = _Job(origin, None)
         try:
             if error is not None:
                 raise error
             if not body:
                 raise ProtocolError("empty message")
             header = decode_header(body[0], max_header_bytes=self.config.max_header_bytes)
-            rid = _reply_id(header.get("id"))
+            job.rid = _reply_id(header.get("id"))
             self._authenticate(header.get("token"))
-            req = Request(decode(body, max_bytes=self.config.max_request_bytes, header=header), origin)
-            fn = self.ops.get(req.op, self._op_forward)
-            result, tensors, timing = fn(req)
-            self.transport.send(origin, rid, encode({"id": rid, "ok": True, "result": result, **(timing or {})},
-                                                    tensors))
+            if self._stopping.is_set():
+                raise ServerUnavailable("router shutting down")
+            job.req = Request(decode(body, max_bytes=self.config.max_request_bytes, header=header), origin)
+            self.ops.get(job.req.op, self._op_forward)(job)
         except Exception as e:  # one bad request never stops the router
-            self.counters["errors"] += 1
-            type_name, message = ((e.type_name, e.message) if isinstance(e, WorkerRefused)
-                                  else (type(e).__name__, str(e)))
-            if isinstance(e, (DjinnError, WorkerRefused)):
-                log.info("request %r refused: %s: %s", rid, type_name, message[:500])
-            else:
-                log.exception("request %r failed", rid)
-            try:
-                self.transport.send(origin, rid, encode(_error_header(rid, type_name, message[:2000])))
-            except Exception:
-                log.exception("could not send the error reply to request %r", rid)
+            self._fail(job, e)
 
     def _authenticate(self, token: Any) -> None:
         expected = self.config.token
@@ -297,32 +342,138 @@ class Router:
         if not isinstance(token, str) or not hmac.compare_digest(token.encode(), expected.encode()):
             raise AuthenticationFailed("missing or wrong auth token")
 
+    def _answer(self, job: _Job, result: dict[str, Any], tensors: Sequence[torch.Tensor] = (),
+                timing: dict[str, Any] | None = None) -> None:
+        """The reply to ``job`` (once; a result that cannot be encoded is answered as an error)."""
+        if job.done:
+            return
+        try:
+            frames = encode({"id": job.rid, "ok": True, "result": result, **(timing or {})}, tensors)
+        except Exception as e:
+            self._fail(job, e)
+            return
+        job.done = True
+        try:
+            self.transport.send(job.origin, job.rid, frames)
+        except Exception:
+            log.exception("could not send the reply to request %r", job.rid)
+
+    def _fail(self, job: _Job, e: Exception) -> None:
+        """The error reply to ``job`` (once): a worker's refusal under its own type name, else ``e``'s."""
+        if job.done:
+            return
+        job.done = True
+        self.counters["errors"] += 1
+        type_name, message = ((e.type_name, e.message) if isinstance(e, WorkerRefused)
+                              else (type(e).__name__, str(e)))
+        if isinstance(e, (DjinnError, WorkerRefused)):
+            log.info("request %r refused: %s: %s", job.rid, type_name, message[:500])
+        else:
+            log.error("request %r failed", job.rid, exc_info=e)
+        try:
+            self.transport.send(job.origin, job.rid, encode(_error_header(job.rid, type_name, message[:2000])))
+        except Exception:
+            log.exception("could not send the error reply to request %r", job.rid)
+
     # -- workers ---------------------------------------------------------------------------------------------------
-    def _call(self, w: _Worker, req: Request | None, op: str, *, session: int | None = None,
-              args: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()) -> Message:
-        """``op`` on worker ``w`` for ``req``'s client (the router's own id without ``req``); the reply to a
-        successful call. A worker that does not answer is lost (:class:`WorkerLost`); its refusals are raised as
-        :class:`WorkerRefused`."""
+    def _ask(self, w: _Worker, job: _Job, op: str, then: Callable[[Outcome], None], *, client: str,
+             session: int | None = None, args: dict[str, Any] | None = None,
+             tensors: Sequence[torch.Tensor] = ()) -> None:
+        """Send ``op`` to worker ``w`` for ``client`` without waiting; ``then(outcome)`` runs on the router thread
+        when the reply comes (or the worker is lost). An exception ``then`` raises is ``job``'s error reply."""
         if w.lost is not None:
             raise WorkerLost(f"worker {w.index} ({w.address}) is lost: {w.lost}")
-        header = {"op": op, "client": req.client if req is not None else ROUTER_CLIENT_ID,
-                  "token": self.worker_token, "session": session, "args": args or {}}
-        try:
-            reply = w.call(header, tensors)
-        except ServerUnavailable as e:
-            w.lose(str(e))
-            raise WorkerLost(f"worker {w.index} ({w.address}) stopped answering: {e}") from None
-        except ProtocolError as e:  # an unreadable reply: the worker is not one we can talk to
-            w.lose(f"unreadable reply: {e}")
-            raise WorkerLost(f"worker {w.index} ({w.address}) sent an unreadable reply: {e}") from None
-        if not reply.header.get("ok"):
-            err = reply.header.get("error") or {}
+        header = {"op": op, "client": client, "token": self.worker_token, "session": session, "args": args or {}}
+        w.send(header, tensors, _Pending(job, then))
+
+    def _relay(self, w: _Worker) -> None:
+        """Every reply waiting on ``w``'s socket, to the request it answers."""
+        while w.lost is None:
+            try:
+                frames = w.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            w.last_reply = time.monotonic()
+            try:
+                reply = decode(frames, max_bytes=self.max_reply_bytes, max_header_bytes=REPLY_HEADER_BYTES)
+            except ProtocolError as e:  # not a worker we can talk to
+                self._lose(w, f"sent an unreadable reply: {e}")
+                return
+            h = reply.header
+            rid = h.get("id")
+            if rid is None and not h.get("ok") and w.outstanding:  # our header was unreadable: replies keep order
+                rid = next(iter(w.outstanding))
+            pending = w.outstanding.pop(rid, None) if isinstance(rid, int) else None
+            if pending is None:
+                log.debug("worker %d: discarding a reply to no outstanding request (id %r)", w.index, rid)
+                continue
+            if h.get("ok"):
+                self._settle(pending, reply)
+                continue
+            err = h.get("error") or {}
             type_name, message = str(err.get("type", "RemoteError")), str(err.get("message", ""))
             if type_name == "ServerUnavailable":  # the worker is shutting down
-                w.lose(message)
-                raise WorkerLost(f"worker {w.index} ({w.address}) is shutting down: {message}")
-            raise WorkerRefused(type_name, message)
-        return reply
+                why = f"is shutting down: {message}"
+                self._settle(pending, WorkerLost(f"worker {w.index} ({w.address}) {why}"))
+                self._lose(w, why)
+                return
+            self._settle(pending, WorkerRefused(type_name, message))
+
+    def _settle(self, pending: _Pending, outcome: Outcome) -> None:
+        try:
+            pending.then(outcome)
+        except Exception as e:
+            self._fail(pending.job, e)
+
+    def _lose(self, w: _Worker, why: str) -> None:
+        """Mark ``w`` lost (``why``: e.g. "stopped answering: ..."); its outstanding requests get WorkerLost."""
+        if w.lost is not None:
+            return
+        w.lost = why
+        log.warning("worker %d (%s) lost: %s; its sessions are gone", w.index, w.address, why)
+        self._poller.unregister(w.sock)
+        w.close()
+        pending = list(w.outstanding.values())
+        w.outstanding.clear()
+        for p in pending:
+            self._settle(p, WorkerLost(f"worker {w.index} ({w.address}) {why}"))
+
+    def _gather(self, job: _Job, op: str, client: str,
+                then: Callable[[list[dict[str, Any] | None]], None]) -> None:
+        """``op`` on every live worker at once; ``then(results)`` when the last has answered: each worker's result
+        (None for a lost worker or one that refused)."""
+        results: list[dict[str, Any] | None] = [None] * len(self.workers)
+        waiting = {w.index for w in self._live()}
+
+        def one(i: int) -> Callable[[Outcome], None]:
+            def got(outcome: Outcome) -> None:
+                waiting.discard(i)
+                if isinstance(outcome, Message):
+                    result = outcome.header.get("result")
+                    results[i] = result if isinstance(result, dict) else {}
+                else:
+                    log.info("no %s from worker %d: %s", op, i, outcome)
+                if not waiting:
+                    then(results)
+            return got
+
+        if not waiting:
+            then(results)
+        for i in sorted(waiting):
+            try:
+                self._ask(self.workers[i], job, op, one(i), client=client)
+            except (WorkerLost, ServerUnavailable) as e:
+                one(i)(e)
+
+    @staticmethod
+    def _ok(outcome: Outcome, route: _Route | None = None, gid: int | None = None) -> Message:
+        """The reply in ``outcome``, else its error raised (a refusal naming ``route``'s session renamed ``gid``)."""
+        if isinstance(outcome, WorkerRefused) and route is not None:
+            raise WorkerRefused(outcome.type_name, re.sub(rf"\bsession {route.wsid}\b", f"session {gid}",
+                                                          outcome.message))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def _live(self) -> list[_Worker]:
         return [w for w in self.workers if w.lost is None]
@@ -364,110 +515,122 @@ class Router:
         """The worker's op timing, passed on (``server_ms``; ``server_t`` is on the host's monotonic clock)."""
         return {k: reply.header[k] for k in ("server_ms", "server_t") if k in reply.header}
 
-    def _rename(self, text: str, route: _Route, gid: int) -> str:
-        return re.sub(rf"\bsession {route.wsid}\b", f"session {gid}", text)
+    # -- ops (router thread; each answers its job) -----------------------------------------------------------------
+    def _op_ping(self, job: _Job) -> None:
+        self._answer(job, {})
 
-    # -- ops -------------------------------------------------------------------------------------------------------
-    def _op_ping(self, req: Request) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
-        return {}, [], None
-
-    def worker_stats(self) -> list[dict[str, Any] | None]:
-        """Each worker's stats (None for a lost one; a worker that does not answer is lost here)."""
-        out: list[dict[str, Any] | None] = []
-        for w in self.workers:
-            try:
-                out.append(self._call(w, None, "stats").header.get("result") if w.lost is None else None)
-            except (WorkerLost, WorkerRefused) as e:
-                log.info("no stats from worker %d: %s", w.index, e)
-                out.append(None)
-        return out
-
-    def stats(self) -> dict[str, Any]:
+    def _op_stats(self, job: _Job) -> None:
         """Totals over the live workers (``sessions``, ``resident``, ``swapped``, ``requests``, ``slab``: capacity,
         used and free bytes), each worker's stats under ``workers``, and the router's own counters."""
-        per = self.worker_stats()
+        self._gather(job, "stats", ROUTER_CLIENT_ID, lambda per: self._answer(job, self._totals(per)))
+
+    def _totals(self, per: list[dict[str, Any] | None]) -> dict[str, Any]:
         totals: dict[str, Any] = {k: sum(int(s.get(k) or 0) for s in per if s) for k in _SUMMED}
         totals["slab"] = {k: sum(int((s.get("slab") or {}).get(k) or 0) for s in per if s) for k in _SLAB_SUMMED}
         return {**totals,
-                "workers": [{"address": w.address, "lost": w.lost, "stats": s} for w, s in zip(self.workers, per)],
+                "workers": [{"address": w.address, "lost": w.lost, "outstanding": len(w.outstanding), "stats": s}
+                            for w, s in zip(self.workers, per)],
                 "live_workers": sum(1 for s in per if s is not None),
                 "router": {"address": self.address, "sessions": len(self.routes),
                            "requests": self.counters["requests"], "errors": self.counters["errors"],
                            "uptime_s": time.monotonic() - self.started_at}}
 
-    def _op_stats(self, req: Request) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
-        return self.stats(), [], None
+    def _op_open(self, job: _Job) -> None:
+        """On the worker the placement picks from fresh stats; if that worker is lost before it answers, placed
+        again over the others."""
+        req = job.req
 
-    def _op_open(self, req: Request) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
-        """On the worker the placement picks; a worker lost meanwhile is skipped and the choice made again."""
-        while True:
-            per = self.worker_stats()
+        sent = [w.opens_sent for w in self.workers]  # a worker's stats reply counts the opens sent before its request
+
+        def place(per: list[dict[str, Any] | None]) -> None:
+            per = [None if s is None or self.workers[i].lost is not None
+                   else {**s, "sessions": int(s.get("sessions", 0)) + self.workers[i].opens_sent - sent[i]}
+                   for i, s in enumerate(per)]  # lost meanwhile: None; sessions placed since the stats: counted
             if all(s is None for s in per):
                 raise ServerUnavailable(f"no live worker of {len(self.workers)}")
             i = self.placement.choose(per)
             if not (isinstance(i, int) and 0 <= i < len(per) and per[i] is not None):
                 raise ConfigError(f"placement {type(self.placement).__name__} chose {i!r}, not a live worker")
-            try:
-                reply = self._call(self.workers[i], req, "open", args=req.args, tensors=req.tensors)
-            except WorkerLost:
-                continue
-            gid = self._add_route(i, (reply.header.get("result") or {}).get("session"), req.client)
-            return {"session": gid}, [], self._timing(reply)
 
-    def _op_fork(self, req: Request) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
+            def opened(outcome: Outcome) -> None:
+                if isinstance(outcome, WorkerLost):
+                    self._op_open(job)
+                    return
+                reply = self._ok(outcome)
+                gid = self._add_route(i, (reply.header.get("result") or {}).get("session"), req.client)
+                self._answer(job, {"session": gid}, (), self._timing(reply))
+
+            self._ask(self.workers[i], job, "open", opened, client=req.client, args=req.args, tensors=req.tensors)
+            self.workers[i].opens_sent += 1
+
+        self._gather(job, "stats", ROUTER_CLIENT_ID, place)
+
+    def _op_fork(self, job: _Job) -> None:
         """On the parent's worker: the children share its device."""
+        req = job.req
         route = self._route(req)
         if route is None:
             raise CheckpointStateError(f"session {req.session} is closed")
-        try:
-            reply = self._call(self.workers[route.worker], req, "fork", session=route.wsid, args=req.args)
-        except WorkerRefused as e:
-            raise WorkerRefused(e.type_name, self._rename(e.message, route, req.session)) from None
-        ids = (reply.header.get("result") or {}).get("sessions")
-        if not isinstance(ids, list):
-            raise ProtocolError(f"worker {route.worker} answered fork with {ids!r}")
-        return {"sessions": [self._add_route(route.worker, c, req.client) for c in ids]}, [], self._timing(reply)
 
-    def _op_sessions(self, req: Request) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
+        def forked(outcome: Outcome) -> None:
+            reply = self._ok(outcome, route, req.session)
+            ids = (reply.header.get("result") or {}).get("sessions")
+            if not isinstance(ids, list):
+                raise ProtocolError(f"worker {route.worker} answered fork with {ids!r}")
+            self._answer(job, {"sessions": [self._add_route(route.worker, c, req.client) for c in ids]}, (),
+                         self._timing(reply))
+
+        self._ask(self.workers[route.worker], job, "fork", forked, client=req.client, session=route.wsid,
+                  args=req.args)
+
+    def _op_sessions(self, job: _Job) -> None:
         """This client's sessions on every live worker that the router opened, under their global ids."""
-        mine = []
-        for w in self._live():
-            try:
-                listed = (self._call(w, req, "sessions").header.get("result") or {}).get("sessions") or []
-            except WorkerLost:
-                continue
-            for info in listed:
-                gid = self._by_worker.get((w.index, info.get("session"))) if isinstance(info, dict) else None
-                if gid is not None:
-                    mine.append({**info, "session": gid})
-        return {"sessions": mine}, [], None
+        def listed(per: list[dict[str, Any] | None]) -> None:
+            mine = []
+            for i, result in enumerate(per):
+                for info in (result or {}).get("sessions") or []:
+                    gid = self._by_worker.get((i, info.get("session"))) if isinstance(info, dict) else None
+                    if gid is not None:
+                        mine.append({**info, "session": gid})
+            self._answer(job, {"sessions": mine})
 
-    def _op_close(self, req: Request) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
+        self._gather(job, "sessions", job.req.client, listed)
+
+    def _op_close(self, job: _Job) -> None:
         """Idempotent, as on a server."""
+        req = job.req
         route = self._route(req)
         if route is None:
-            return {}, [], None
-        reply = self._forward(req, route)
-        self._drop_route(req.session)
-        return {}, [], self._timing(reply)
+            self._answer(job, {})
+            return
 
-    def _op_forward(self, req: Request) -> tuple[dict[str, Any], list[torch.Tensor], Any]:
+        def closed(outcome: Outcome) -> None:
+            reply = self._ok(outcome, route, req.session)
+            self._drop_route(req.session)
+            self._answer(job, {}, (), self._timing(reply))
+
+        self._forward(job, route, closed)
+
+    def _op_forward(self, job: _Job) -> None:
         """Any other op with a session: to the session's worker, ids rewritten both ways."""
+        req = job.req
         if req.session is None:
             raise ProtocolError(f"unknown op {str(req.op)[:64]!r} (the router forwards only ops on a session; its "
                                 f"own: {sorted(self.ops)})")
         route = self._route(req)
         if route is None:
             raise CheckpointStateError(f"session {req.session} is closed")
-        reply = self._forward(req, route)
-        result = reply.header.get("result")
-        if isinstance(result, dict) and "session" in result:
-            result = {**result, "session": req.session}
-        return result if isinstance(result, dict) else {}, reply.tensors, self._timing(reply)
 
-    def _forward(self, req: Request, route: _Route) -> Message:
-        try:
-            return self._call(self.workers[route.worker], req, req.op, session=route.wsid, args=req.args,
-                              tensors=req.tensors)
-        except WorkerRefused as e:
-            raise WorkerRefused(e.type_name, self._rename(e.message, route, req.session)) from None
+        def relayed(outcome: Outcome) -> None:
+            reply = self._ok(outcome, route, req.session)
+            result = reply.header.get("result")
+            if isinstance(result, dict) and "session" in result:
+                result = {**result, "session": req.session}
+            self._answer(job, result if isinstance(result, dict) else {}, reply.tensors, self._timing(reply))
+
+        self._forward(job, route, relayed)
+
+    def _forward(self, job: _Job, route: _Route, then: Callable[[Outcome], None]) -> None:
+        req = job.req
+        self._ask(self.workers[route.worker], job, req.op, then, client=req.client, session=route.wsid,
+                  args=req.args, tensors=req.tensors)

@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import hmac
 import logging
-import threading
 import time
 from typing import Any, Callable
 
@@ -35,6 +34,7 @@ import torch
 from djinn_core.errors import AuthenticationFailed, ConfigError, DjinnError, ProtocolError
 from djinn_core.rpc.config import ServerConfig, is_loopback
 from djinn_core.rpc.ops import Request, Result, SessionOps
+from djinn_core.rpc.service import LoopService
 from djinn_core.rpc.shm_transport import ShmServerTransport
 from djinn_core.rpc.transport import ServerTransport
 from djinn_core.rpc.wire import HostStaging, decode, decode_header, encode, encode_header, encode_tensors
@@ -58,29 +58,27 @@ def _error_header(rid: Any, type_name: str, message: str) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": {"type": type_name, "message": message}}
 
 
-class Server:
+class Server(LoopService):
     """Serves breakpoint sessions of ``runtime`` (see the module docstring).
 
     ``start()`` binds (errors raise in the caller) and runs the loop on a new thread; ``serve_forever()`` runs it on
-    the calling thread (the CLI). ``stop()`` may be called from any thread or a signal handler: the request being
-    executed completes, requests that arrive during ``drain_s`` are refused with "server shutting down", every
-    session is closed and the transport closed.
+    the calling thread (the CLI); ``with Server(...) as srv:`` both (:class:`~djinn_core.rpc.service.LoopService`).
+    ``stop()`` may be called from any thread or a signal handler: the request being executed completes, requests that
+    arrive during ``drain_s`` are refused with "server shutting down", every session is closed and the transport
+    closed.
     """
 
     def __init__(self, runtime: BreakpointRuntime, config: ServerConfig | None = None):
         if not isinstance(runtime, BreakpointRuntime):
             raise ConfigError(f"runtime must be a BreakpointRuntime, got {type(runtime).__name__}")
+        super().__init__("server")
         self.runtime = runtime
         self.config = config or ServerConfig()
         self.sessions = SessionOps(runtime, self.config)
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
         self.transport: ServerTransport | None = None
         # device tensors of replies bound for a channel reach the host through pinned memory (wire.HostStaging)
         self._staging = HostStaging(self.config.local_channel_bytes, warm=self._warm_reply)
         self._warm_descs: list[dict[str, Any]] = []  # the last staged reply's descriptors (see _warm_reply)
-        self.address: str | None = None
         self.started_at = time.monotonic()
         self.counters = collections.Counter()
         self._next_stats = 0.0
@@ -99,45 +97,13 @@ class Server:
                                    linger_ms=cfg.linger_ms)
         self.transport = ShmServerTransport(zmq_t, channel_bytes=cfg.local_channel_bytes,
                                             max_channels=cfg.max_sessions, busy_poll_s=cfg.busy_poll_s,
-                                            stop=self._stopping)
+                                            stop=self._stopping, zmq_every=cfg.spin_zmq_every)
         self.ops.update(self.transport.ops)
         self.address = zmq_t.address
         log.info("djinn server listening on %s (model on %s, auth %s, max request %d bytes, max sessions %d, "
                  "idle timeout %.1f s)", self.address, self.runtime.device, "on" if cfg.token else "off",
                  cfg.max_request_bytes, cfg.max_sessions, cfg.idle_timeout_s)
         return self.address
-
-    def start(self) -> "Server":
-        """Bind, then serve on a background thread; returns self."""
-        if self._thread is not None:
-            raise ConfigError("server already started")
-        self.bind()
-        self._thread = threading.Thread(target=self._run, name="djinn-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Bind and serve on the calling thread until :meth:`stop` (or SIGINT/SIGTERM when installed by the CLI)."""
-        self.bind()
-        self._run()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Ask the server to stop and, if it runs on its own thread, wait for it (at most ``timeout_s``)."""
-        self._stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning("djinn server thread still busy %.1f s after stop()", timeout_s)
-
-    @property
-    def running(self) -> bool:
-        return self.transport is not None and not self._stopped.is_set()
-
-    def __enter__(self) -> "Server":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     # -- the loop (server thread) ----------------------------------------------------------------------------------
     def _run(self) -> None:
