@@ -12,6 +12,7 @@ from typing import Any
 
 from djinn_core.errors import ConfigError
 from djinn_core.rpc.config import ServerConfig
+from djinn_core.rpc.service import LoopService  # light: no torch, no ZeroMQ
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,23 @@ def _make_runtime(args: argparse.Namespace, device: Any) -> tuple[Any, str]:
     return runtime, note
 
 
+def _serve_until_signal(service: LoopService, what: str) -> int:
+    """Bind ``service``, print ``"<what>, listening on <address>"`` (the line scripts wait for), then serve on this
+    thread until SIGINT or SIGTERM stops it; 0."""
+    import signal
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        service.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    service.bind()
+    print(f"{what}, listening on {service.address}", flush=True)
+    service.serve_forever()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``djinn serve``: load the model, bind, serve until SIGINT/SIGTERM. Bad input raises a typed
     :class:`~djinn_core.errors.DjinnError` before anything is loaded where it can."""
@@ -142,10 +160,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_request_bytes=args.max_request_bytes, max_sessions=args.max_sessions,
                           max_sessions_per_client=args.max_sessions_per_client, idle_timeout_s=args.idle_timeout_s,
                           stats_interval_s=args.stats_interval_s, busy_poll_s=args.busy_poll_s,
-                          local_channel_bytes=args.local_channel_bytes)  # checked before anything heavy loads
+                          local_channel_bytes=args.local_channel_bytes,
+                          spin_zmq_every=args.spin_zmq_every)  # checked before anything heavy loads
     check_stream_args(args)
-    import signal
-
     from djinn_core.rpc.server import Server
     from djinn_core.validation import check_device
 
@@ -156,18 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runtime, streamed = _make_runtime(args, device)
-    server = Server(runtime, config)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        log.info("signal %d: stopping", signum)
-        server.stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    server.bind()
-    print(f"djinn serve: {args.model} on {device}{streamed}, listening on {server.address}", flush=True)
-    server.serve_forever()
-    return 0
+    return _serve_until_signal(Server(runtime, config), f"djinn serve: {args.model} on {device}{streamed}")
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -213,6 +219,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--local-channel-bytes", type=parse_bytes, default=d.local_channel_bytes,
                    help="size of each direction of the shared-memory channel offered to clients on this host "
                         "(0: none)")
+    p.add_argument("--spin-zmq-every", type=int, default=d.spin_zmq_every,
+                   help="while spinning on shared-memory channels, poll the ZeroMQ socket once every this many spins "
+                        "(a system call; 1: every spin)")
     p.set_defaults(fn=cmd_serve)
     return p
 
@@ -222,22 +231,10 @@ def cmd_route(args: argparse.Namespace) -> int:
     routes until SIGINT/SIGTERM. Bad input raises a typed :class:`~djinn_core.errors.DjinnError` before binding."""
     config = ServerConfig(host=args.host, port=args.port, token=read_token(args.token_file),
                           max_request_bytes=args.max_request_bytes)
-    import signal
-
     from djinn_core.rpc.router import Router
 
     router = Router(args.worker, config, worker_timeout_s=args.worker_timeout_s)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        log.info("signal %d: stopping", signum)
-        router.stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    router.bind()
-    print(f"djinn route: {len(args.worker)} workers, listening on {router.address}", flush=True)
-    router.serve_forever()
-    return 0
+    return _serve_until_signal(router, f"djinn route: {len(args.worker)} workers")
 
 
 def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -47,6 +47,8 @@ class ServerConfig:
             the next request of an active client is picked up without a wake-up (0 = always sleep between requests).
         local_channel_bytes: size of each direction of the shared-memory channel a client on this host may ask for
             (:mod:`djinn_core.rpc.local_channel`; messages that do not fit go over ZeroMQ); 0 turns the channels off.
+        spin_zmq_every: while spinning on channels in use, look at the ZeroMQ socket once every this many spins (a
+            look is a system call; 1: every spin).
     """
 
     host: str = "127.0.0.1"
@@ -64,6 +66,7 @@ class ServerConfig:
     linger_ms: int = 1000
     busy_poll_s: float = 0.0
     local_channel_bytes: int = 64 << 20
+    spin_zmq_every: int = 8
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -80,6 +83,7 @@ class ServerConfig:
         check_optional_int("max_sessions_per_client", self.max_sessions_per_client, 1)
         check_int("max_new_tokens", self.max_new_tokens, 0)
         check_int("linger_ms", self.linger_ms, 0)
+        check_int("spin_zmq_every", self.spin_zmq_every, 1)
         if self.local_channel_bytes != 0:
             check_int("local_channel_bytes (0: no channels)", self.local_channel_bytes, MIN_CAPACITY)
         check_number("tick_s", self.tick_s, 0, strict_minimum=True)
