@@ -23,14 +23,13 @@ import pytest
 import torch
 
 from djinn_core.bench import preconditions as pre
-from djinn_core.bench.experiments.memory_pressure import NEW_TOKENS, ROUNDS, demand_bytes, prompts, swap_pool_bytes
-from djinn_core.bench.experiments.server_pressure import (peak, resume_timing, run_server_pressure, serve_accepts,
-                                                          serve_args, verdict)
-from djinn_core.bench.vram import VramSampler, nvml_handle
+from djinn_core.bench.experiments.memory_pressure import ROUNDS, demand_bytes, prompts, swap_pool_bytes
+from djinn_core.bench.experiments.server_pressure import (nvml_probe, peak, resume_timing, run_server_pressure,
+                                                          serve_accepts, serve_args, session_kv_bytes, verdict)
+from djinn_core.bench.vram import VramSampler
 from djinn_core.memory.host_ram import default_min_free_host_bytes
 from djinn_core.models import architecture_config, model_sizes
 from djinn_core.rpc.process import ServerProcess
-from djinn_core.runtime.kv_cache import KVGeometry
 
 GiB = 2**30
 MODEL = "llama2-13b"
@@ -40,23 +39,6 @@ PROMPT_TOKENS = 2048
 SERVER_OVERHEAD = 1 * GiB  # the server's CUDA context, cuBLAS workspace and loaded kernels, outside its slab
 ACTIVATION_HEADROOM = 3 * GiB  # activations of a 2048-token forward and the allocator's slack, outside the slab
 HEAD_BYTES = 64 << 20  # a checkpoint head at 2048 tokens (~21 MiB), rounded up
-
-
-def _session_bytes(model: str, tokens: int, dtype: torch.dtype) -> int:
-    geo = KVGeometry.for_model(architecture_config(model), batch=1, capacity=tokens + NEW_TOKENS, dtype=dtype)
-    return geo.block_bytes * geo.num_layers
-
-
-def nvml_probe(index: int, pid: int):
-    """Device memory used (NVML, every process) and what process ``pid`` holds, without touching CUDA here."""
-    pynvml, handle = nvml_handle(index)
-
-    def probe() -> dict[str, float]:
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        return {"nvml_used": float(pynvml.nvmlDeviceGetMemoryInfo(handle).used),
-                "server_used": float(sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid))}
-
-    return probe
 
 
 def _record(claim, v: dict, params: dict) -> None:
@@ -75,7 +57,7 @@ def test_64_clients_with_2048_token_sessions_swap_through_the_server_within_the_
     budget = vram_budget.bytes
     params = {"model": MODEL, "clients": CLIENTS, "L": PAUSE_LAYER, "prompt_tokens": PROMPT_TOKENS,
               "rounds": ROUNDS, "budget": vram_budget.spec}
-    session_bytes = _session_bytes(MODEL, PROMPT_TOKENS, torch.float16)
+    session_bytes = session_kv_bytes(MODEL, PROMPT_TOKENS, torch.float16)
     weight_bytes = model_sizes(architecture_config(MODEL), torch.float16).total_weight_bytes
     claim.precondition("vram_budget_within_card", value=(budget or float("nan")) / vram_budget.card_bytes, op="<=",
                        bound=1.0, unit="x card", what=f"the VRAM budget ({vram_budget.spec}) over the card's memory",
@@ -148,7 +130,7 @@ def test_server_pressure_plumbing_on_cpu(claim):
     """The same code through ``djinn serve`` on the CPU: 4 clients of the tiny Llama over a slab that holds two and a
     half fully decoded sessions, so the server must evict; all complete, bitwise equal to their solo runs."""
     clients, layer, tokens = 4, 3, 40
-    session_bytes = _session_bytes("llama-tiny", tokens, torch.float32)
+    session_bytes = session_kv_bytes("llama-tiny", tokens, torch.float32)
     slab_bytes = int(2.5 * session_bytes)
     pool_bytes = swap_pool_bytes(clients, session_bytes, 64 << 10, slab_bytes)
     args = serve_args("llama-tiny", device="cpu", slab_bytes=slab_bytes, host_pool_bytes=pool_bytes,

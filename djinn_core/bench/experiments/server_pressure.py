@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -164,13 +165,16 @@ class ServerPressureResult:
     wall_s: float
 
 
-def run_server_pressure(address: str, prompts: list[torch.Tensor], layer: int, *, timeout_s: float = 600.0,
-                        poll_s: float = 0.25, progress: Callable[[str], None] | None = None) -> ServerPressureResult:
-    """Each client's script alone (the solo references), then every client at once, the server's stats polled
-    throughout."""
+def solo_then_load(address: str, prompts: list[torch.Tensor], layer: int, *, polling: AbstractContextManager,
+                   timeout_s: float = 600.0, stats: Callable[[dict[str, Any]], dict[str, Any]] = lambda st: st,
+                   progress: Callable[[str], None] | None = None
+                   ) -> tuple[list[PressureClientRun], dict[str, Any], list[PressureClientRun], dict[str, Any], float]:
+    """Each client's script alone through ``address`` (the solo references), then every client at once (a thread
+    each, a barrier per round) inside ``polling`` (whatever samples the servers' stats meanwhile). Returns (solo runs,
+    ``stats(stats)`` before the load, the load's runs, ``stats(stats)`` after, the load's wall seconds)."""
     solo = [pressure_client(address, ids, layer, timeout_s=timeout_s) for ids in prompts]
     with Client(address, timeout_s=timeout_s) as c:
-        before = c.stats()
+        before = stats(c.stats())
     if progress is not None:
         progress("solo runs done")
     barrier = threading.Barrier(len(prompts))
@@ -181,7 +185,7 @@ def run_server_pressure(address: str, prompts: list[torch.Tensor], layer: int, *
 
     threads = [threading.Thread(target=work, args=(i,), name=f"pressure-client-{i}") for i in range(len(prompts))]
     t0 = time.perf_counter()
-    with StatsPoller(address, period_s=poll_s) as poller:
+    with polling:
         for t in threads:
             t.start()
         deadline = time.monotonic() + (ROUNDS + 2) * timeout_s
@@ -191,8 +195,42 @@ def run_server_pressure(address: str, prompts: list[torch.Tensor], layer: int, *
     if any(t.is_alive() for t in threads):
         raise RuntimeError(f"a pressure client hung past {(ROUNDS + 2) * timeout_s:.0f} s")
     with Client(address, timeout_s=timeout_s) as c:
-        after = c.stats()
-    return ServerPressureResult(solo, [r for r in runs if r is not None], before, after, poller.samples, wall)
+        after = stats(c.stats())
+    return solo, before, [r for r in runs if r is not None], after, wall
+
+
+def run_server_pressure(address: str, prompts: list[torch.Tensor], layer: int, *, timeout_s: float = 600.0,
+                        poll_s: float = 0.25, progress: Callable[[str], None] | None = None) -> ServerPressureResult:
+    """Each client's script alone (the solo references), then every client at once, the server's stats polled
+    throughout (:func:`solo_then_load`)."""
+    poller = StatsPoller(address, period_s=poll_s)
+    solo, before, runs, after, wall = solo_then_load(address, prompts, layer, polling=poller, timeout_s=timeout_s,
+                                                     progress=progress)
+    return ServerPressureResult(solo, runs, before, after, poller.samples, wall)
+
+
+def session_kv_bytes(model: str, tokens: int, dtype: torch.dtype) -> int:
+    """One fully decoded session's KV bytes: ``tokens`` of prompt plus ``NEW_TOKENS``, architecture ``model``."""
+    from djinn_core.models import architecture_config
+    from djinn_core.runtime.kv_cache import KVGeometry
+
+    geo = KVGeometry.for_model(architecture_config(model), batch=1, capacity=tokens + NEW_TOKENS, dtype=dtype)
+    return geo.block_bytes * geo.num_layers
+
+
+def nvml_probe(index: int, pid: int) -> Callable[[], dict[str, float]]:
+    """A memory probe for :class:`~djinn_core.bench.vram.VramSampler`: device memory used on CUDA device ``index``'s
+    GPU (NVML, every process) and what process ``pid`` holds there, without touching CUDA in this process."""
+    from djinn_core.bench.vram import nvml_handle
+
+    pynvml, handle = nvml_handle(index)
+
+    def probe() -> dict[str, float]:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        return {"nvml_used": float(pynvml.nvmlDeviceGetMemoryInfo(handle).used),
+                "server_used": float(sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid))}
+
+    return probe
 
 
 def verdict(result: ServerPressureResult) -> dict[str, Any]:
