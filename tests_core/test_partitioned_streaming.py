@@ -291,3 +291,20 @@ def test_four_ranks_each_pull_a_quarter_and_stay_bitwise_one_process_and_residen
     assert len({res["prompt_seed"] for res in ranks}) == 4
     assert sum(res["shard_layer_bytes"] for res in ranks) == ranks[0]["layer_used_bytes"]
     assert ranks[3]["shard_layer_bytes"] <= ranks[0]["shard_layer_bytes"] == ranks[0]["shard_bytes"]
+
+
+def test_host_link_ceiling_says_whether_the_host_or_the_links_cap_the_stream():
+    """Issue 23 measures first what the host feeds N links at once. On the committed two-H200 run it fed both
+    (2 x 53.2 GB/s against 2 x 54.9 alone: not capped); a host feeding four links at 70% is capped, and the claim
+    then divides by its share per link."""
+    from djinn_core.bench.experiments.scaleout import host_link_ceiling
+
+    ranks = [json.loads((ROOT / "reports" / "h200x2" / "scaleout_ranks" / f"rank{r}.json").read_text())
+             for r in (0, 1)]
+    h = host_link_ceiling(ranks)
+    assert h["links"] == 2 and not h["capped"] and 1.9 < h["host_feeds_x_one_link"] < 2.0
+    fake = [{"partitioned": {"ceiling_all_links_at_once": {"GBps": 0.7 * 55.0},
+                             "bandwidth": {"ceiling_GBps": 55.0}}} for _ in range(4)]
+    h4 = host_link_ceiling(fake)
+    assert h4["capped"] and h4["per_link_GBps"] == pytest.approx(38.5) and h4["host_feeds_x_one_link"] == \
+        pytest.approx(2.8)

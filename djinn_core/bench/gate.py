@@ -18,7 +18,8 @@ from typing import Any, Collection
 from djinn_core.bench.report import FIRST_RUN_FILE, RUNS_DIR, parse_run_file, provenance
 
 # results folder -> (substring of the GPU name every report in it must carry, number of GPUs)
-FOLDER_GPUS: dict[str, tuple[str, int]] = {"h100": ("H100", 1), "h200": ("H200", 1), "h200x2": ("H200", 2)}
+FOLDER_GPUS: dict[str, tuple[str, int]] = {"h100": ("H100", 1), "h200": ("H200", 1), "h200x2": ("H200", 2),
+                                           "h200x4": ("H200", 4)}
 REQUIRED_PROVENANCE = ("gpu", "driver", "torch", "transformers", "commit", "date")
 
 

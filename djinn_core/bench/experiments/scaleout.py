@@ -228,6 +228,22 @@ def bandwidth_bytes_counted(claim: Any, work: dict[str, Any], *, bytes_per_forwa
                        unit="layers", what="layer loads per timed forward", params=params)
 
 
+def host_link_ceiling(ranks: list[dict[str, Any]], *, caps_below: float = 0.95) -> dict[str, Any]:
+    """What the host feeds all links at once (each rank's ``ceiling_all_links_at_once``, measured with every rank
+    copying at the same time, summed) against N x one link alone (the median over ranks of each one's one-link
+    ceiling). ``capped``: the sum is below ``caps_below`` x N links, so the host (memory, PCIe switches), not the
+    links, bounds the partitioned stream, and a bandwidth claim divides by ``per_link_GBps`` (the host's share per
+    link) instead of one link's ceiling."""
+    n = len(ranks)
+    if n == 0:
+        raise ConfigError("no ranks")
+    at_once = sum(float(r["partitioned"]["ceiling_all_links_at_once"]["GBps"]) for r in ranks)
+    one = sorted(float(r["partitioned"]["bandwidth"]["ceiling_GBps"]) for r in ranks)[n // 2]
+    return {"all_links_at_once_GBps": at_once, "one_link_GBps": one, "links": n,
+            "host_feeds_x_one_link": at_once / one, "capped": at_once < caps_below * n * one,
+            "per_link_GBps": at_once / n}
+
+
 def pipeline_figures(timeline: list[dict[str, Any]], *, layer_bytes: int, pass_ms: float) -> dict[str, Any]:
     """Where a pass's time goes, from a :meth:`~djinn_core.streaming.StreamedModel.read_timeline` of it:
     ``cadence_ms`` (median spacing of consecutive layers' copy starts: the rate the links sustain once the pipeline
