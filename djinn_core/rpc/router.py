@@ -66,7 +66,7 @@ from djinn_core.rpc.config import ServerConfig
 from djinn_core.rpc.ops import CLOSED_MEMORY, Request
 from djinn_core.rpc.server import _error_header, _reply_id
 from djinn_core.rpc.service import LoopService
-from djinn_core.rpc.wire import Message, decode, decode_header, encode
+from djinn_core.rpc.wire import Message, decode, encode, request_header
 from djinn_core.rpc.zmq_transport import REPLY_HEADER_BYTES, ZERO_COPY_BYTES, ZmqServerTransport
 from djinn_core.validation import check_int, check_number
 
@@ -249,7 +249,6 @@ class Router(LoopService):
         self._next_sid = itertools.count(1)
         self.transport: ZmqServerTransport | None = None
         self.started_at = time.monotonic()
-        self.counters: collections.Counter[str] = collections.Counter()
         # each op answers its job itself, at once or when its workers have replied
         self.ops: dict[str, Callable[[_Job], None]] = {
             "ping": self._op_ping, "stats": self._op_stats, "open": self._op_open, "fork": self._op_fork,
@@ -308,24 +307,12 @@ class Router(LoopService):
                  self.counters["requests"], len(left))
 
     # -- client requests -------------------------------------------------------------------------------------------
-    def _handle_guarded(self, origin: Any, body: list[Any] | None, slot_id: int | None,
-                        error: Exception | None) -> None:
-        try:
-            self._handle(origin, body, error)
-        except Exception:  # _handle answers every error itself; this is the last line
-            self.counters["errors"] += 1
-            log.exception("a message could not be handled")
-
-    def _handle(self, origin: Any, body: list[Any] | None, error: Exception | None) -> None:
+    def _handle(self, origin: Any, body: list[Any] | None, slot_id: int | None, error: Exception | None) -> None:
         """Check a request as a server does (bounded header, then the token, then the rest) and start its op."""
         self.counters["requests"] += 1
         job = _Job(origin, None)
         try:
-            if error is not None:
-                raise error
-            if not body:
-                raise ProtocolError("empty message")
-            header = decode_header(body[0], max_header_bytes=self.config.max_header_bytes)
+            header = request_header(body, error, max_header_bytes=self.config.max_header_bytes)
             job.rid = _reply_id(header.get("id"))
             self._authenticate(header.get("token"))
             if self._stopping.is_set():

@@ -22,7 +22,6 @@ No message, with or without a token, can stop the loop: the header is bounded be
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hmac
 import logging
@@ -37,7 +36,8 @@ from djinn_core.rpc.ops import Request, Result, SessionOps
 from djinn_core.rpc.service import LoopService
 from djinn_core.rpc.shm_transport import ShmServerTransport
 from djinn_core.rpc.transport import ServerTransport
-from djinn_core.rpc.wire import HostStaging, decode, decode_header, encode, encode_header, encode_tensors
+from djinn_core.rpc.wire import (HostStaging, decode, decode_header, encode, encode_header, encode_tensors,
+                                  request_header)
 from djinn_core.rpc.zmq_transport import ZmqServerTransport
 from djinn_core.runtime import BreakpointRuntime
 from djinn_core.validation import is_int
@@ -80,7 +80,6 @@ class Server(LoopService):
         self._staging = HostStaging(self.config.local_channel_bytes, warm=self._warm_reply)
         self._warm_descs: list[dict[str, Any]] = []  # the last staged reply's descriptors (see _warm_reply)
         self.started_at = time.monotonic()
-        self.counters = collections.Counter()
         self._next_stats = 0.0
         self._next_sweep = 0.0
         self.ops: dict[str, Callable[[Request], Result]] = {
@@ -172,15 +171,6 @@ class Server(LoopService):
         encode_header({"id": 0, "ok": True, "result": {}, "server_ms": 0.0, "server_t": [0.0, 0.0, 0.0, 0.0]},
                       self._warm_descs)
 
-    def _handle_guarded(self, origin: Any, body: list[Any] | None, slot_id: int | None,
-                        error: Exception | None) -> None:
-        """One message, whatever it holds: nothing a peer sends may end the loop."""
-        try:
-            self._handle(origin, body, slot_id, error)
-        except Exception:  # _handle answers every error itself; this is the last line
-            self.counters["errors"] += 1
-            log.exception("a message could not be handled")
-
     def _handle(self, origin: Any, body: list[Any] | None, slot_id: int | None, error: Exception | None) -> None:
         """One request from ``origin`` (``slot_id``: the id its transport carried; ``error``: why its frames could
         not be read). Every reply, error replies included, goes back along the path the request earned: its origin
@@ -190,13 +180,9 @@ class Server(LoopService):
         rid: Any = slot_id
         path = origin
         try:
-            if error is not None:
-                raise error
-            if not body:
-                raise ProtocolError("empty message")
             # the header is bounded (bytes, depth, numbers) and parsed once; the token is checked before anything
             # else of the request is looked at
-            header = decode_header(body[0], max_header_bytes=self.config.max_header_bytes)
+            header = request_header(body, error, max_header_bytes=self.config.max_header_bytes)
             if slot_id is None:
                 rid = _reply_id(header.get("id"))
             elif header.get("id") != slot_id:

@@ -8,6 +8,7 @@ idempotent, errors raised in the caller) and what the loop does (:meth:`LoopServ
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -37,6 +38,7 @@ class LoopService(ABC):
         self._stopped = threading.Event()  # set by the loop once it has let everything go
         self._thread: threading.Thread | None = None
         self.address: str | None = None  # set by bind()
+        self.counters: collections.Counter = collections.Counter()  # requests, errors, ...
 
     @abstractmethod
     def bind(self) -> str:
@@ -68,6 +70,20 @@ class LoopService(ABC):
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("djinn %s thread still busy %.1f s after stop()", self._kind, timeout_s)
+
+    def _handle_guarded(self, origin: Any, body: list[Any] | None, slot_id: int | None,
+                        error: Exception | None) -> None:
+        """One message, whatever it holds: nothing a peer sends may end the loop (the transports' handler)."""
+        try:
+            self._handle(origin, body, slot_id, error)
+        except Exception:  # _handle answers every error itself; this is the last line
+            self.counters["errors"] += 1
+            log.exception("a message could not be handled")
+
+    @abstractmethod
+    def _handle(self, origin: Any, body: list[Any] | None, slot_id: int | None, error: Exception | None) -> None:
+        """One request from ``origin`` (``slot_id``: the id its transport carried; ``error``: why its frames could
+        not be read); answers every error itself."""
 
     @property
     def running(self) -> bool:

@@ -253,6 +253,17 @@ def _no_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
 
 
+def request_header(body: list[Any] | None, error: Exception | None, *,
+                   max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
+    """The header of a request as a transport handed it over: ``error`` (why its frames could not be read) raised,
+    an empty message refused, frame 0 parsed by :func:`decode_header`; :class:`ProtocolError` for what is wrong."""
+    if error is not None:
+        raise error
+    if not body:
+        raise ProtocolError("empty message")
+    return decode_header(body[0], max_header_bytes=max_header_bytes)
+
+
 def decode_header(frame: Any, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
     """Parse and check frame 0: a JSON object of at most ``max_header_bytes`` with a known protocol version.
 
