@@ -14,6 +14,9 @@
 # machine of several GPUs runs one lane per GPU at once; each JSON's provenance names its GPU (index, UUID, PCI bus):
 #   bash scripts/gpu_suite.sh --gpu 0 SPECS... & bash scripts/gpu_suite.sh --gpu 1 SPECS... & wait
 # Timing claims in one lane share the host (CPUs, memory, root complex) with the other lane's work.
+# --run N (after --gpu, if any): the N-th run of the same specs at this commit; from N=2 each spec writes
+# $OUT/NAME.runN.json (and .log), which lands as reports/<machine>/runs/NAME.runN.json beside the first run's
+# reports/<machine>/NAME.json; `djinn report` then records the spread over the runs.
 # Back here: copy each JSON to reports/<machine>/NAME.json (h100, h200, h200x2: the folder names the GPU its
 # provenance must show) and run `djinn report reports/<machine>/NAME.json`.
 set -uo pipefail
@@ -29,6 +32,14 @@ if [ "${1:-}" = --gpu ]; then
     ''|*[!0-9]*) echo "--gpu takes a GPU index (was '${2:-}')" >&2; exit 2 ;;
   esac
   export CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES="$2"
+  shift 2
+fi
+suffix=""
+if [ "${1:-}" = --run ]; then
+  case "${2:-}" in
+    ''|*[!0-9]*|0) echo "--run takes a run number >= 1 (was '${2:-}')" >&2; exit 2 ;;
+  esac
+  [ "$2" -gt 1 ] && suffix=".run$2"
   shift 2
 fi
 if [ -d .whl ]; then
@@ -49,8 +60,8 @@ for spec in "$@"; do
     budget=("--djinn-vram-budget=${rest#*@}")
   fi
   echo "== $name: ${files//,/ } ${budget[*]:-(budget: ${DJINN_VRAM_BUDGET:-80GB})}"
-  python3 -m pytest -m h100 ${files//,/ } "${budget[@]}" --benchmark-json "$OUT/$name.json" -p no:cacheprovider -q \
-    -rfE > "$OUT/$name.log" 2>&1 || rc=1
-  grep -E "passed|failed|error" "$OUT/$name.log" | tail -3
+  python3 -m pytest -m h100 ${files//,/ } "${budget[@]}" --benchmark-json "$OUT/$name$suffix.json" -p no:cacheprovider \
+    -q -rfE > "$OUT/$name$suffix.log" 2>&1 || rc=1
+  grep -E "passed|failed|error" "$OUT/$name$suffix.log" | tail -3
 done
 exit $rc
