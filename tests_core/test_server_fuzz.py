@@ -7,6 +7,8 @@ descriptors and frames that disagree in count and size, and the same through a c
 whose own framing is corrupt. It runs once without a token and once with one (most messages then carry none or a
 wrong one; some the right one, so the ops behind authentication are fuzzed too), with :data:`MESSAGES_WITH_TOKEN`.
 
+The same fuzz goes through ``djinn route``'s router in front of one worker (:data:`MESSAGES_TO_ROUTER`, token on).
+
 Every message must get exactly one reply, every refusal must be a typed Djinn error, nothing may reach the server's
 last guard, and afterwards the server thread is alive, answers a ping, and a session opened before the fuzzing by
 another client id resumes to bitwise the logits its untouched twin gave before.
@@ -29,6 +31,7 @@ from hypothesis import strategies as st
 from djinn_core import errors
 from djinn_core.rpc import local_channel
 from djinn_core.rpc.client import Client
+from djinn_core.rpc.router import Router
 from djinn_core.rpc.server import Server, ServerConfig
 from djinn_core.rpc.wire import ALLOWED_DTYPES, PROTOCOL_VERSION, decode_header, encode
 from djinn_core.runtime import BreakpointRuntime
@@ -37,6 +40,7 @@ pytestmark = pytest.mark.cpu
 
 MESSAGES_PER_RUN = 10_000  # to the server without a token: every path behind authentication is open to them
 MESSAGES_WITH_TOKEN = 5_000  # to the one with a token (most carry none or a wrong one)
+MESSAGES_TO_ROUTER = 10_000  # to a router (with a token) in front of a worker: what it forwards is fuzzed too
 MAX_REQUEST = 64 << 10
 CHANNEL_BYTES = 1 << 20
 TOKEN = "fuzz-token"
@@ -195,7 +199,7 @@ def messages(templates, tokens):
 class Fuzzer:
     """Sends messages to a live server over a bare DEALER and through a channel's request slot; checks replies."""
 
-    def __init__(self, srv: Server, token: str | None):
+    def __init__(self, srv: Server | Router, token: str | None, *, slots: bool = True):
         self.srv = srv
         self.sent = {"zmq": 0, "slot": 0, "slot_corrupt": 0}
         self.replies: dict[str, int] = {}
@@ -208,7 +212,7 @@ class Fuzzer:
         self.token = token
         self.slot_client = None
         self.channels_opened = 0
-        if local_channel.supported():
+        if slots and local_channel.supported():
             self._new_channel()
 
     def _new_channel(self) -> None:
@@ -348,3 +352,42 @@ def test_no_message_stops_the_server_or_touches_another_clients_session(llama_ti
         control.close()
     finally:
         srv.stop()
+
+
+def test_no_message_stops_the_router_or_its_worker_or_touches_another_clients_session(llama_tiny_fp32, caplog):
+    """The same fuzz against ``djinn route``'s router (token on, ZeroMQ only: it offers no shared-memory channel) in
+    front of one worker: every message gets exactly one typed reply, nothing reaches the router's or the worker's
+    last guard, both stay up, and a control session opened through the router before the fuzz resumes bitwise."""
+    wcfg = ServerConfig(port=0, token=TOKEN, stats_interval_s=0, tick_s=0.002, busy_poll_s=0.002,
+                        max_request_bytes=MAX_REQUEST, max_new_tokens=4, max_sessions=64, max_sessions_per_client=4)
+    worker = Server(BreakpointRuntime(llama_tiny_fp32, slab_bytes=16 << 20), wcfg).start()
+    router = Router([worker.address], ServerConfig(port=0, token=TOKEN, max_request_bytes=MAX_REQUEST),
+                    worker_timeout_s=60).start()
+    try:
+        control = Client(router.address, token=TOKEN, client_id="control", timeout_s=REPLY_TIMEOUT_S)
+        ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(1))
+        s = control.open(ids, max_new_tokens=2)
+        s.run_to(3)
+        (twin,) = s.fork(1)
+        before = twin.resume(logits="all")
+        s.pause()
+
+        fz = Fuzzer(router, TOKEN, slots=False)
+        tokens = st.sampled_from((TOKEN, None, "wrong", ""))
+        try:
+            with caplog.at_level(logging.WARNING, logger="djinn_core"):
+                _fuzz(fz, _templates(fz.session), tokens, MESSAGES_TO_ROUTER)
+        finally:
+            fz.close()
+        logging.getLogger(__name__).info("router fuzz: %d messages: %s; replies %s", fz.total, fz.sent, fz.replies)
+        assert fz.total >= MESSAGES_TO_ROUTER and fz.replies.get("AuthenticationFailed", 0) > 0
+        assert router._thread.is_alive() and router.running and worker._thread.is_alive() and worker.running
+        escaped = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not escaped, [r.getMessage() for r in escaped][:5]
+        control.ping()
+        assert torch.equal(s.resume(logits="all"), before), "the fuzz changed another client's session"
+        assert s.generate(2).shape == (1, 2)
+        control.close()
+    finally:
+        router.stop()
+        worker.stop()
