@@ -41,7 +41,6 @@ still waiting then are refused too. Sessions the router opened are left to the w
 from __future__ import annotations
 
 import collections
-import hmac
 import itertools
 import logging
 import re
@@ -53,7 +52,6 @@ import torch
 import zmq
 
 from djinn_core.errors import (
-    AuthenticationFailed,
     CheckpointStateError,
     ConfigError,
     DjinnError,
@@ -64,9 +62,9 @@ from djinn_core.errors import (
 )
 from djinn_core.rpc.config import ServerConfig
 from djinn_core.rpc.ops import CLOSED_MEMORY, Request
-from djinn_core.rpc.server import _error_header, _reply_id
 from djinn_core.rpc.service import LoopService
-from djinn_core.rpc.wire import Message, decode, encode, request_header
+from djinn_core.rpc.wire import (Message, check_token, decode, encode, error_header, reply_id,
+                                  request_header)
 from djinn_core.rpc.zmq_transport import REPLY_HEADER_BYTES, ZERO_COPY_BYTES, ZmqServerTransport
 from djinn_core.validation import check_int, check_number
 
@@ -313,21 +311,14 @@ class Router(LoopService):
         job = _Job(origin, None)
         try:
             header = request_header(body, error, max_header_bytes=self.config.max_header_bytes)
-            job.rid = _reply_id(header.get("id"))
-            self._authenticate(header.get("token"))
+            job.rid = reply_id(header.get("id"))
+            check_token(self.config.token, header.get("token"))
             if self._stopping.is_set():
                 raise ServerUnavailable("router shutting down")
             job.req = Request(decode(body, max_bytes=self.config.max_request_bytes, header=header), origin)
             self.ops.get(job.req.op, self._op_forward)(job)
         except Exception as e:  # one bad request never stops the router
             self._fail(job, e)
-
-    def _authenticate(self, token: Any) -> None:
-        expected = self.config.token
-        if expected is None:
-            return
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), expected.encode()):
-            raise AuthenticationFailed("missing or wrong auth token")
 
     def _answer(self, job: _Job, result: dict[str, Any], tensors: Sequence[torch.Tensor] = (),
                 timing: dict[str, Any] | None = None) -> None:
@@ -358,7 +349,7 @@ class Router(LoopService):
         else:
             log.error("request %r failed", job.rid, exc_info=e)
         try:
-            self.transport.send(job.origin, job.rid, encode(_error_header(job.rid, type_name, message[:2000])))
+            self.transport.send(job.origin, job.rid, encode(error_header(job.rid, type_name, message[:2000])))
         except Exception:
             log.exception("could not send the error reply to request %r", job.rid)
 

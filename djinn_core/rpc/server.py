@@ -23,39 +23,26 @@ No message, with or without a token, can stop the loop: the header is bounded be
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import logging
 import time
 from typing import Any, Callable
 
 import torch
 
-from djinn_core.errors import AuthenticationFailed, ConfigError, DjinnError, ProtocolError
+from djinn_core.errors import ConfigError, DjinnError, ProtocolError
 from djinn_core.rpc.config import ServerConfig, is_loopback
 from djinn_core.rpc.ops import Request, Result, SessionOps
 from djinn_core.rpc.service import LoopService
 from djinn_core.rpc.shm_transport import ShmServerTransport
 from djinn_core.rpc.transport import ServerTransport
-from djinn_core.rpc.wire import (HostStaging, decode, decode_header, encode, encode_header, encode_tensors,
-                                  request_header)
+from djinn_core.rpc.wire import (HostStaging, check_token, decode, decode_header, encode, encode_header,
+                                  encode_tensors, error_header, reply_id, request_header)
 from djinn_core.rpc.zmq_transport import ZmqServerTransport
 from djinn_core.runtime import BreakpointRuntime
-from djinn_core.validation import is_int
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Server", "ServerConfig", "is_loopback"]
-
-
-def _reply_id(rid: Any) -> int | str | None:
-    """A request id fit to echo: an int (64-bit, as the header parser bounds it) or a short string, else None."""
-    if is_int(rid) or (isinstance(rid, str) and len(rid) <= 128):
-        return rid
-    return None
-
-
-def _error_header(rid: Any, type_name: str, message: str) -> dict[str, Any]:
-    return {"id": rid, "ok": False, "error": {"type": type_name, "message": message}}
 
 
 class Server(LoopService):
@@ -144,12 +131,12 @@ class Server(LoopService):
         rid = slot_id
         if rid is None and body:
             try:
-                rid = _reply_id(decode_header(body[0], max_header_bytes=self.config.max_header_bytes).get("id"))
+                rid = reply_id(decode_header(body[0], max_header_bytes=self.config.max_header_bytes).get("id"))
             except Exception:  # decode_header raises ProtocolError only; the refusal goes out without an id
                 pass
         self.counters["refused"] += 1
         try:
-            self._send(origin, _error_header(rid, "ServerUnavailable", "server shutting down"))
+            self._send(origin, error_header(rid, "ServerUnavailable", "server shutting down"))
         except Exception:
             log.exception("could not refuse request %r", rid)
 
@@ -184,10 +171,10 @@ class Server(LoopService):
             # else of the request is looked at
             header = request_header(body, error, max_header_bytes=self.config.max_header_bytes)
             if slot_id is None:
-                rid = _reply_id(header.get("id"))
+                rid = reply_id(header.get("id"))
             elif header.get("id") != slot_id:
                 raise ProtocolError(f"request id {header.get('id')!r} differs from its slot's ({slot_id})")
-            self._authenticate(header.get("token"))
+            check_token(self.config.token, header.get("token"))
             path = self.transport.reply_path(origin, header, rid)
             msg = decode(body, max_bytes=self.config.max_request_bytes, header=header)
             req = Request(msg, origin)
@@ -217,16 +204,9 @@ class Server(LoopService):
             else:
                 log.exception("request %r failed", rid)
             try:  # the reply echoes only what was already checked: nothing untrusted is parsed again here
-                self._send(path, _error_header(_reply_id(rid), type(e).__name__, str(e)[:2000]))
+                self._send(path, error_header(reply_id(rid), type(e).__name__, str(e)[:2000]))
             except Exception:  # an error reply is plain JSON; log rather than die
                 log.exception("could not send the error reply to request %r", rid)
-
-    def _authenticate(self, token: Any) -> None:
-        expected = self.config.token
-        if expected is None:
-            return
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), expected.encode()):
-            raise AuthenticationFailed("missing or wrong auth token")
 
     # -- housekeeping and stats ------------------------------------------------------------------------------------
     def sweep_idle(self, now: float | None = None) -> int:

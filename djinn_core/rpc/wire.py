@@ -15,6 +15,7 @@ Everything that can be wrong with a message raises :class:`~djinn_core.errors.Pr
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from djinn_core.errors import ProtocolError
+from djinn_core.errors import AuthenticationFailed, ProtocolError
 from djinn_core.rpc.config import DEFAULT_MAX_HEADER_BYTES
 from djinn_core.validation import is_int
 
@@ -251,6 +252,27 @@ def _no_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
+
+
+def check_token(expected: str | None, token: Any) -> None:
+    """:class:`AuthenticationFailed` unless ``token`` is ``expected`` (constant-time compare); anything passes when
+    no token is expected. Called right after the header parses, before any other field is read."""
+    if expected is None:
+        return
+    if not isinstance(token, str) or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise AuthenticationFailed("missing or wrong auth token")
+
+
+def reply_id(rid: Any) -> int | str | None:
+    """A request id fit to echo: an int (64-bit, as the header parser bounds it) or a short string, else None."""
+    if is_int(rid) or (isinstance(rid, str) and len(rid) <= 128):
+        return rid
+    return None
+
+
+def error_header(rid: Any, type_name: str, message: str) -> dict[str, Any]:
+    """The header of an error reply to request ``rid`` (already made fit to echo by :func:`reply_id`)."""
+    return {"id": rid, "ok": False, "error": {"type": type_name, "message": message}}
 
 
 def request_header(body: list[Any] | None, error: Exception | None, *,
