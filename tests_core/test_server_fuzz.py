@@ -311,6 +311,45 @@ def _fuzz(fz: Fuzzer, templates, tokens, target: int) -> None:
         round_()
 
 
+def _fuzz_endpoint(endpoint: Server | Router, token: str | None, target: int, caplog, *, slots: bool = True,
+                   alive: tuple[Server | Router, ...] = ()) -> None:
+    """Fuzz ``endpoint`` with ``target`` messages, then check: every message answered once, typed; nothing logged at
+    ERROR (no last guard reached); ``endpoint`` and ``alive`` still running; a control session opened (run to layer
+    3, forked, paused) before the fuzz by another client id resumes bitwise as its twin did before."""
+    control = Client(endpoint.address, token=token, client_id="control", timeout_s=REPLY_TIMEOUT_S)
+    ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(1))
+    s = control.open(ids, max_new_tokens=2)
+    s.run_to(3)
+    (twin,) = s.fork(1)
+    before = twin.resume(logits="all")
+    s.pause()  # its checkpoint waits in the host pool while the fuzz runs
+
+    fz = Fuzzer(endpoint, token, slots=slots)
+    tokens = st.sampled_from((token, None, "wrong", "")) if token else st.none() | st.text(max_size=8)
+    t0 = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="djinn_core"):
+            _fuzz(fz, _templates(fz.session), tokens, target)
+    finally:
+        fz.close()
+    logging.getLogger(__name__).info("fuzz of the %s (%s): %d messages in %.1f s: %s; replies %s",
+                                     type(endpoint).__name__, token and "token", fz.total, time.monotonic() - t0,
+                                     fz.sent, fz.replies)
+
+    assert fz.total >= target
+    assert fz.sent["zmq"] > 0 and (fz.slot_client is None or fz.sent["slot"] > 0)
+    for svc in (endpoint, *alive):
+        assert svc._thread.is_alive() and svc.running
+    escaped = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not escaped, [r.getMessage() for r in escaped][:5]  # nothing reached a guard or failed untyped
+    if token:
+        assert fz.replies.get("AuthenticationFailed", 0) > 0
+    control.ping()
+    assert torch.equal(s.resume(logits="all"), before), "the fuzz changed another client's session"
+    assert s.generate(2).shape == (1, 2)
+    control.close()
+
+
 @pytest.mark.parametrize("token", [None, TOKEN], ids=["no-token", "token"])
 def test_no_message_stops_the_server_or_touches_another_clients_session(llama_tiny_fp32, token, caplog):
     cfg = ServerConfig(port=0, token=token, stats_interval_s=0, tick_s=0.002, busy_poll_s=0.002,
@@ -318,38 +357,7 @@ def test_no_message_stops_the_server_or_touches_another_clients_session(llama_ti
                        max_sessions=64, max_sessions_per_client=4)
     srv = Server(BreakpointRuntime(llama_tiny_fp32, slab_bytes=16 << 20), cfg).start()
     try:
-        control = Client(srv.address, token=token, client_id="control", timeout_s=REPLY_TIMEOUT_S)
-        ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(1))
-        s = control.open(ids, max_new_tokens=2)
-        s.run_to(3)
-        (twin,) = s.fork(1)
-        before = twin.resume(logits="all")
-        s.pause()  # its checkpoint waits in the host pool while the fuzz runs
-
-        fz = Fuzzer(srv, token)
-        target = MESSAGES_WITH_TOKEN if token else MESSAGES_PER_RUN
-        tokens = st.sampled_from((token, None, "wrong", "")) if token else st.none() | st.text(max_size=8)
-        t0 = time.monotonic()
-        try:
-            with caplog.at_level(logging.WARNING, logger="djinn_core"):
-                _fuzz(fz, _templates(fz.session), tokens, target)
-        finally:
-            fz.close()
-        elapsed = time.monotonic() - t0
-        logging.getLogger(__name__).info("fuzz (%s): %d messages in %.1f s: %s; replies %s", token and "token",
-                                         fz.total, elapsed, fz.sent, fz.replies)
-
-        assert fz.total >= target
-        assert fz.sent["zmq"] > 0 and (fz.slot_client is None or fz.sent["slot"] > 0)
-        assert srv._thread.is_alive() and srv.running
-        escaped = [r for r in caplog.records if r.levelno >= logging.ERROR]
-        assert not escaped, [r.getMessage() for r in escaped][:5]  # nothing reached a guard or failed untyped
-        if token:
-            assert fz.replies.get("AuthenticationFailed", 0) > 0
-        control.ping()
-        assert torch.equal(s.resume(logits="all"), before), "the fuzz changed another client's session"
-        assert s.generate(2).shape == (1, 2)
-        control.close()
+        _fuzz_endpoint(srv, token, MESSAGES_WITH_TOKEN if token else MESSAGES_PER_RUN, caplog)
     finally:
         srv.stop()
 
@@ -364,30 +372,7 @@ def test_no_message_stops_the_router_or_its_worker_or_touches_another_clients_se
     router = Router([worker.address], ServerConfig(port=0, token=TOKEN, max_request_bytes=MAX_REQUEST),
                     worker_timeout_s=60).start()
     try:
-        control = Client(router.address, token=TOKEN, client_id="control", timeout_s=REPLY_TIMEOUT_S)
-        ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(1))
-        s = control.open(ids, max_new_tokens=2)
-        s.run_to(3)
-        (twin,) = s.fork(1)
-        before = twin.resume(logits="all")
-        s.pause()
-
-        fz = Fuzzer(router, TOKEN, slots=False)
-        tokens = st.sampled_from((TOKEN, None, "wrong", ""))
-        try:
-            with caplog.at_level(logging.WARNING, logger="djinn_core"):
-                _fuzz(fz, _templates(fz.session), tokens, MESSAGES_TO_ROUTER)
-        finally:
-            fz.close()
-        logging.getLogger(__name__).info("router fuzz: %d messages: %s; replies %s", fz.total, fz.sent, fz.replies)
-        assert fz.total >= MESSAGES_TO_ROUTER and fz.replies.get("AuthenticationFailed", 0) > 0
-        assert router._thread.is_alive() and router.running and worker._thread.is_alive() and worker.running
-        escaped = [r for r in caplog.records if r.levelno >= logging.ERROR]
-        assert not escaped, [r.getMessage() for r in escaped][:5]
-        control.ping()
-        assert torch.equal(s.resume(logits="all"), before), "the fuzz changed another client's session"
-        assert s.generate(2).shape == (1, 2)
-        control.close()
+        _fuzz_endpoint(router, TOKEN, MESSAGES_TO_ROUTER, caplog, slots=False, alive=(worker,))
     finally:
         router.stop()
         worker.stop()
