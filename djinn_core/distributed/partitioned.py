@@ -99,15 +99,9 @@ class ShardedWeightRing(RingBase):
         stream, then the slot's all-gather on the gather stream; return the slot. Every rank must issue the same
         sequence of calls. With ``timed``, ``copy_marks`` holds a mark on the copy stream before the first chunk and
         one on the gather stream after the all-gather."""
-        s = self.next_slot
-        self.next_slot = (s + 1) % self.slots
         copy_stream, gather_stream = self.copy_stream, self.gather_stream
         with torch.cuda.stream(copy_stream) if self.cuda else nullcontext():
-            if self.cuda:
-                if self._ready_event is not None:
-                    copy_stream.wait_event(self._ready_event)
-                    self._ready_event = None
-                copy_stream.wait_event(self.slot_free[s])  # the previous occupant's compute is done
+            s = self._take_slot()
             if timed:
                 start = make_mark("copy_start", copy_stream, self.device)
             for (a, z), dst in zip(self.chunks, self._own_chunks[s]):

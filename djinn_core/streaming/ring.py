@@ -32,8 +32,8 @@ class NoEvent:
 
 class RingBase:
     """What the rings share (:class:`WeightRing` here, the partitioned one in
-    :mod:`djinn_core.distributed.partitioned`): their events and their size. Subclasses set ``cuda`` and
-    ``buffer``."""
+    :mod:`djinn_core.distributed.partitioned`): their events, their size and how a copy claims its slot. Subclasses
+    set ``cuda``, ``buffer``, ``slots``, ``next_slot``, ``slot_free``, ``copy_stream`` and ``_ready_event``."""
 
     cuda: bool
     buffer: torch.Tensor | None
@@ -44,6 +44,18 @@ class RingBase:
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() if self.buffer is not None else 0
+
+    def _take_slot(self) -> int:
+        """The next slot, round robin. On CUDA, called with the copy stream current: it waits for the host pack's
+        fill (once) and for the slot's previous occupant's compute before any copy into it."""
+        s = self.next_slot
+        self.next_slot = (s + 1) % self.slots
+        if self.cuda:
+            if self._ready_event is not None:
+                self.copy_stream.wait_event(self._ready_event)
+                self._ready_event = None
+            self.copy_stream.wait_event(self.slot_free[s])  # the previous occupant's compute is done
+        return s
 
 
 class WeightRing(RingBase):
@@ -84,15 +96,9 @@ class WeightRing(RingBase):
         """Issue the copy of one layer's packed bytes ``host`` into the next slot, on the copy stream (non-blocking
         from pinned memory); return the slot. With ``timed``, ``copy_marks`` holds marks recorded on the copy stream
         before the first chunk and after the last."""
-        s = self.next_slot
-        self.next_slot = (s + 1) % self.slots
         copy_stream = self.copy_stream
         with torch.cuda.stream(copy_stream) if self.cuda else nullcontext():
-            if self.cuda:
-                if self._ready_event is not None:
-                    copy_stream.wait_event(self._ready_event)
-                    self._ready_event = None
-                copy_stream.wait_event(self.slot_free[s])  # the previous occupant's compute is done
+            s = self._take_slot()
             if timed:
                 start = make_mark("copy_start", copy_stream, self.device)
             for (a, z), dst, ev in zip(self.chunks, self._slot_chunks[s], self.chunk_events[s]):
