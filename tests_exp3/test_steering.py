@@ -4,30 +4,18 @@ nnsight 0.8.1 gives the same logits as Djinn's."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from djinn_core.runtime import BreakpointRuntime, plain_run
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("steering_example", ROOT / "examples" / "steering.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from fixtures.examples import load_example
 
 
 @pytest.fixture(scope="module")
 def example():
-    return _load_example()
+    return load_example("steering")
 
 
 @pytest.fixture(scope="module")

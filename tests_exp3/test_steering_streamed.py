@@ -5,30 +5,17 @@ breakpoint prefill layers 0..L-1, each fork's resume layers L..n-1, each decode 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from djinn_core.models import build_model
 from djinn_core.runtime import plain_run
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_example", ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from fixtures.examples import load_example
 
 
 @pytest.fixture(scope="module")
 def example():
-    return _load("steering_streamed")
+    return load_example("steering_streamed")
 
 
 def _check_costs(costs, layer: int) -> None:
@@ -63,7 +50,7 @@ def test_a_random_architecture_streams_what_each_step_needs_and_matches_a_plain_
 @pytest.mark.cpu
 @pytest.mark.slow
 def test_smollm2_streamed_through_a_tiny_ring_answers_as_the_resident_example(example, smollm2_cpu):
-    resident_example = _load("steering")
+    resident_example = load_example("steering")
     strengths, tokens = (0.0, max(resident_example.STRENGTHS)), 40
     expect = resident_example.steer(strengths=strengths, tokens=tokens, model_and_tok=smollm2_cpu)
     rt, tok, _ = example.build(device="cpu", model_and_tok=smollm2_cpu)
