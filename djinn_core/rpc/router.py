@@ -6,10 +6,10 @@ A :class:`Router` binds one ZeroMQ endpoint that speaks the server's wire protoc
 rewrites session ids both ways: in requests (``session``) and in replies (``open``'s and ``fork``'s ids, ``info``-like
 results, ``sessions``' listings, and error messages that name a session).
 
-* ``open`` goes to the worker a placement policy picks from every live worker's ``stats`` (default
-  :class:`MostFreeSlab`: the most free slab bytes; ties go to the worker with fewer sessions, so a fresh pool spreads
-  its first sessions, which hold no slab until they run). If that worker is lost before it answers, the choice is
-  made again over the others.
+* ``open`` goes to the worker a placement policy picks from every live worker's ``stats``, counting the sessions
+  placed on it since those stats were taken (default :class:`MostFreeSlab`: the most free slab bytes per session,
+  so a fresh pool spreads its first sessions, which hold no slab until they run). If that worker is lost before it
+  answers, the choice is made again over the others.
 * ``fork`` stays on its parent's worker (the children share its device); every other session op goes to the
   session's worker.
 * ``ping`` is answered here; ``stats`` returns the totals over the live workers (``sessions``, ``slab``, ... at the
