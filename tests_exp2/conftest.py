@@ -1,5 +1,5 @@
 """exp2-only fixtures: the pinned host pack of Llama-2-70B layers, built once per session and shared by every test;
-the tiny CPU pack the plumbing versions stream from."""
+the tiny CPU pack the plumbing versions stream from, and exp4's tiny streamed runtime over it."""
 
 from __future__ import annotations
 
@@ -44,3 +44,18 @@ def tiny_pack():
     pack = pack_layer_weights(meta, device="cpu", fill=fill_seeded, progress=False)
     yield pack
     pack.release()
+
+
+@pytest.fixture
+def tiny_runtime(tiny_pack):
+    """exp4's plumbing runtime: ``tiny_runtime(**kw)`` opens sessions over a 5-layer llama-tiny streamed from
+    ``tiny_pack`` through 2 ring slots under a 64 MiB budget (a context manager, as
+    :func:`~djinn_core.bench.experiments.exp4_streamed_sessions.streamed_runtime`)."""
+    from djinn_core.bench.experiments.exp4_streamed_sessions import streamed_runtime
+
+    def make(**kw):
+        return streamed_runtime(tiny_pack, torch.device("cpu"), num_layers=5, budget_bytes=64 << 20, ring_slots=2,
+                                session_tokens=40, chunk_bytes=64 << 10, host_pool_bytes=8 << 20, arch="llama-tiny",
+                                dtype=torch.float32, activation_headroom_bytes=1 << 20, **kw)
+
+    return make

@@ -46,6 +46,7 @@ H100_REPORTS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "exp2_streaming": (("tests_exp2/test_streaming_bandwidth.py", "tests_exp2/test_streaming_bitwise.py",
                         "tests_exp2/test_streaming_peers.py"), None),
     "exp4_streamed_sessions": (("tests_exp2/test_exp4_streamed_sessions.py",), None),
+    "exp4_batched_decode": (("tests_exp2/test_exp4_batched_decode.py",), None),
 }
 
 

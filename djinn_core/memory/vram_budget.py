@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from djinn_core.errors import ConfigError
 
@@ -160,6 +161,24 @@ def cap_allocator(budget_bytes: int, device: Any) -> dict[str, Any]:
     return {"enforced": True, "how": "torch.cuda.set_per_process_memory_fraction", "fraction": fraction,
             "allocator_cap_bytes": cap, "outside_allocator_bytes": outside, "total_bytes": total,
             "budget_bytes": budget_bytes}
+
+
+@contextmanager
+def allocator_fraction(fraction: float, device: Any) -> Iterator[None]:
+    """Cap torch's caching allocator on CUDA ``device`` at ``fraction`` of the card for the block, then put back the
+    cap that held before it (the run's budget from :func:`enforce`, or none): an experiment that runs under a
+    budget of its own, or a reference that needs more than the run's budget, never leaves the run uncapped."""
+    import torch
+
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    before = torch.cuda.get_per_process_memory_fraction(device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, fraction), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)
 
 
 def enforce(budget: VramBudget, device: Any) -> dict[str, Any]:

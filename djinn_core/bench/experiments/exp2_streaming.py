@@ -21,6 +21,7 @@ from djinn_core.bench.ceilings import CopyCeiling
 from djinn_core.bench.experiments.reference import greedy_reference
 from djinn_core.bench.timing import TimingStats, time_cuda, time_host
 from djinn_core.errors import ConfigError
+from djinn_core.memory.vram_budget import allocator_fraction
 from djinn_core.models import build_model, init_parameters_
 from djinn_core.streaming import (StreamedModel, StreamingBudget, StreamingPolicy, WeightPack, place_resident_,
                                   plan_budget)
@@ -131,14 +132,14 @@ def budgeted_model(
     place_resident_(model, device, seed=seed)
     policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes)
     sm = make(model, policy, plan)
-    if cuda:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget_bytes - overhead) / total), device)
     try:
-        yield sm
-    finally:
         if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            total = torch.cuda.get_device_properties(device).total_memory
+            with allocator_fraction((budget_bytes - overhead) / total, device):
+                yield sm
+        else:
+            yield sm
+    finally:
         sm.remove()
         del sm, model
         free_device_memory()

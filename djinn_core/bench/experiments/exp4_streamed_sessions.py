@@ -15,6 +15,7 @@ Used by the claims in ``tests_exp2/test_exp4_streamed_sessions.py`` (h100) and b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from djinn_core.bench.experiments.exp2_streaming import (ARCH, DEVICE_OVERHEAD_M
                                                          nvml_used_bytes)
 from djinn_core.bench.timing import TimingStats, time_cuda, time_host
 from djinn_core.memory.host_pool import HostPool
+from djinn_core.memory.vram_budget import allocator_fraction
 from djinn_core.models import build_model, exact_attention
 from djinn_core.runtime import BreakpointSession, plain_run
 from djinn_core.runtime.streamed import StreamedBreakpointRuntime
@@ -91,27 +93,25 @@ def streamed_runtime(
                            device_overhead_bytes=overhead)
     plan = split.split(model, budget_bytes, fused_attention=cuda)
     sm = rt = None
-    try:
+    with contextlib.ExitStack() as cap:
         if cuda:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, (budget_bytes - overhead + DEVICE_OVERHEAD_MARGIN)
-                                                           / total), device)
-        place_resident_(model, device, seed=SEED)
-        policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes)
-        sm = StreamedModel(model, pack, policy, device=device, budget=plan, record_timeline=record_timeline,
-                           layer_sets=[i % pack.num_sets for i in range(num_layers)])
-        host_pool = HostPool(host_pool_bytes, segment_bytes=min(GiB, host_pool_bytes), pin=cuda)
-        rt = StreamedBreakpointRuntime(sm, plan, host_pool=host_pool)
-        yield rt
-    finally:
-        if rt is not None:
-            rt.close_all()
-        if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-        if sm is not None:
-            sm.remove()
-        del rt, sm, model
-        free_device_memory()
+            cap.enter_context(allocator_fraction((budget_bytes - overhead + DEVICE_OVERHEAD_MARGIN) / total, device))
+        try:
+            place_resident_(model, device, seed=SEED)
+            policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes)
+            sm = StreamedModel(model, pack, policy, device=device, budget=plan, record_timeline=record_timeline,
+                               layer_sets=[i % pack.num_sets for i in range(num_layers)])
+            host_pool = HostPool(host_pool_bytes, segment_bytes=min(GiB, host_pool_bytes), pin=cuda)
+            rt = StreamedBreakpointRuntime(sm, plan, host_pool=host_pool)
+            yield rt
+        finally:
+            if rt is not None:
+                rt.close_all()
+            if sm is not None:
+                sm.remove()
+            del rt, sm, model
+            free_device_memory()
 
 
 def median_GBps(ceilings: list[Any]) -> float:
@@ -404,14 +404,17 @@ def resident_reference(model: Any, ids: torch.Tensor, layer: int, edit: Callable
 
 class PlainSession:
     """The reference of one session in a batch: prefilled alone by plain Hugging Face forwards (:func:`plain_run`,
-    with the same edit as a pre-hook at ``layer``), its K/V per layer kept as plain tensors (batch 1)."""
+    with the same edit as a pre-hook at ``layer``), its K/V per layer kept as plain tensors (batch 1). With
+    ``keep_prompt_logits`` the prompt's logits stay too, on the CPU (``prompt_logits``)."""
 
-    def __init__(self, model: Any, ids: torch.Tensor, layer: int | None = None, edit: Callable | None = None):
+    def __init__(self, model: Any, ids: torch.Tensor, layer: int | None = None, edit: Callable | None = None, *,
+                 keep_prompt_logits: bool = False):
         cache = DynamicCache(config=model.config)
         with exact_attention():
             logits = plain_run(model, ids, 0, cache=cache, layer=layer, edit=edit)[0]
         self.kv = [[lay.keys, lay.values] for lay in cache.layers]  # (1, kv_heads, length, head_dim) each
         self.next_logits: torch.Tensor | None = logits[:, -1].clone()  # not a view that keeps every position
+        self.prompt_logits = logits.cpu() if keep_prompt_logits else None
         self.generated: list[torch.Tensor] = []
 
     @property
@@ -463,6 +466,70 @@ def padded_step_reference(model: Any, sessions: list[PlainSession]) -> tuple[lis
     return tokens, chose
 
 
+def join_leave_schedule(sessions: int, tokens: int) -> list[list[int]]:
+    """The members of each batched step when session ``i`` decodes in steps ``i .. i + tokens - 1``: it joins ``i``
+    steps after the first and leaves as many before the last, so every session gets ``tokens`` tokens and the batch's
+    composition changes at both ends."""
+    return [[i for i in range(sessions) if i <= t < i + tokens] for t in range(tokens + sessions - 1)]
+
+
+Case = tuple[int, bool, bool]  # (L, edited, through a fork)
+
+
+@torch.no_grad()
+def batched_session_runs(rt: StreamedBreakpointRuntime, prompts: list[torch.Tensor], cases: list[Case],
+                         edit: Callable, new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Sessions at different lengths (one per prompt), each paused at its case's L and swapped to the host, forked
+    and edited as its case says, resumed (its prompt logits), then decoding ``new_tokens`` greedy tokens together by
+    :func:`~djinn_core.runtime.batch.decode_batch` on :func:`join_leave_schedule`: per session (prompt logits,
+    tokens (1, n), the logits that chose them (1, n, vocab)), on the CPU. All sessions are closed after."""
+    from djinn_core.runtime.batch import decode_batch
+
+    sessions: list[BreakpointSession] = []
+    firsts = []
+    try:
+        for ids, (layer, edited, forked) in zip(prompts, cases):
+            s = rt.open(ids, max_new_tokens=new_tokens)
+            sessions.append(s)
+            s.run_to(layer)
+            s.pause()
+            if forked:
+                sessions[-1] = s.fork(1)[0]
+                s.close()
+                s = sessions[-1]
+            if edited:
+                s.restore().edit(edit)
+                s.pause()
+            firsts.append(s.resume().cpu())
+        tokens: list[list[torch.Tensor]] = [[] for _ in sessions]
+        chose: list[list[torch.Tensor]] = [[] for _ in sessions]
+        for members in join_leave_schedule(len(sessions), new_tokens):
+            toks, logits = decode_batch(rt, [sessions[i] for i in members], return_logits=True)
+            for i, t, lg in zip(members, toks, logits):
+                tokens[i].append(t.cpu())
+                chose[i].append(lg.cpu())
+    finally:
+        for s in sessions:
+            s.close()
+    return [(f, torch.cat(t, 1), torch.stack(c, 1)) for f, t, c in zip(firsts, tokens, chose)]
+
+
+@torch.no_grad()
+def batched_resident_reference(model: Any, prompts: list[torch.Tensor], cases: list[Case], edit: Callable,
+                               new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The same by plain Hugging Face forwards on a resident model: each prompt prefilled alone with its case's edit
+    as a pre-hook (:class:`PlainSession`), then the same schedule of padded batched steps
+    (:func:`padded_step_reference`); the same triples, on the CPU."""
+    refs = [PlainSession(model, ids, layer, edit if edited else None, keep_prompt_logits=True)
+            for ids, (layer, edited, _) in zip(prompts, cases)]
+    chose: list[list[torch.Tensor]] = [[] for _ in refs]
+    for members in join_leave_schedule(len(refs), new_tokens):
+        _, logits = padded_step_reference(model, [refs[i] for i in members])
+        for i, lg in zip(members, logits):
+            chose[i].append(lg.cpu())
+    return [(r.prompt_logits, torch.cat(r.generated, 1).cpu(), torch.stack(c, 1)) for r, c in zip(refs, chose)]
+
+
 def unequal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Unequal elements, by bit pattern, of (prompt logits, tokens, step logits)."""
     def diff(x: torch.Tensor, y: torch.Tensor) -> int:
@@ -476,7 +543,8 @@ def unequal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> dict[st
     return {"prompt_logits": diff(a[0], b[0]), "tokens": diff(a[1], b[1]), "step_logits": diff(a[2], b[2])}
 
 
-__all__ = ["BATCH_BOUND", "BATCH_CONTEXT", "BATCH_KS", "BATCH_PEER_BOUND", "BatchRun", "PeerBatchRun",
-           "batched_divergence", "measure_peer_batched_decode", "EDIT_BOUND", "EDIT_LAYERS", "EditCosts",
-           "PlainSession", "measure_batched_decode", "measure_edit_costs", "padded_step_reference",
-           "resident_reference", "session_run", "steering_vector", "streamed_runtime", "unequal"]
+__all__ = ["BATCH_BOUND", "BATCH_CONTEXT", "BATCH_KS", "BATCH_PEER_BOUND", "BatchRun", "Case", "EDIT_BOUND",
+           "EDIT_LAYERS", "EditCosts", "PeerBatchRun", "PlainSession", "batched_divergence",
+           "batched_resident_reference", "batched_session_runs", "join_leave_schedule", "measure_batched_decode",
+           "measure_edit_costs", "measure_peer_batched_decode", "padded_step_reference", "resident_reference",
+           "session_run", "steering_vector", "streamed_runtime", "unequal"]
