@@ -126,7 +126,7 @@ def test_resume_benchmarks_get_a_crossover_plot_of_every_method(tmp_path):
 
 def test_streamed_session_benchmarks_get_the_edit_cost_and_batched_decode_plots(tmp_path):
     """exp4's two plots: edit -> logits against L for the three methods beside the bound, and tokens/s against k
-    with the copy-bound line and the peer scaled to the same weight bytes."""
+    with the copy-bound line, and Djinn beside the peer on the peer's model."""
     p = _bench_json(tmp_path, [_ratio(1, (0.5,), (0.4,))])
     data = json.loads(p.read_text())
     timing = lambda ms: {"median_ms": ms, "n": 3}  # noqa: E731 - as TimingStats.to_dict() names its median
@@ -135,10 +135,12 @@ def test_streamed_session_benchmarks_get_the_edit_cost_and_batched_decode_plots(
                   "nnsight_style_whole_forward": timing(1510.0)}, "bound_ms": 29.0 * (48 - L)}}} for L in (1, 24, 47)]
     runs = {str(k): {"k": k, "tokens_per_s": 5.0 * k, "copy_bound_tokens_per_s": 5.3 * k, "bytes_per_step": 48}
             for k in (1, 8, 32, 64)}
-    peer = {str(k): {"peer": "deepspeed", "k": k, "tokens_per_s": 30.0 * k, "bytes_per_step": 6}
+    peer = {str(k): {"peer": "deepspeed", "k": k, "tokens_per_s": 30.0 * k, "bytes_per_step": 6, "layers": 6}
             for k in (1, 8, 32, 64)}
-    batched = {"name": "batched", "fullname": "batched", "extra_info": {"claims": [], "info": {"runs": runs,
-                                                                                             "peer_runs": peer}}}
+    same = {str(k): {"k": k, "tokens_per_s": 38.0 * k, "copy_bound_tokens_per_s": 40.0 * k, "bytes_per_step": 5}
+            for k in (1, 8, 32, 64)}
+    batched = {"name": "batched", "fullname": "batched", "extra_info": {"claims": [], "info": {
+        "runs": runs, "peer_runs": peer, "same_model_runs": same, "runtime": {"streaming": {"layers": 48}}}}}
     data["benchmarks"] = edits + [batched]
     p.write_text(json.dumps(data))
     text = write_report(p, out_dir=tmp_path / "rep", name="exp4").read_text()

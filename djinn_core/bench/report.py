@@ -399,26 +399,33 @@ def _plot_edit_costs(data: dict[str, Any], out_dir: Path, name: str) -> Path | N
 
 
 def _plot_batched_decode(data: dict[str, Any], out_dir: Path, name: str) -> Path | None:
-    """Aggregate tokens/s against the batch size k: Djinn's batched decode, the copy-bound line k x ceiling /
-    streamed bytes, and the peer's tokens/s scaled to Djinn's streamed bytes per step, from ``info["runs"]`` and
-    ``info["peer_runs"]`` of the exp4 batched benchmark."""
+    """Aggregate tokens/s against the batch size k: Djinn's batched decode of the deep model with its copy-bound line
+    k x ceiling / streamed bytes (``info["runs"]``), and on the peer's shallower model of the same architecture
+    Djinn's (``info["same_model_runs"]``) beside the peer's (``info["peer_runs"]``), from the exp4 batched
+    benchmark."""
     points: dict[str, list[tuple[int, float]]] = {}
+
+    def add(label: str, k: Any, value: Any) -> None:
+        points.setdefault(label, []).append((int(k), float(value)))
+
     for bench in data.get("benchmarks", []):
         info = (bench.get("extra_info") or {}).get("info") or {}
         runs = info.get("runs")
         if not isinstance(runs, dict):
             continue
+        layers = ((info.get("runtime") or {}).get("streaming") or {}).get("layers")
         for k, r in runs.items():
-            if not isinstance(r, dict) or "tokens_per_s" not in r:
-                continue
-            points.setdefault("djinn decode_batch", []).append((int(k), float(r["tokens_per_s"])))
-            points.setdefault("copy bound: k x ceiling / streamed bytes", []).append(
-                (int(k), float(r["copy_bound_tokens_per_s"])))
-            peer = (info.get("peer_runs") or {}).get(k) or (info.get("peer_runs") or {}).get(str(k))
-            if isinstance(peer, dict) and peer.get("bytes_per_step") and r.get("bytes_per_step"):
-                scale = peer["bytes_per_step"] / r["bytes_per_step"]  # the peer's rate at Djinn's depth
-                points.setdefault(f"{peer.get('peer', 'peer')} (scaled to the same weight bytes)", []).append(
-                    (int(k), float(peer["tokens_per_s"]) * scale))
+            if isinstance(r, dict) and "tokens_per_s" in r:
+                add("djinn decode_batch" + (f", {layers} layers" if layers else ""), k, r["tokens_per_s"])
+                add("copy bound: k x ceiling / streamed bytes", k, r["copy_bound_tokens_per_s"])
+        peer_runs = info.get("peer_runs") or {}
+        for k, r in peer_runs.items():
+            if isinstance(r, dict) and "tokens_per_s" in r:
+                add(f"{r.get('peer', 'peer')}, {r.get('layers', '?')} layers", k, r["tokens_per_s"])
+        for k, r in (info.get("same_model_runs") or {}).items():
+            if isinstance(r, dict) and "tokens_per_s" in r:
+                peer_layers = (peer_runs.get(k) or {}).get("layers", "?")
+                add(f"djinn decode_batch, the peer's {peer_layers} layers", k, r["tokens_per_s"])
     if not points:
         return None
     return _line_plot(points, out_dir / f"{name}_tokens_per_s_vs_k.png", xlabel="sessions per batched step k",
