@@ -317,3 +317,47 @@ def test_capabilities_table_takes_every_figure_from_the_runs():
     assert "64 of 64" in table
     assert "not measured" in capabilities_table(resume, None)  # no pressure run: session counts say so
     assert capabilities_table({"benchmarks": []}) is None
+
+
+def _makereport(when, outcome, excinfo=None, fixturenames=("claim",)):
+    """Drive the claim plugin's makereport hook with a fake item and report; returns the benchmark's extra_info."""
+    from types import SimpleNamespace
+
+    from fixtures import claims as plugin
+
+    bench = SimpleNamespace(extra_info={})
+    item = SimpleNamespace(funcargs={"benchmark": bench}, fixturenames=list(fixturenames))
+    rep = SimpleNamespace(when=when, outcome=outcome, failed=outcome == "failed")
+    gen = plugin.pytest_runtest_makereport(item, SimpleNamespace(excinfo=excinfo))
+    next(gen)
+    with pytest.raises(StopIteration):
+        gen.send(SimpleNamespace(get_result=lambda: rep))
+    return bench.extra_info
+
+
+def test_claim_plugin_records_the_tests_outcome_in_its_benchmark():
+    from types import SimpleNamespace
+
+    err = SimpleNamespace(typename="ConfigError", value=ValueError("djinn serve did not start"))
+    assert _makereport("call", "failed", err)["test_outcome"] == {
+        "outcome": "failed", "error": "ConfigError: djinn serve did not start"}
+    assert _makereport("call", "passed")["test_outcome"] == {"outcome": "passed"}
+    assert _makereport("setup", "failed", err) == {}  # only the test's own call
+    assert _makereport("call", "failed", err, fixturenames=("benchmark",)) == {}  # only claim tests
+
+
+def test_a_test_that_failed_outside_its_claims_reads_as_failed(tmp_path):
+    """Every claim it recorded passed, but the test stopped on an error: a failed test_completed row, in the table
+    and the counts; a test that failed on a claim gets none (its claim fails already)."""
+    p = _bench_json(tmp_path, [_ratio(1, (0.45,), (0.40,))])
+    data = json.loads(p.read_text())
+    data["benchmarks"][0]["extra_info"]["test_outcome"] = {"outcome": "failed", "error": "ConfigError: no server"}
+    p.write_text(json.dumps(data))
+    rows = claim_rows(load_benchmark_json(p))
+    assert [(r.claim, r.passed) for r in rows] == [("resume_vs_manual", True), ("test_completed", False)]
+    assert "ConfigError: no server" in rows[1].method
+    text = write_report(p, out_dir=tmp_path / "rep").read_text()
+    assert "1 fail" in text and "test_completed" in text
+    data["benchmarks"][0]["extra_info"]["claims"] = [_ratio(1, (0.9,), (0.40,))]  # a failed claim
+    p.write_text(json.dumps(data))
+    assert [(r.claim, r.passed) for r in claim_rows(load_benchmark_json(p))] == [("resume_vs_manual", False)]

@@ -202,10 +202,13 @@ def _assert_claims(claim, v: dict) -> None:
 # GPU: 2 x (Llama-2-13B fp16, 80 GB budget)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gpu_cluster(vram_budget):
-    """Two workers (one per GPU) sized for 64 sessions each at the run's budget, and the router: for the pressure
-    and the load tests (the dead-worker test starts its own)."""
+    """Two workers (one per GPU) sized for 64 sessions each at the run's budget, and the router: one cluster per test
+    (the pressure and the load tests; the dead-worker test starts its own), stopped before the next test starts its
+    own: the budget counts every process's memory on a GPU, as an 80 GB card would, so two clusters cannot share one
+    (on nvidia-h200-x2 at 43bb4d8 a module-wide cluster still held 76.6 GiB of GPU 0 when the dead-worker test
+    started its workers, which got 1.96 GiB and ran out of memory)."""
     gpus = _need_gpus()
     sizing = _gpu_sizing(vram_budget.bytes, CLIENTS // WORKERS)
     args = _gpu_args(vram_budget, sizing, max_sessions=2 * CLIENTS)

@@ -91,7 +91,27 @@ def claim_rows(data: dict[str, Any]) -> list[ClaimRow]:
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 name = rec.get("claim") if isinstance(rec, dict) else rec
                 raise ConfigError(f"{test}: malformed claim record {name!r} ({type(e).__name__}: {e})") from e
+        row = _incomplete_test_row(test, bench, rows)
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def _incomplete_test_row(test: str, bench: dict[str, Any], rows: list[ClaimRow]) -> ClaimRow | None:
+    """A failed ``test_completed`` row for a benchmark whose test failed (``extra_info["test_outcome"]``, recorded by
+    the claim fixture) while every claim it recorded passed: it stopped on an error outside its claims, so its
+    report must not read as passing. None otherwise (a failed claim already fails the report)."""
+    outcome = (bench.get("extra_info") or {}).get("test_outcome")
+    if not isinstance(outcome, dict) or outcome.get("outcome") != "failed":
+        return None
+    if any(r.test == test and not r.passed for r in rows):
+        return None
+    error = str(outcome.get("error", "an error outside its claims"))
+    rec = {"claim": "test_completed", "kind": "check", "method": f"pytest's outcome of the test: {error}",
+           "params": {}, "unit": "bool", "op": "==", "bound": 1.0, "measured": 0.0, "passed": False,
+           "what": "the test ran to its end"}
+    return ClaimRow(test, "test_completed", rec["method"], {}, 0.0, "bool", None, "", 0.0, "==", 1.0, False, False,
+                    rec)
 
 
 def provenance(data: dict[str, Any]) -> dict[str, Any]:

@@ -142,9 +142,11 @@ def allocator_cap(budget_bytes: int, total_bytes: int, outside_bytes: int) -> tu
 
 
 def cap_allocator(budget_bytes: int, device: Any) -> dict[str, Any]:
-    """Cap torch's caching allocator on CUDA ``device`` so that it plus what this process already holds outside it
-    (CUDA context, loaded kernels: measured now) is ``budget_bytes``; returns what was done. :class:`ConfigError` for
-    a budget larger than the card. Also what ``djinn serve --vram-budget`` needs."""
+    """Cap torch's caching allocator on CUDA ``device`` so that it plus what the device already holds outside it
+    (measured now: this process's CUDA context and loaded kernels, and any other process's memory on the device, which
+    on a card of the budget's size would take from it too) is ``budget_bytes``; returns what was done.
+    :class:`ConfigError` for a budget larger than the card. Also what ``djinn serve --vram-budget`` needs: two
+    servers on one GPU share one budget, as they would share an 80 GB card."""
     import torch
 
     device = torch.device(device)
@@ -158,6 +160,9 @@ def cap_allocator(budget_bytes: int, device: Any) -> dict[str, Any]:
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     log.info("VRAM budget: torch allocator capped at %.2f GiB (%.4f of %.2f GiB; %.2f GiB used outside it)",
              cap / GiB, fraction, total / GiB, outside / GiB)
+    if outside > 4 * GiB:  # more than a CUDA context: another process holds part of the budget
+        log.warning("VRAM budget: %.2f GiB of the device is used outside this allocator (another process?); it "
+                    "counts against the budget, leaving %.2f GiB", outside / GiB, cap / GiB)
     return {"enforced": True, "how": "torch.cuda.set_per_process_memory_fraction", "fraction": fraction,
             "allocator_cap_bytes": cap, "outside_allocator_bytes": outside, "total_bytes": total,
             "budget_bytes": budget_bytes}
