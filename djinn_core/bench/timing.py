@@ -37,6 +37,11 @@ class TimingStats:
     def n(self) -> int:
         return len(self.samples_ms)
 
+    def per(self, count: int) -> "TimingStats":
+        """Each sample divided by ``count``: the time of one of ``count`` back-to-back operations a sample timed."""
+        check_number("count", count, 1)
+        return TimingStats(tuple(s / count for s in self.samples_ms), self.clock)
+
     @property
     def median_ms(self) -> float:
         return float(statistics.median(self.samples_ms))

@@ -14,7 +14,8 @@ to ``M``, with that attention mask and those position ids
 each session decoded alone in general: a batch of ``k`` rows (and the padding) changes GEMM and attention shapes, so
 kernels may sum in another order.
 
-Streams: everything on the current stream of the model's device; nothing synchronises.
+Streams: everything on the current stream of the model's device; nothing synchronises (the step's small host
+tensors go up through pinned memory), so a loop of steps queues the next behind the running one.
 """
 
 from __future__ import annotations
@@ -90,7 +91,17 @@ def padding_mask(lengths: Sequence[int], new: int, device: torch.device) -> torc
     """(k, max(lengths) + new) int64: 0 over each row's left padding, 1 over its tokens and the ``new`` ones."""
     past = max(lengths)
     cols = torch.arange(past + new)
-    return (cols[None, :] >= torch.tensor([past - n for n in lengths])[:, None]).long().to(device)
+    return to_device((cols[None, :] >= torch.tensor([past - n for n in lengths])[:, None]).long(), device)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` (a small host tensor) on ``device`` without making the host wait for the device: on CUDA through pinned
+    memory and a non-blocking copy (a plain ``.to(cuda)`` of pageable memory synchronises the stream, so a decode
+    loop could never queue its next step behind the running one)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -152,7 +163,7 @@ def decode_batch(runtime: "BreakpointRuntime", sessions: Sequence["BreakpointSes
             cache = BatchedKVCache([s.cache for s in members], lengths)
             with torch.inference_mode(), exact_attention():
                 logits = runtime.model(tokens, attention_mask=padding_mask(lengths, 1, runtime.device),
-                                       position_ids=torch.tensor(lengths, device=runtime.device)[:, None],
+                                       position_ids=to_device(torch.tensor(lengths), runtime.device)[:, None],
                                        past_key_values=cache, use_cache=True).logits[:, -1]  # (k, vocab)
             picked = logits.argmax(-1, keepdim=True)  # (k, 1)
             for row, i in enumerate(fed):
@@ -163,4 +174,4 @@ def decode_batch(runtime: "BreakpointRuntime", sessions: Sequence["BreakpointSes
     return (out, chose) if return_logits else out
 
 
-__all__ = ["BatchedKVCache", "decode_batch", "padding_mask"]
+__all__ = ["BatchedKVCache", "decode_batch", "padding_mask", "to_device"]

@@ -52,7 +52,8 @@ EDIT_BOUND = 1.1  # edit -> logits <= 1.1 x max(transfer of layers L.. at the ce
 BATCH_KS = (1, 8, 32, 64)  # sessions per batched decode step
 BATCH_CONTEXT = 512  # prompt tokens of the batched sessions (the 2026-11-30 anchor's context)
 BATCH_BOUND = 0.9  # tokens/s >= 0.9 x k x ceiling / streamed bytes while the pass is copy-bound
-BATCH_PEER_BOUND = 1.2  # at every k, Djinn's batched decode >= 1.2x DeepSpeed ZeRO-Inference's (same weight bytes)
+BATCH_PEER_BOUND = 1.2  # at every k, Djinn's batched decode >= 1.2x DeepSpeed ZeRO-Inference's tokens/s, same model
+BATCH_WINDOW = 4  # back-to-back decode steps per timed sample (aggregate tokens/s of a decode loop)
 
 
 def steering_vector(hidden_size: int, device: torch.device | str, dtype: torch.dtype, scale: float = 4.0
@@ -288,16 +289,17 @@ class PeerBatchRun:
 
 def measure_peer_batched_decode(module: Any, k: int, *, peer: str, bytes_per_step: int, device: torch.device | str,
                                 context: int = BATCH_CONTEXT, steps: int = 3, warmup: int = 1,
-                                seed: int = 1) -> PeerBatchRun:
-    """``k`` seeded prompts of ``context`` tokens prefilled as one batch (untimed), then ``steps`` timed greedy decode
-    steps after ``warmup`` (:func:`~djinn_core.bench.experiments.scaleout.time_decode_steps`). ``bytes_per_step``: the
-    model's parameter bytes, counted before the peer took them over (ZeRO-3 empties the module's tensors)."""
+                                window: int = BATCH_WINDOW, seed: int = 1) -> PeerBatchRun:
+    """``k`` seeded prompts of ``context`` tokens prefilled as one batch (untimed), then ``steps`` timed windows of
+    ``window`` back-to-back greedy decode steps after ``warmup`` untimed ones, timed as Djinn's
+    (:func:`~djinn_core.bench.experiments.scaleout.time_decode_steps`). ``bytes_per_step``: the model's parameter
+    bytes, counted before the peer took them over (ZeRO-3 empties the module's tensors)."""
     from djinn_core.bench.experiments.scaleout import time_decode_steps
 
     cfg = module.config
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (k, context), generator=g).to(device)
-    timing = time_decode_steps(module, ids, steps=steps, warmup=warmup)
+    timing = time_decode_steps(module, ids, steps=steps, warmup=warmup, window=window)
     return PeerBatchRun(peer, k, timing, bytes_per_step, cfg.num_hidden_layers)
 
 
@@ -331,14 +333,18 @@ def batched_divergence(model: Any, prompts: list[torch.Tensor], steps: int) -> l
 
 
 def measure_batched_decode(rt: StreamedBreakpointRuntime, ids: torch.Tensor, k: int, *, warmup: int = 1,
-                           repeats: int = 3, stagger: int = 4, ceiling: Callable[[], Any] | None = None) -> BatchRun:
+                           repeats: int = 3, window: int = BATCH_WINDOW, stagger: int = 4,
+                           ceiling: Callable[[], Any] | None = None) -> BatchRun:
     """``k`` sessions forked from one prompt checkpointed at the last layer (so their resumes stream nothing), joining
     the batch over ``stagger`` steps (session ``i`` at step ``i % stagger``: lengths differ), then ``repeats`` timed
-    :func:`~djinn_core.runtime.batch.decode_batch` steps of all k after ``warmup``. All sessions are closed after."""
+    windows of ``window`` back-to-back :func:`~djinn_core.runtime.batch.decode_batch` steps of all k after
+    ``warmup`` untimed ones, as a decode loop runs them (each step queued behind the running one); the step's time is
+    its window's over ``window``. All sessions are closed after."""
     from djinn_core.runtime.batch import decode_batch
 
     sm = rt.streamed
-    parent = rt.open(ids, max_new_tokens=stagger + warmup + repeats + 1)
+    steps = (warmup + repeats) * window
+    parent = rt.open(ids, max_new_tokens=stagger + steps + 1)
     parent.run_to(rt.parts.num_layers)
     children = parent.fork(k)
     parent.close()
@@ -350,8 +356,13 @@ def measure_batched_decode(rt: StreamedBreakpointRuntime, ids: torch.Tensor, k: 
         lengths = [c.cache.layers[0].length for c in children]
         ceilings = [ceiling()] if ceiling is not None else []
         before = sm.bytes_streamed
-        timing = _timer(rt.device)(lambda: decode_batch(rt, children), warmup=warmup, repeats=repeats)
-        per_step = (sm.bytes_streamed - before) // (warmup + repeats)
+
+        def loop() -> None:
+            for _ in range(window):
+                decode_batch(rt, children)
+
+        timing = _timer(rt.device)(loop, warmup=warmup, repeats=repeats).per(window)
+        per_step = (sm.bytes_streamed - before) // steps
         if ceiling is not None:
             ceilings.append(ceiling())
         return BatchRun(k, timing, per_step, _compute_ms(sm, 0), ceilings, lengths)
@@ -543,7 +554,7 @@ def unequal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> dict[st
     return {"prompt_logits": diff(a[0], b[0]), "tokens": diff(a[1], b[1]), "step_logits": diff(a[2], b[2])}
 
 
-__all__ = ["BATCH_BOUND", "BATCH_CONTEXT", "BATCH_KS", "BATCH_PEER_BOUND", "BatchRun", "Case", "EDIT_BOUND",
+__all__ = ["BATCH_BOUND", "BATCH_CONTEXT", "BATCH_KS", "BATCH_PEER_BOUND", "BATCH_WINDOW", "BatchRun", "Case", "EDIT_BOUND",
            "EDIT_LAYERS", "EditCosts", "PeerBatchRun", "PlainSession", "batched_divergence",
            "batched_resident_reference", "batched_session_runs", "join_leave_schedule", "measure_batched_decode",
            "measure_edit_costs", "measure_peer_batched_decode", "padded_step_reference", "resident_reference",

@@ -128,9 +128,10 @@ def gpu_identity(device: torch.device) -> dict[str, Any]:
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def time_decode_steps(model: Any, ids: torch.Tensor, *, steps: int, warmup: int = 1) -> TimingStats:
-    """Prefill ``ids`` (untimed), then time ``steps`` greedy decode steps (one token each, a KV cache on the model's
-    device) after ``warmup`` untimed ones: CUDA events on a GPU, the host clock on a CPU."""
+def time_decode_steps(model: Any, ids: torch.Tensor, *, steps: int, warmup: int = 1, window: int = 1) -> TimingStats:
+    """Prefill ``ids`` (untimed), then time ``steps`` samples of ``window`` back-to-back greedy decode steps (one token
+    each, a KV cache on the model's device) after ``warmup`` untimed ones, each sample divided by ``window``: CUDA
+    events on a GPU, the host clock on a CPU."""
     cuda = ids.device.type == "cuda"
     timer = time_cuda if cuda else time_host
     samples: list[float] = []
@@ -143,8 +144,12 @@ def time_decode_steps(model: Any, ids: torch.Tensor, *, steps: int, warmup: int 
             out = model(input_ids=box["next"], past_key_values=cache, use_cache=True)
             box["next"] = out.logits[:, -1].argmax(-1, keepdim=True)
 
+        def loop() -> None:
+            for _ in range(window):
+                step()
+
         for k in range(warmup + steps):
-            t = timer(step, warmup=0, repeats=1)
+            t = timer(loop, warmup=0, repeats=1).per(window)
             if k >= warmup:
                 samples.extend(t.samples_ms)
     return TimingStats(tuple(samples), "cuda_event" if cuda else "host")
