@@ -8,7 +8,7 @@ ring and the slab). The answers are those of the resident model, bit for bit. Fr
     .venv/bin/python examples/steering_streamed.py [--layer 13] [--tokens 80] [--strengths 0 4 5 7]
 
 On a GPU, the 70B architecture under 24 GiB:
-    .venv/bin/python examples/steering_streamed.py --device cuda --arch llama2-70b --vram-budget 24GiB [--num-layers 48]
+    .venv/bin/python examples/steering_streamed.py --device cuda --arch llama2-70b --vram-budget 24GiB [--host-sets 8]
 This builds the Llama-2-70B architecture with SEEDED RANDOM WEIGHTS (there is no 70B checkpoint here) and a byte-level
 stand-in tokenizer: it demonstrates the mechanics and the cost -- the breakpoint prefill streams layers 0..L-1 once,
 each fork's resume streams only layers L..n-1, every decode step streams every layer -- and THE TEXT IS MEANINGLESS.
