@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-pytest_plugins = ["fixtures.budget", "fixtures.hardware", "fixtures.claims", "fixtures.models"]
+# fixtures.lanes last: its tryfirst pytest_configure then runs first (pluggy calls later registrations first), so it
+# picks an xdist worker's GPU before fixtures.budget's configure initialises CUDA
+pytest_plugins = ["fixtures.budget", "fixtures.hardware", "fixtures.claims", "fixtures.models", "fixtures.lanes"]
 
 SCALE_MARKERS = ("cpu", "gpu", "h100")
 
@@ -39,6 +41,8 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     machine_info["djinn"] = machine_facts()
     machine_info["djinn"]["deterministic_algorithms"] = os.environ.get("DJINN_DETERMINISTIC") == "1"
     machine_info["djinn"]["vram_budget"] = budget_info(config)
+    machine_info["djinn"]["xdist_worker"] = os.environ.get("PYTEST_XDIST_WORKER")  # a lane (fixtures.lanes)
+    machine_info["djinn"].setdefault("cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
