@@ -121,6 +121,7 @@ def test_forks_and_eviction_to_the_host_keep_every_session_bitwise(resident, cli
         first.append(s.generate(2))
     stats = client.stats()
     assert stats["evictions"] > evictions, stats
+    assert stats["streamed"]["streaming"]["bytes_streamed"] > 0 and stats["streamed"]["split"]["slots"] == SLOTS
     edited = plain_run(model, ids, NEW, layer=2, edit=lambda h: h + v)[1]
     for k, s in enumerate(sessions):  # the rest of each answer, swapped back in as needed
         tokens = torch.cat([first[k], s.generate(NEW - 2)], 1)

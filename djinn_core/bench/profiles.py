@@ -47,6 +47,7 @@ H100_REPORTS: dict[str, tuple[tuple[str, ...], str | None]] = {
                         "tests_exp2/test_streaming_peers.py"), None),
     "exp4_streamed_sessions": (("tests_exp2/test_exp4_streamed_sessions.py",), None),
     "exp4_batched_decode": (("tests_exp2/test_exp4_batched_decode.py",), None),
+    "exp4_served": (("tests_exp2/test_exp4_served.py",), None),
 }
 
 

@@ -39,6 +39,7 @@ from djinn_core.rpc.wire import (HostStaging, check_token, decode, decode_header
                                   encode_tensors, error_header, reply_id, request_header)
 from djinn_core.rpc.zmq_transport import ZmqServerTransport
 from djinn_core.runtime import BreakpointRuntime
+from djinn_core.runtime.streamed import StreamedBreakpointRuntime
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +232,10 @@ class Server(LoopService):
                     # the caching allocator's calls to the driver: each costs far more than a cached block
                     "device_allocs": ms.get("num_device_alloc", 0), "device_frees": ms.get("num_device_free", 0),
                     "alloc_retries": ms.get("num_alloc_retries", 0)}
+        streamed = rt.stats() if isinstance(rt, StreamedBreakpointRuntime) else None  # split, streaming counters
         return {
             **self.sessions.counts(),
+            "streamed": streamed,
             "slab": dataclasses.asdict(rt.slab.stats), "host_pool": dataclasses.asdict(rt.host_pool.stats),
             "swap": dataclasses.asdict(rt.swap.stats), "evictions": rt.evictions, "vram": vram,
             "device": str(rt.device),
