@@ -7,16 +7,16 @@ thread and each server in its own process, as in use (``djinn serve`` owns the G
 * a no-op RPC (``Client.ping``): the framework's round trip through the server loop;
 * a resume RPC (``RemoteSession.resume(logits="last")``) and the same resume in process on identical weights (the
   same seeded build in the test process; ``BreakpointSession.resume()[:, -1].cpu()``: the same bytes delivered to host
-  memory), in alternating blocks (each after untimed warm-ups: the first kernels after the other CUDA context ran pay
-  a GPU context switch a deployed server never pays), and checked bitwise equal.
+  memory), strictly alternating after untimed warm-ups (each side's untimed fork, right before its resume, takes the
+  switch between the two processes' CUDA contexts, which a deployed server never pays), and checked bitwise equal.
 
 The client spins for its replies (``busy_poll_s``) and, the server being on this host, exchanges requests and replies
 with it through a shared-memory channel (:mod:`djinn_core.rpc.local_channel`; the claims' ``path`` says which path was
 measured, the info's ``paths`` which way each message went); the same resumes with everything over ZeroMQ, what a
 client on another host gets, are recorded beside them.
 
-Claims: framework overhead = median(no-op RPC) - median(raw RTT) <= 0.2 ms; median(remote resume) - median(in-process
-resume) <= 0.3 ms. Load: 32 clients on threads, each with its own connection and sessions, x 100 pause/resume cycles on
+Claims: framework overhead = median(no-op RPC) - median(raw RTT) <= 0.2 ms; remote minus in-process resume, the
+median over pairs of a remote resume and the in-process one right after it, <= 0.3 ms. Load: 32 clients on threads, each with its own connection and sessions, x 100 pause/resume cycles on
 shared weights; no session lost and every client's logits and tokens bitwise equal to its solo run; p50/p99 reported.
 """
 
@@ -46,6 +46,11 @@ from djinn_core.runtime import BreakpointRuntime
 LAYERS_13B = (20, 40)
 CLIENTS, CYCLES = 32, 100
 BUSY_POLL_S = 0.2  # latency mode on both ends of the decomposition: no sleeping thread between request and reply
+# remote against in-process resumes strictly alternating, each remote repeat paired with the in-process one right after
+# it: the GPU's clocks move the 60 ms L=20 resume by 1-2 ms between blocks seconds apart (H200, 3c21786: block medians
+# 58.2-60.0 ms on one side), more than the 0.2 ms asked for, and pairs taken together cancel that drift. Each side's
+# untimed fork, right before its resume, takes the switch between the two processes' CUDA contexts.
+RESUME_SAMPLING = {"rounds": 60, "warmup": 3, "block": 1, "block_warmup": 0}
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +81,14 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
             got["noop"] = time_host(c.ping, warmup=200, repeats=2000)
             got["raw_after"] = raw_tcp_rtt(rounds=2000, warmup=200)
             for layer in LAYERS_13B:
-                got[layer] = resume_remote_vs_local(c, local_rt, prompt_2048_ids, layer, rounds=30, warmup=3)
+                got[layer] = resume_remote_vs_local(c, local_rt, prompt_2048_ids, layer, **RESUME_SAMPLING)
             got["paths"] = dict(c.paths)
             got["stats"] = c.stats()
         # the same resumes with every reply over ZeroMQ (what a client on another host gets), for reference
         with Client(srv.address, timeout_s=120, busy_poll_s=BUSY_POLL_S, local_channel=False) as c:
             got["noop_zmq"] = time_host(c.ping, warmup=200, repeats=2000)
             for layer in LAYERS_13B:
-                got[("zmq", layer)] = resume_remote_vs_local(c, local_rt, prompt_2048_ids, layer, rounds=30,
-                                                             warmup=3)
+                got[("zmq", layer)] = resume_remote_vs_local(c, local_rt, prompt_2048_ids, layer, **RESUME_SAMPLING)
 
     claim.measure(measure)
     raw, noop = got["raw"], got["noop"]  # claim params hold the configuration only (stable keys); figures go to info
@@ -110,12 +114,13 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
     for layer in LAYERS_13B:
         remote, local = got[layer].remote, got[layer].local
         claim.check("remote_resume_minus_in_process_resume",
-                    what="median remote resume RPC minus median in-process resume of the same checkpoint",
+                    what="median over pairs of a remote resume RPC minus the in-process resume of the same "
+                         "checkpoint taken right after it (the sides strictly alternate)",
                     method="djinn-rpc-zmq",
-                    value=remote.median_ms - local.median_ms, bound=0.3, op="<=", unit="ms", check=False,
+                    value=got[layer].paired_difference_ms, bound=0.3, op="<=", unit="ms", check=False,
                     params={"model": "llama2-13b", "L": layer, "prompt_tokens": prompt_2048_ids.shape[1],
                             "logits": "last", "repeats": remote.n, "busy_poll_s": BUSY_POLL_S,
-                            "path": got["path"]})
+                            "path": got["path"], "pairing": "alternate"})
     for rec in claim.records:  # all recorded (with their numbers) first, then asserted
         if not rec["passed"]:
             raise ClaimFailed(rec)
@@ -177,6 +182,8 @@ def test_rpc_decomposition_and_load_plumbing_on_cpu(llama_tiny_fp32, claim):
                 got["noop"] = time_host(c.ping, warmup=10, repeats=100)
                 ids = seeded_prompts(1, 16, 512)[0]
                 got["resume"] = resume_remote_vs_local(c, local_rt, ids, 3, rounds=5, warmup=1)
+                got["paired"] = resume_remote_vs_local(c, local_rt, ids, 3, rounds=4, warmup=1, block=1,
+                                                       block_warmup=0)
             got["load"] = run_load(srv.address, seeded_prompts(4, 8, 512), layer=3, cycles=5, new_tokens=3,
                                    time_limit_s=60)
 
@@ -189,6 +196,11 @@ def test_rpc_decomposition_and_load_plumbing_on_cpu(llama_tiny_fp32, claim):
     remote, local, equal = cmp.remote, cmp.local, cmp.equal
     assert set(cmp.phases) == {"request", "dispatch", "op", "op_launch", "op_wait", "reply", "reply_decode"}
     assert set(cmp.local_phases) == {"op_launch", "op_wait"} and len(cmp.blocks) == 2
+    paired = got["paired"]  # strict alternation: a block per repeat and side, one difference per pair
+    assert len(paired.blocks) == 8 and [b["side"] for b in paired.blocks[:2]] == ["remote", "in_process"]
+    assert paired.remote.n == paired.local.n == 4 and paired.equal
+    assert paired.paired_difference_ms == statistics.median(
+        r - lo for r, lo in zip(paired.remote.samples_ms, paired.local.samples_ms))
     claim.info(raw_tcp_rtt=got["raw"].to_dict(), noop_rpc=got["noop"].to_dict(), remote_resume=remote.to_dict(),
                in_process_resume=local.to_dict(), load=v)
     pre.peer_ran(claim, peer="raw loopback TCP", timing=got["raw"])

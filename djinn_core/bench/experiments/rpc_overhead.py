@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -83,6 +84,18 @@ class ResumeComparison:
     phases: dict[str, TimingStats]  # the remote round trip split (Client.last_phases_ms)
     local_phases: dict[str, TimingStats]  # in process: op_launch (resume returned), op_wait (logits on the host)
     blocks: list[dict]  # per block of each side: the caching allocator's device allocations and frees meanwhile
+    block: int = 10  # timed repeats per side and block
+
+    @property
+    def paired_differences_ms(self) -> list[float]:
+        """Each block's remote repeats minus the in-process repeats of the same block, in order (may be negative)."""
+        return [r - lo for r, lo in zip(self.remote.samples_ms, self.local.samples_ms)]
+
+    @property
+    def paired_difference_ms(self) -> float:
+        """The median of :attr:`paired_differences_ms`: remote minus in-process with the GPU's drift between blocks
+        (its clocks move the 60 ms L=20 resume by 1-2 ms over seconds) cancelled by pairing repeats taken together."""
+        return float(statistics.median(self.paired_differences_ms))
 
 
 def _allocator_calls(stats: dict | None) -> tuple[int, int]:
@@ -90,9 +103,12 @@ def _allocator_calls(stats: dict | None) -> tuple[int, int]:
 
 
 def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torch.Tensor, layer: int, rounds: int,
-                           warmup: int, block: int = 10) -> ResumeComparison:
+                           warmup: int, block: int = 10, block_warmup: int | None = None) -> ResumeComparison:
     """A resume RPC (last-position logits back) against the same resume in process (last-position logits to the
-    host), in alternating blocks of ``block`` timed repeats per side, each block after ``warmup`` untimed ones.
+    host), in alternating blocks of ``block`` timed repeats per side, each block after ``block_warmup`` untimed ones
+    (default ``warmup``), the first after ``warmup``. With ``block=1, block_warmup=0`` the sides strictly alternate,
+    each resume right after its own untimed fork, and :attr:`ResumeComparison.paired_difference_ms` pairs repeats a
+    few milliseconds apart.
 
     Blocks rather than strict alternation: the server and this process are two CUDA contexts on one GPU, and the
     first kernels after the other context ran pay a GPU context switch that a deployed server (the only process on
@@ -155,12 +171,14 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
         return ms.get("num_device_alloc", 0), ms.get("num_device_free", 0)
 
     try:
+        per_block = warmup if block_warmup is None else block_warmup
         for b in range(max(1, -(-rounds // block))):
             n = min(block, rounds - b * block)
             for side, once in (("remote", remote_once), ("in_process", local_once)):
                 before = allocator_calls(side)
-                for i in range(warmup + n):
-                    once(i >= warmup)
+                skip = warmup if b == 0 else per_block
+                for i in range(skip + n):
+                    once(i >= skip)
                 after = allocator_calls(side)
                 blocks.append({"block": b, "side": side, "device_allocs": after[0] - before[0],
                                "device_frees": after[1] - before[1]})
@@ -171,13 +189,15 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
     stats = {k: TimingStats(tuple(v), "host") for k, v in phases.items()}
     return ResumeComparison(TimingStats(tuple(remote), "host"), TimingStats(tuple(local), "host"), equal,
                             TimingStats(tuple(server), "host"), stats,
-                            {k: TimingStats(tuple(v), "host") for k, v in local_phases.items()}, blocks)
+                            {k: TimingStats(tuple(v), "host") for k, v in local_phases.items()}, blocks, block)
 
 
 def comparison_info(c: ResumeComparison) -> dict:
     """A comparison as JSON-ready info: timings, medians, the remote minus in-process split, phases, blocks."""
     return {"remote": c.remote.to_dict(), "in_process": c.local.to_dict(), "server_ms": c.server.to_dict(),
             "logits_bitwise_equal": c.equal, "remote_minus_in_process_ms": c.remote.median_ms - c.local.median_ms,
+            "paired_difference_ms": c.paired_difference_ms, "paired_differences_ms": c.paired_differences_ms,
+            "block": c.block,
             "execution_ms": c.server.median_ms - c.local.median_ms,
             "transport_ms": c.remote.median_ms - c.server.median_ms,
             "remote_phases": {k: t.to_dict() for k, t in c.phases.items()},
