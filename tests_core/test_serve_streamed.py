@@ -173,3 +173,15 @@ def test_an_existing_models_own_weights_stream_bitwise_and_come_back_on_release(
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     with pytest.raises(ConfigError, match="materialised"):
         stream_model(build_model("llama-tiny", materialize=False), budget_bytes=BUDGET, device="cpu")
+
+
+def test_the_shared_session_script_runs_remotely_through_a_fork(resident, client):
+    """token_accuracy.session_run, as exp4_served drives the GPU server: open, run_to, fork, edit, pause, resume,
+    generate through a Client equal the plain run with the edit."""
+    from djinn_core.bench.experiments.token_accuracy import session_run
+
+    model, ids, _ = resident
+    v = _steer(2.0)
+    got = session_run(client, ids, 3, NEW, edit=lambda h: h + v, fork=True)
+    assert _same(got, plain_run(model, ids, NEW, layer=3, edit=lambda h: h + v))
+    assert not client.sessions()  # the parent closed at the fork, the child at the end

@@ -18,6 +18,7 @@ import torch
 from djinn_core.bench.experiments.exp2_streaming import SEED, free_device_memory, prompt
 from djinn_core.bench.experiments.exp4_streamed_sessions import ARCH, steering_vector, unequal
 from djinn_core.bench.experiments.server_pressure import nvml_probe
+from djinn_core.bench.experiments.token_accuracy import session_run
 from djinn_core.bench.vram import VramSampler
 from djinn_core.memory.vram_budget import allocator_fraction
 from djinn_core.models import build_model
@@ -35,22 +36,6 @@ CASES = ((1, False, False), (8, True, True), (15, True, False))
 ARGS = ["--model", ARCH, "--device", "cuda", "--dtype", "float16", "--seed", str(SEED), "--num-layers",
         str(SERVED_LAYERS), "--stream", "--vram-budget", BUDGET, "--session-tokens", str(PROMPT_TOKENS + NEW_TOKENS),
         "--stats-interval-s", "0"]
-
-
-def _remote(client: Client, ids: torch.Tensor, layer: int, edit, forked: bool):
-    s = client.open(ids.cpu(), max_new_tokens=NEW_TOKENS)
-    ck = s.run_to(layer)
-    if forked:
-        child = s.fork(1)[0]
-        s.close()
-        s, ck = child, child.checkpoint
-    if edit is not None:
-        ck.edit(edit)
-    s.pause()
-    logits = s.resume()
-    tokens, steps = s.generate(NEW_TOKENS, return_logits=True)
-    s.close()
-    return logits.cpu(), tokens.cpu(), steps.cpu()
 
 
 @pytest.mark.h100
@@ -72,7 +57,8 @@ def test_remote_sessions_over_a_served_streamed_70b_are_bitwise_within_the_budge
         with ServerProcess(ARGS, start_timeout_s=900) as srv:
             sampler = VramSampler(0, period_s=0.02, memory_probe=nvml_probe(0, srv.proc.pid))
             with sampler, Client(srv.address, timeout_s=600) as c:
-                got["remote"] = [_remote(c, ids, L, edit if e else None, f) for L, e, f in CASES]
+                got["remote"] = [tuple(t.cpu() for t in session_run(c, ids, L, NEW_TOKENS, edit=edit if e else None,
+                                                                     fork=f)) for L, e, f in CASES]
                 got["stats"] = c.stats()
             got["sampler"], got["before"] = sampler, before
             got["server_output"] = srv.output[-40:]

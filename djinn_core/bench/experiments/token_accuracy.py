@@ -12,11 +12,17 @@ Run = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (prompt logits, tokens,
 
 
 def session_run(rt: Any, ids: torch.Tensor, layer: int, new_tokens: int, *,
-                edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Run:
-    """Open a session of ``ids`` on ``rt``, run to ``layer``, apply ``edit`` to the checkpoint's hidden state, pause
-    (its state to the host), resume and generate ``new_tokens`` greedily; the session is closed."""
+                edit: Callable[[torch.Tensor], torch.Tensor] | None = None, fork: bool = False) -> Run:
+    """Open a session of ``ids`` on ``rt`` (a runtime, or a :class:`~djinn_core.rpc.client.Client`: the same calls),
+    run to ``layer`` (with ``fork``, continue in a fork of it and close the parent), apply ``edit`` to the
+    checkpoint's hidden state, pause (its state to the host), resume and generate ``new_tokens`` greedily; the
+    session is closed."""
     s = rt.open(ids, max_new_tokens=new_tokens)
     ck = s.run_to(layer)
+    if fork:
+        child = s.fork(1)[0]
+        s.close()
+        s, ck = child, child.checkpoint
     if edit is not None:
         ck.edit(edit)
     s.pause()
