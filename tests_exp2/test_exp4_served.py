@@ -1,7 +1,7 @@
-"""exp4, served (issue 21 item 5): ``djinn serve --model llama2-70b --stream --vram-budget 24GB`` on the GPU. Remote
+"""exp4, served (issue 21 item 5): ``djinn serve --model llama2-70b --stream --vram-budget 24GiB`` on the GPU. Remote
 sessions over the Llama-2-70B architecture streamed through the server's ring -- paused at L and swapped to the host,
 edited, forked, resumed and decoding -- are bitwise the resident model, and the server process stays within its
-24 GB budget.
+24 GiB budget.
 
 The server streams ``SERVED_LAYERS`` of the 70B's layers (its pack pins every one: 1.7 GiB each), so that the
 resident reference fits beside it on one H200. h100 test (run: ``pytest -m h100 tests_exp2/test_exp4_served.py``);
@@ -28,14 +28,14 @@ from djinn_core.runtime import plain_run
 
 GiB = 1 << 30
 SERVED_LAYERS = 16
-BUDGET = "24GB"
-BUDGET_BYTES = 24 * 10**9
+BUDGET = "24GiB"  # decimal units other than 80GB are refused as ambiguous
+BUDGET_BYTES = 24 * GiB
 PROMPT_TOKENS, NEW_TOKENS = 64, 8
 # (L, edited, through a fork): paused at L and swapped to the host each time
 CASES = ((1, False, False), (8, True, True), (15, True, False))
 ARGS = ["--model", ARCH, "--device", "cuda", "--dtype", "float16", "--seed", str(SEED), "--num-layers",
         str(SERVED_LAYERS), "--stream", "--vram-budget", BUDGET, "--session-tokens", str(PROMPT_TOKENS + NEW_TOKENS),
-        "--stats-interval-s", "0"]
+        "--host-pool-bytes", "2GiB", "--stats-interval-s", "0"]
 
 
 @pytest.mark.h100
@@ -86,7 +86,7 @@ def test_remote_sessions_over_a_served_streamed_70b_are_bitwise_within_the_budge
     claim.check("unequal_logits_and_tokens_vs_resident", method="torch bit patterns: prompt and step logits, tokens",
                 value=sum(sum(d.values()) for d in diff.values()), bound=0, op="<=", unit="elements", params=params,
                 check=False)
-    claim.check("server_peak_gpu_memory_over_budget", method="djinn serve --stream --vram-budget 24GB",
+    claim.check("server_peak_gpu_memory_over_budget", method="djinn serve --stream --vram-budget 24GiB",
                 what="the server process's peak GPU memory (NVML, its own) over the budget",
                 value=server_peak / BUDGET_BYTES, bound=1.0, op="<=", unit="x budget", params=params, check=False)
     failed = [r["claim"] for r in claim.records if not r["passed"]]
