@@ -95,6 +95,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """One report's JSON from the JSONs of its parts (pytest processes of ``-k`` selections at one commit)."""
+    from djinn_core.bench.merge import write_merged
+
+    print(write_merged(args.parts, args.out))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from djinn_core.bench.provenance import machine_facts
 
@@ -144,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "the report records (default: runs/<stem>.run<N>.json beside the JSON; --runs with no FILE: "
                           "none)")
     rep.set_defaults(fn=cmd_report)
+
+    merge = sub.add_parser("merge", help="join the pytest-benchmark JSONs of one report's parts (pytest -k "
+                                         "selections at one commit) into one JSON, each part recorded")
+    merge.add_argument("parts", nargs="+", help="the parts' JSON files")
+    merge.add_argument("-o", "--out", required=True, help="the merged JSON to write")
+    merge.set_defaults(fn=cmd_merge)
 
     info = sub.add_parser("info", help="print this machine's facts (GPU, driver, PCIe, packages)")
     info.set_defaults(fn=cmd_info)

@@ -6,7 +6,9 @@
 #       exp3_memory_pressure:tests_exp3/test_memory_pressure.py \
 #       exp3_memory_pressure_card:tests_exp3/test_memory_pressure.py@card
 # `bash scripts/gpu_suite.sh all` runs every report of the h100 profile (djinn_core/bench/profiles.py: H100_REPORTS).
-# Each NAME:FILE[,FILE...][@BUDGET] runs in a pytest process of its own and writes $OUT/NAME.json and $OUT/NAME.log.
+# Each NAME:FILE[,FILE...][@BUDGET][%KEXPR] runs in a pytest process of its own and writes $OUT/NAME.json and
+# $OUT/NAME.log. %KEXPR runs a part of a report (pytest -k KEXPR), for a report longer than one device call: name the
+# parts NAME.part1, NAME.part2 ... and join them with `djinn merge PARTS -o NAME.json` (djinn_core/bench/merge.py).
 # BUDGET is the VRAM budget of that spec (--djinn-vram-budget: 80GB, card, or bytes like 74.5GiB); without one, the
 # run's $DJINN_VRAM_BUDGET, else 80GB (the H100 80GB card, enforced on a larger card by capping torch's allocator).
 # DJINN_GIT_DIRTY must say 0 or 1: the CI gate refuses a report whose tree state is dirty or unknown.
@@ -54,14 +56,19 @@ rc=0
 for spec in "$@"; do
   name=${spec%%:*}
   rest=${spec#*:}
+  select=()
+  if [ "${rest#*%}" != "$rest" ]; then  # a part of a report: pytest -k KEXPR (join the parts with djinn merge)
+    select=(-k "${rest#*%}")
+    rest=${rest%%\%*}
+  fi
   files=${rest%%@*}
   budget=()
   if [ "$rest" != "$files" ]; then
     budget=("--djinn-vram-budget=${rest#*@}")
   fi
-  echo "== $name: ${files//,/ } ${budget[*]:-(budget: ${DJINN_VRAM_BUDGET:-80GB})}"
-  python3 -m pytest -m h100 ${files//,/ } "${budget[@]}" --benchmark-json "$OUT/$name$suffix.json" -p no:cacheprovider \
-    -q -rfE > "$OUT/$name$suffix.log" 2>&1 || rc=1
+  echo "== $name: ${files//,/ } ${budget[*]:-(budget: ${DJINN_VRAM_BUDGET:-80GB})} ${select[*]:-}"
+  python3 -m pytest -m h100 ${files//,/ } "${budget[@]}" "${select[@]}" --benchmark-json "$OUT/$name$suffix.json" \
+    -p no:cacheprovider -q -rfE > "$OUT/$name$suffix.log" 2>&1 || rc=1
   grep -E "passed|failed|error" "$OUT/$name$suffix.log" | tail -3
 done
 exit $rc
