@@ -396,3 +396,29 @@ def test_dead_worker_plumbing_on_cpu(workers, claim):
     assert v["router_lost_workers"] == [KILLED], v
     assert all("WorkerLost" in e[0] for e in v["errors"].values()), v["errors"]
     _assert_claims(claim, v)
+
+
+@pytest.mark.cpu
+def test_workers_wait_until_no_other_process_uses_their_gpus(monkeypatch):
+    """A cluster on GPUs starts only once no process holds more than a CUDA context there (a stopped cluster's memory
+    is released a moment after its processes exit); still held after the timeout, a ConfigError names it."""
+    import types
+
+    from djinn_core.bench import vram
+    from djinn_core.bench.experiments.sessions_over_gpus import CONTEXT_BYTES, wait_gpus_free
+    from djinn_core.errors import ConfigError
+
+    seen = {"calls": 0}
+    held = [types.SimpleNamespace(pid=11, usedGpuMemory=76 << 30), types.SimpleNamespace(pid=12, usedGpuMemory=1 << 29)]
+
+    def processes(handle):
+        seen["calls"] += 1
+        return held if seen["calls"] <= 2 else held[1:]  # the big one exits after two looks; a bare context stays
+
+    fake = types.SimpleNamespace(nvmlDeviceGetComputeRunningProcesses=processes)
+    monkeypatch.setattr(vram, "nvml_handle", lambda index: (fake, index))
+    wait_gpus_free([0, None, "GPU-x"], timeout_s=5, poll_s=0.01)
+    assert seen["calls"] == 3 and held[1].usedGpuMemory < CONTEXT_BYTES
+    seen["calls"] = -10**6  # never frees
+    with pytest.raises(ConfigError, match=r"GPU 0 is still in use .* \[\(11, 81604378624\)\]"):
+        wait_gpus_free([0], timeout_s=0.05, poll_s=0.01)

@@ -113,17 +113,46 @@ class Cluster:
         self.stop()
 
 
+CONTEXT_BYTES = 2 << 30  # more than one process's CUDA context: a process holding more is using the GPU
+
+
+def wait_gpus_free(gpus: Sequence[int | str | None], *, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
+    """Wait until no process holds more than a CUDA context (:data:`CONTEXT_BYTES`) on any of ``gpus`` (NVML
+    indices; others are skipped). A worker's VRAM budget counts what its device already holds when it starts, as a
+    card of the budget's size would, and a stopped process's memory is released a moment after it exits: workers
+    must not start beside the last ones. :class:`ConfigError` naming the processes after ``timeout_s``."""
+    from djinn_core.bench.vram import nvml_handle
+
+    deadline = time.monotonic() + timeout_s
+    for g in gpus:
+        if not isinstance(g, int):
+            continue
+        pynvml, handle = nvml_handle(g)
+        while True:
+            busy = [(p.pid, int(p.usedGpuMemory or 0)) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                    if (p.usedGpuMemory or 0) > CONTEXT_BYTES]
+            if not busy:
+                break
+            if time.monotonic() > deadline:
+                raise ConfigError(f"GPU {g} is still in use after {timeout_s:g} s by (pid, bytes) {busy}: a worker "
+                                  "started now would count that memory against its budget")
+            time.sleep(poll_s)
+
+
 def start_cluster(args: Sequence[list[str]], *, gpus: Sequence[int | str | None] | None = None,
                   worker_timeout_s: float = 60.0, start_timeout_s: float = 300.0,
                   stop_timeout_s: float = 60.0, placement: Any = None) -> Cluster:
     """Start a worker per entry of ``args`` (all at once: each loads its model in parallel), worker ``i`` on GPU
     ``gpus[i]`` (``gpus`` None: no GPU, CPU workers), then a router on a free loopback port in front of them.
+    Waits first until no other process uses those GPUs (:func:`wait_gpus_free`).
     ``worker_timeout_s``: how long the router waits for a worker's answer before it counts the worker lost (more
     than the longest op takes; a killed worker is found out that long after its next request). ``placement``: the
     router's placement policy (None: the router's default, placement by free slab)."""
     gpus = list(gpus) if gpus is not None else [None] * len(args)
     if len(gpus) != len(args):
         raise ConfigError(f"{len(args)} workers but {len(gpus)} GPUs")
+    if any(g is not None for g in gpus):
+        wait_gpus_free(gpus)
 
     def start(i: int) -> ServerProcess:
         return ServerProcess(list(args[i]), start_timeout_s=start_timeout_s, stop_timeout_s=stop_timeout_s,
@@ -435,5 +464,5 @@ def dead_worker_verdict(res: DeadWorkerResult) -> dict[str, Any]:
 
 __all__ = ["Cluster", "DeadWorkerClient", "DeadWorkerResult", "RoutedPressureResult", "cluster_args",
            "dead_worker_client", "dead_worker_verdict", "placement_summary", "run_dead_worker", "run_routed_load",
-           "run_routed_pressure", "start_cluster", "with_swap_totals", "worker_entries", "worker_env", "worker_gpus",
-           "worker_stats"]
+           "run_routed_pressure", "start_cluster", "wait_gpus_free", "with_swap_totals", "worker_entries",
+           "worker_env", "worker_gpus", "worker_stats"]
