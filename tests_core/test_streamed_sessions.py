@@ -328,3 +328,29 @@ def test_batched_decode_refuses_bad_batches_and_changes_nothing(resident, rt):
     with pytest.raises(CacheCapacityExceeded):
         decode_batch(rt, [b, a])  # a has no token left: b is not stepped either
     assert [len(s.generated) for s in (a, b)] == [2, 2] and decode_batch(rt, []) == []
+
+
+def test_a_resume_starts_loading_its_first_layer_before_it_readies_the_session(resident, rt):
+    """A resume asks the streamed model for layer L before it brings the session back (prefetch): straight after
+    run_to(L) the stopped pass continues; after another forward ran, a pass prefetched at L is adopted. Either way
+    layers L.. stream once, nothing prefetched is dropped, and the answers are the resident model's."""
+    model, ids, ref = resident
+    sm = rt.streamed
+    a = rt.open(ids, max_new_tokens=NEW)
+    a.run_to(4)
+    before = (sm.layers_streamed, sm.prefetches)
+    logits = a.resume()
+    assert (sm.layers_streamed - before[0], sm.prefetches - before[1]) == (LAYERS - 4, 0)  # the pass continued
+    assert torch.equal(logits, ref[0])
+    b = rt.open(ids, max_new_tokens=NEW)
+    b.run_to(2)
+    b.pause()
+    a.generate(2)  # a decode step, another forward: b's stopped pass is gone
+    before = (sm.layers_streamed, sm.prefetches)
+    assert torch.equal(b.resume(), ref[0])
+    assert (sm.layers_streamed - before[0], sm.prefetches - before[1]) == (LAYERS - 2, 1)  # a prefetched pass
+    assert sm.bytes_dropped == 0
+    assert torch.equal(b.generate(NEW, return_logits=True)[0], ref[1])
+    a.close()
+    b.close()
+

@@ -209,6 +209,45 @@ def test_stats_count_chunks_and_bytes():
     assert sm.bytes_per_pass == 5 * sm.layout.param_bytes
 
 
+def test_a_prefetched_pass_is_adopted_by_the_forward_that_starts_there(resident7):
+    """prefetch(0) between forwards issues the next forward's first loads (depth 1: layers 0 and 1) in ring order;
+    the forward adopts them and streams the rest, each layer once, with the resident model's logits."""
+    ids = _prompt(8)
+    with torch.no_grad():
+        want = resident7(ids).logits
+    with _streamed(7, 3, 64 * KiB, depth=1, record_timeline=True) as sm, torch.no_grad():
+        sm(ids)
+        before = sm.bytes_streamed
+        sm.prefetch(0)
+        assert sm.bytes_streamed - before == 2 * sm.layout.used_bytes and sm.passes == 1
+        got = sm(ids).logits
+        rows = sm.read_timeline()
+        st = sm.stats()
+    assert torch.equal(got, want)
+    assert st["bytes_streamed"] - before == 7 * sm.layout.used_bytes and st["passes"] == 2
+    assert st["prefetches"] == 1 and st["bytes_dropped"] == 0
+    assert [r["slot"] for r in rows] == [(7 + i) % 3 for i in range(7)]  # ring order continues through the prefetch
+
+
+def test_a_prefetch_no_forward_uses_is_dropped_and_changes_nothing(resident7):
+    """prefetch(4), then a forward from layer 0: the prefetched loads are dropped (counted), the forward streams its
+    own from the ring's next slots and its logits are the resident model's; a later prefetch that another load
+    overtakes is dropped too."""
+    ids = _prompt(8)
+    with torch.no_grad():
+        want = resident7(ids).logits
+    with _streamed(7, 3, 64 * KiB, depth=1) as sm, torch.no_grad():
+        sm.prefetch(4)
+        assert torch.equal(sm(ids).logits, want)
+        assert sm.bytes_dropped == 2 * sm.layout.used_bytes
+        sm.prefetch(0)
+        sm.prefetch(0)  # a second prefetch drops the first
+        assert sm.bytes_dropped == 4 * sm.layout.used_bytes
+        assert torch.equal(sm(ids).logits, want)
+        with pytest.raises(ConfigError, match="prefetch start"):
+            sm.prefetch(7)
+
+
 # ---------------------------------------------------------------------------------------------------------- bad input
 def test_prefetch_deeper_than_the_ring_is_rejected():
     with pytest.raises(ConfigError, match="ring slots"):

@@ -167,6 +167,10 @@ class PartitionedStreamedModel(StreamedModel):
                          record_timeline=record_timeline, owns_pack=owns_pack)
         self.shard_chunks = len(self.ring.chunks)  # copies per layer over this rank's link
 
+    def prefetch(self, start: int) -> None:
+        """Nothing: a load here is a collective (each rank's shard, then the all-gather), so every rank must issue its
+        loads at the same point of the same forwards; only the forwards themselves issue them."""
+
     def _make_ring(self) -> ShardedWeightRing:
         return ShardedWeightRing(self.layout, self.slots, shard_bytes=self.pack.shard_bytes, rank=self.rank,
                                  world_size=self.world_size, group=self.group, chunk_bytes=self.policy.chunk_bytes,

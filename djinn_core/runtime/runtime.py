@@ -179,6 +179,10 @@ class BreakpointRuntime:
         session's ``run_to``). A seam: a streamed runtime also bounds the weight loads to those layers."""
         return capture_at(self.model, input_ids, cache, layer, self.parts)
 
+    def prefetch_layers(self, start: int) -> None:
+        """A forward from decoder layer ``start`` comes next (a resume): a seam where a streamed runtime starts
+        bringing those layers' weights in while the session is being readied. Resident weights: nothing to do."""
+
     def decode_graphs(self) -> contextlib.AbstractContextManager:
         """The decode graphs' context (a no-op without them)."""
         return self.graphs.active() if self.graphs is not None else contextlib.nullcontext()

@@ -354,6 +354,8 @@ class BreakpointSession:
                 self._swap_in_decoding()
             return None
         self._require((SessionState.CHECKPOINT, SessionState.PAUSED), "resume")
+        if self.layer < self.num_layers:  # a streamed model starts loading layer L now, before the head comes back
+            rt.prefetch_layers(self.layer)
         with rt.residency.in_use(self):
             if self.state is SessionState.PAUSED:
                 self._restore_head()

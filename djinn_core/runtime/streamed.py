@@ -76,6 +76,11 @@ class StreamedBreakpointRuntime(BreakpointRuntime):
         with self.streamed.loads_before(layer):
             return capture_at(self.model, input_ids, cache, layer, self.parts, prepend=True)
 
+    def prefetch_layers(self, start: int) -> None:
+        """Layer ``start``'s weights (and those the prefetch depth brings with it) start streaming now, while the
+        session's head and KV are being readied (:meth:`StreamedModel.prefetch`)."""
+        self.streamed.prefetch(start)
+
     def stats(self) -> dict[str, Any]:
         """The VRAM split, the streaming counters and the slab's occupancy (bytes)."""
         return {"split": self.split.to_dict(), "streaming": self.streamed.stats(), "slab": asdict(self.slab.stats),

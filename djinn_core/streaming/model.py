@@ -8,6 +8,9 @@ Per decoder layer ``i`` of a forward:
     compute(i)        compute stream: wait the chunk events of layer i; bind its parameters to views of its slot;
                       run the layer; record slot_free[s] (forward hook)
 
+Between forwards, :meth:`StreamedModel.prefetch` issues the next forward's first loads early (a resume asks for its
+layer L before it readies the session's head and KV); the forward that starts there adopts them.
+
 Slots are taken in ring order over the whole sequence of loads (``slot = load_number % slots``), so a slot is reused
 by the load ``slots`` loads later, which waits on the ``slot_free`` event recorded after the previous occupant's
 compute. A load is issued only after that event has been recorded on the host, hence ``prefetch_depth <= slots - 1``.
@@ -142,6 +145,9 @@ class StreamedModel:
         self.bytes_streamed = 0  # bytes of copies issued (host -> ring), counted on the host
         self.layers_streamed = 0
         self.passes = 0
+        self._pending: tuple[int, _Pass] | None = None  # a prefetched pass: (its first layer, its loads)
+        self.prefetches = 0
+        self.bytes_dropped = 0  # bytes of prefetched loads no forward used
 
         # the layers' parameters become device Parameters bound to slot views; the originals are kept to restore
         self._originals: list[dict[str, nn.Parameter]] = []
@@ -182,13 +188,12 @@ class StreamedModel:
         if self.record_timeline:
             self._pass.origin = make_mark("forward", self._compute_stream(), self.device)
 
-    def _before_layer(self, i: int, module: nn.Module, args: Any) -> None:
-        if i == 0 or i != self._expect:
-            self._begin_pass(i)
-        self._expect = i + 1
-        p = self._pass
-        last = min(i + self.depth, self._last_load)
-        while p.issued_through < last:  # load_weights(j): issue layer j's copy on the copy stream
+    def _issue_through(self, p: _Pass, last: int) -> None:
+        """load_weights(j) for every j <= ``last`` that ``p`` has not issued: layer j's copy on the copy stream. A
+        prefetched pass that is not ``p`` is dropped first: these loads take the ring's next slots, which may be its."""
+        if p.issued_through < last and self._pending is not None and p is not self._pending[1]:
+            self._drop_pending()
+        while p.issued_through < last:
             j = p.issued_through + 1
             s = self.ring.copy_async(self.pack.layer(self.layer_sets[j]), self.record_timeline)
             p.slot_of[j] = s
@@ -197,6 +202,45 @@ class StreamedModel:
                 p.marks[j] = _LayerMarks(j, self.layer_sets[j], s, *self.ring.copy_marks)
             self.bytes_streamed += self.layout.used_bytes
             self.layers_streamed += 1
+
+    def prefetch(self, start: int) -> None:
+        """Between forwards: issue now the loads the next forward's first decoder layer would issue, that forward
+        starting at layer ``start`` (layers ``start .. start + prefetch_depth``, within :meth:`loads_before`'s stop),
+        so that the copies run while the host prepares that forward. Where the last pass stopped before ``start`` (a
+        breakpoint capture) the loads continue that pass; otherwise a forward whose first layer is ``start`` adopts
+        them. A forward that begins at another layer drops them: their copies were made for nothing
+        (``bytes_dropped``; they count in ``bytes_streamed`` too)."""
+        if not 0 <= start < self.num_layers:
+            raise ConfigError(f"prefetch start {start} outside 0..{self.num_layers - 1}")
+        last = min(start + self.depth, self._last_load)
+        if start != 0 and start == self._expect and self._pass.issued_through >= start - 1:
+            self._issue_through(self._pass, last)  # the stopped pass continues at start
+            return
+        self._drop_pending()
+        p = _Pass(issued_through=start - 1)
+        if self.record_timeline:
+            p.origin = make_mark("forward", self._compute_stream(), self.device)
+        self._issue_through(p, last)
+        self._pending = (start, p)
+        self.prefetches += 1
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            _, p = self._pending
+            self.bytes_dropped += len(p.slot_of) * self.layout.used_bytes
+            self._pending = None
+
+    def _before_layer(self, i: int, module: nn.Module, args: Any) -> None:
+        if i == 0 or i != self._expect:
+            if self._pending is not None and self._pending[0] == i:  # the prefetched pass: its loads are in flight
+                self._pass, self._pending = self._pending[1], None
+                self.passes += 1
+            else:
+                self._drop_pending()
+                self._begin_pass(i)
+        self._expect = i + 1
+        p = self._pass
+        self._issue_through(p, min(i + self.depth, self._last_load))
         slot = p.slot_of[i]
         stream = self._compute_stream()
         if stream is not None:
@@ -266,7 +310,8 @@ class StreamedModel:
                 "layer_param_bytes": self.layout.param_bytes, "slots": self.slots, "ring_bytes": self.ring_bytes,
                 "chunk_bytes": self.policy.chunk_bytes, "chunks_per_layer": len(self.chunks),
                 "prefetch_depth": self.depth, "bytes_streamed": self.bytes_streamed,
-                "layers_streamed": self.layers_streamed, "passes": self.passes,
+                "layers_streamed": self.layers_streamed, "passes": self.passes, "prefetches": self.prefetches,
+                "bytes_dropped": self.bytes_dropped,
                 "budget": self.budget.to_dict() if self.budget else None}
 
     def remove(self) -> nn.Module:
