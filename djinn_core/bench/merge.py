@@ -62,8 +62,8 @@ def merge_parts(paths: Sequence[str | Path]) -> dict[str, Any]:
         records.append({"file": path.name, "datetime": data.get("datetime"), "node": (data.get("machine_info") or {})
                         .get("node"), "gpu_uuid": facts.get("gpu_uuid"), "tests": names})
     merged.setdefault("machine_info", {}).setdefault("djinn", {})["parts"] = records
-    merged["datetime"] = min(str(r["datetime"]) for r in records if r["datetime"]) if any(
-        r["datetime"] for r in records) else first.get("datetime")
+    dates = [str(r["datetime"]) for r in records if r["datetime"]]
+    merged["datetime"] = min(dates) if dates else first.get("datetime")
     return merged
 
 

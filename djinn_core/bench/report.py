@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from djinn_core.bench.claims import describe, evaluate, what_was_measured
+from djinn_core.bench.claims import describe, evaluate, make_record, what_was_measured
 from djinn_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,38 +80,37 @@ def claim_rows(data: dict[str, Any]) -> list[ClaimRow]:
     rows = []
     for bench in data.get("benchmarks", []):
         test = bench.get("fullname") or bench.get("name", "?")
-        for rec in (bench.get("extra_info") or {}).get("claims", []):
-            try:
-                ev = evaluate(rec)
-                rows.append(ClaimRow(test, rec["claim"], rec["method"], rec.get("params", {}), ev.measured,
-                                     rec.get("unit", ""), ev.reference, rec.get("reference_method", ""), ev.ratio,
-                                     rec["op"], rec["bound"], ev.passed, rec.get("passed"), rec))
-            except ConfigError:
-                raise
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                name = rec.get("claim") if isinstance(rec, dict) else rec
-                raise ConfigError(f"{test}: malformed claim record {name!r} ({type(e).__name__}: {e})") from e
-        row = _incomplete_test_row(test, bench, rows)
-        if row is not None:
-            rows.append(row)
+        records = list((bench.get("extra_info") or {}).get("claims", []))
+        mine = [_row(test, rec) for rec in records]
+        completed = _incomplete_test_record(bench, mine)
+        rows += mine + ([_row(test, completed)] if completed is not None else [])
     return rows
 
 
-def _incomplete_test_row(test: str, bench: dict[str, Any], rows: list[ClaimRow]) -> ClaimRow | None:
-    """A failed ``test_completed`` row for a benchmark whose test failed (``extra_info["test_outcome"]``, recorded by
-    the claim fixture) while every claim it recorded passed: it stopped on an error outside its claims, so its
-    report must not read as passing. None otherwise (a failed claim already fails the report)."""
+def _row(test: str, rec: Any) -> ClaimRow:
+    """One claim record re-evaluated from its raw fields; :class:`ConfigError` for a malformed one."""
+    try:
+        ev = evaluate(rec)
+        return ClaimRow(test, rec["claim"], rec["method"], rec.get("params", {}), ev.measured, rec.get("unit", ""),
+                        ev.reference, rec.get("reference_method", ""), ev.ratio, rec["op"], rec["bound"], ev.passed,
+                        rec.get("passed"), rec)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        name = rec.get("claim") if isinstance(rec, dict) else rec
+        raise ConfigError(f"{test}: malformed claim record {name!r} ({type(e).__name__}: {e})") from e
+
+
+def _incomplete_test_record(bench: dict[str, Any], rows: list[ClaimRow]) -> dict[str, Any] | None:
+    """A failed ``test_completed`` record for a benchmark whose test failed (``extra_info["test_outcome"]``, recorded
+    by the claim fixture) while every claim it recorded (``rows``) passed: it stopped on an error outside its claims,
+    so its report must not read as passing. None otherwise (a failed claim already fails the report)."""
     outcome = (bench.get("extra_info") or {}).get("test_outcome")
-    if not isinstance(outcome, dict) or outcome.get("outcome") != "failed":
-        return None
-    if any(r.test == test and not r.passed for r in rows):
+    if not isinstance(outcome, dict) or outcome.get("outcome") != "failed" or any(not r.passed for r in rows):
         return None
     error = str(outcome.get("error", "an error outside its claims"))
-    rec = {"claim": "test_completed", "kind": "check", "method": f"pytest's outcome of the test: {error}",
-           "params": {}, "unit": "bool", "op": "==", "bound": 1.0, "measured": 0.0, "passed": False,
-           "what": "the test ran to its end"}
-    return ClaimRow(test, "test_completed", rec["method"], {}, 0.0, "bool", None, "", 0.0, "==", 1.0, False, False,
-                    rec)
+    return make_record("test_completed", kind="check", method=f"pytest's outcome of the test: {error}", bound=1.0,
+                       op="==", unit="bool", what="the test ran to its end", measured=0.0)
 
 
 def provenance(data: dict[str, Any]) -> dict[str, Any]:

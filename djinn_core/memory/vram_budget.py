@@ -186,6 +186,20 @@ def allocator_fraction(fraction: float, device: Any) -> Iterator[None]:
         torch.cuda.set_per_process_memory_fraction(before, device)
 
 
+@contextmanager
+def allocator_limit(limit_bytes: int, device: Any) -> Iterator[None]:
+    """:func:`allocator_fraction` at ``limit_bytes`` of the card on a CUDA ``device``; nothing on another device
+    (no allocator to cap)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    with allocator_fraction(limit_bytes / torch.cuda.get_device_properties(device).total_memory, device):
+        yield
+
+
 def enforce(budget: VramBudget, device: Any) -> dict[str, Any]:
     """Cap torch's caching allocator on ``device`` to the budget when the card is larger (see the module doc);
     returns what was done, for the benchmark JSON. Call before the run allocates (the cap holds from then on)."""

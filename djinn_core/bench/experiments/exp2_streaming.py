@@ -21,7 +21,7 @@ from djinn_core.bench.ceilings import CopyCeiling
 from djinn_core.bench.experiments.reference import greedy_reference
 from djinn_core.bench.timing import TimingStats, time_cuda, time_host
 from djinn_core.errors import ConfigError
-from djinn_core.memory.vram_budget import allocator_fraction
+from djinn_core.memory.vram_budget import allocator_limit
 from djinn_core.models import build_model, init_parameters_
 from djinn_core.streaming import (StreamedModel, StreamingBudget, StreamingPolicy, WeightPack, place_resident_,
                                   plan_budget)
@@ -133,11 +133,7 @@ def budgeted_model(
     policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes)
     sm = make(model, policy, plan)
     try:
-        if cuda:
-            total = torch.cuda.get_device_properties(device).total_memory
-            with allocator_fraction((budget_bytes - overhead) / total, device):
-                yield sm
-        else:
+        with allocator_limit(budget_bytes - overhead, device):
             yield sm
     finally:
         sm.remove()

@@ -15,7 +15,6 @@ Used by the claims in ``tests_exp2/test_exp4_streamed_sessions.py`` (h100) and b
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import statistics
 from contextlib import contextmanager
@@ -27,9 +26,9 @@ from transformers import DynamicCache
 
 from djinn_core.bench.experiments.exp2_streaming import (ARCH, DEVICE_OVERHEAD_MARGIN, SEED, free_device_memory,
                                                          nvml_used_bytes)
-from djinn_core.bench.timing import TimingStats, time_cuda, time_host
+from djinn_core.bench.timing import TimingStats, back_to_back, time_cuda, time_host
 from djinn_core.memory.host_pool import HostPool
-from djinn_core.memory.vram_budget import allocator_fraction
+from djinn_core.memory.vram_budget import allocator_limit
 from djinn_core.models import build_model, exact_attention
 from djinn_core.runtime import BreakpointSession, plain_run
 from djinn_core.runtime.streamed import StreamedBreakpointRuntime
@@ -94,10 +93,7 @@ def streamed_runtime(
                            device_overhead_bytes=overhead)
     plan = split.split(model, budget_bytes, fused_attention=cuda)
     sm = rt = None
-    with contextlib.ExitStack() as cap:
-        if cuda:
-            total = torch.cuda.get_device_properties(device).total_memory
-            cap.enter_context(allocator_fraction((budget_bytes - overhead + DEVICE_OVERHEAD_MARGIN) / total, device))
+    with allocator_limit(budget_bytes - overhead + DEVICE_OVERHEAD_MARGIN, device):
         try:
             place_resident_(model, device, seed=SEED)
             policy = StreamingPolicy(chunk_bytes=min(chunk_bytes, plan.ring_bytes), ring_bytes=plan.ring_bytes)
@@ -356,12 +352,8 @@ def measure_batched_decode(rt: StreamedBreakpointRuntime, ids: torch.Tensor, k: 
         lengths = [c.cache.layers[0].length for c in children]
         ceilings = [ceiling()] if ceiling is not None else []
         before = sm.bytes_streamed
-
-        def loop() -> None:
-            for _ in range(window):
-                decode_batch(rt, children)
-
-        timing = _timer(rt.device)(loop, warmup=warmup, repeats=repeats).per(window)
+        timing = _timer(rt.device)(back_to_back(lambda: decode_batch(rt, children), window), warmup=warmup,
+                                   repeats=repeats).per(window)
         per_step = (sm.bytes_streamed - before) // steps
         if ceiling is not None:
             ceilings.append(ceiling())

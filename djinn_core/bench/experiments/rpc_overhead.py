@@ -84,7 +84,6 @@ class ResumeComparison:
     phases: dict[str, TimingStats]  # the remote round trip split (Client.last_phases_ms)
     local_phases: dict[str, TimingStats]  # in process: op_launch (resume returned), op_wait (logits on the host)
     blocks: list[dict]  # per block of each side: the caching allocator's device allocations and frees meanwhile
-    block: int = 10  # timed repeats per side and block
 
     @property
     def paired_differences_ms(self) -> list[float]:
@@ -189,7 +188,7 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
     stats = {k: TimingStats(tuple(v), "host") for k, v in phases.items()}
     return ResumeComparison(TimingStats(tuple(remote), "host"), TimingStats(tuple(local), "host"), equal,
                             TimingStats(tuple(server), "host"), stats,
-                            {k: TimingStats(tuple(v), "host") for k, v in local_phases.items()}, blocks, block)
+                            {k: TimingStats(tuple(v), "host") for k, v in local_phases.items()}, blocks)
 
 
 def comparison_info(c: ResumeComparison) -> dict:
@@ -197,7 +196,7 @@ def comparison_info(c: ResumeComparison) -> dict:
     return {"remote": c.remote.to_dict(), "in_process": c.local.to_dict(), "server_ms": c.server.to_dict(),
             "logits_bitwise_equal": c.equal, "remote_minus_in_process_ms": c.remote.median_ms - c.local.median_ms,
             "paired_difference_ms": c.paired_difference_ms, "paired_differences_ms": c.paired_differences_ms,
-            "block": c.block,
+            "blocks_per_side": len(c.blocks) // 2,
             "execution_ms": c.server.median_ms - c.local.median_ms,
             "transport_ms": c.remote.median_ms - c.server.median_ms,
             "remote_phases": {k: t.to_dict() for k, t in c.phases.items()},

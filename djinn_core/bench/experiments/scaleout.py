@@ -42,7 +42,7 @@ from djinn_core.bench.ceilings import CopyCeiling, copy_ceiling_on
 from djinn_core.bench.experiments.exp2_streaming import (budgeted_model, free_device_memory, greedy, measure_forwards,
                                                          mismatches, nvml_used_bytes, prefill_fn, prompt,
                                                          streamed_model)
-from djinn_core.bench.timing import TimingStats, time_cuda, time_host
+from djinn_core.bench.timing import TimingStats, back_to_back, time_cuda, time_host
 from djinn_core.distributed import (PartitionedStreamedModel, RankGroup, ShardPack, check_node_host_ram,
                                     pack_layer_shards, partitioned_plan, seeded_layer_fill, shard_bytes_for)
 from djinn_core.distributed.launch import spawn
@@ -144,12 +144,8 @@ def time_decode_steps(model: Any, ids: torch.Tensor, *, steps: int, warmup: int 
             out = model(input_ids=box["next"], past_key_values=cache, use_cache=True)
             box["next"] = out.logits[:, -1].argmax(-1, keepdim=True)
 
-        def loop() -> None:
-            for _ in range(window):
-                step()
-
         for k in range(warmup + steps):
-            t = timer(loop, warmup=0, repeats=1).per(window)
+            t = timer(back_to_back(step, window), warmup=0, repeats=1).per(window)
             if k >= warmup:
                 samples.extend(t.samples_ms)
     return TimingStats(tuple(samples), "cuda_event" if cuda else "host")
