@@ -64,9 +64,10 @@ def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict
     (DJINN_GIT_COMMIT, DJINN_GIT_DIRTY) as the caller recorded it before sending the tree. It overrides whatever git
     says there: a copy may carry a stale .git (see docs/notes/bench.md); what git said is kept as ``git_on_device``.
     ``dirty`` is True for DJINN_GIT_DIRTY=1, False for 0, and "unknown" otherwise (the CI gate accepts only False)."""
-    if os.environ.get("DJINN_GIT_COMMIT"):
+    from djinn_core.bench.provenance import env_commit
+
+    env = env_commit()
+    if env is not None:
         if commit_info.get("id") not in (None, "", "unknown"):
             commit_info["git_on_device"] = {"id": commit_info.get("id"), "dirty": commit_info.get("dirty")}
-        commit_info["id"] = os.environ["DJINN_GIT_COMMIT"]
-        commit_info["dirty"] = {"1": True, "0": False}.get(os.environ.get("DJINN_GIT_DIRTY", ""), "unknown")
-        commit_info["source"] = "DJINN_GIT_COMMIT"
+        commit_info.update(env)

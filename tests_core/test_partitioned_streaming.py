@@ -175,6 +175,8 @@ def test_two_ranks_give_one_process_and_resident_logits_bitwise_each_on_its_own_
         assert res["vs_one_device"] == zero and res["vs_resident"] == zero
         assert res["tokens"] == res["one_device_tokens"] == res["resident_tokens"]
         assert res["shard_bytes"] > 64 * KiB  # more than one chunk per shard
+        assert res["machine_info"]["djinn"]["torch_version"] and res["commit_info"]["source"] in (
+            "DJINN_GIT_COMMIT", "git", "none")  # each rank's file carries its provenance
     assert ranks[0]["prompt_seed"] != ranks[1]["prompt_seed"] and ranks[0]["tokens"] != ranks[1]["tokens"]
     assert ranks[1]["shard_layer_bytes"] < ranks[0]["shard_layer_bytes"] == ranks[0]["shard_bytes"]
     assert ranks[0]["shard_layer_bytes"] + ranks[1]["shard_layer_bytes"] == ranks[0]["layer_used_bytes"]

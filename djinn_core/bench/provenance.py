@@ -6,6 +6,7 @@ import datetime as _dt
 import logging
 import os
 import platform
+import subprocess
 from importlib import metadata
 from typing import Any
 
@@ -68,8 +69,8 @@ def gpu_facts(index: int = 0) -> dict[str, Any]:
     return facts
 
 
-def machine_facts() -> dict[str, Any]:
-    """Everything a reader needs to know where a number came from."""
+def machine_facts(gpu_index: int = 0) -> dict[str, Any]:
+    """Everything a reader needs to know where a number came from (the GPU: CUDA device ``gpu_index``)."""
     facts: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -79,8 +80,39 @@ def machine_facts() -> dict[str, Any]:
         "packages": {p: _version(p) for p in PACKAGES},
         "torch_version": torch.__version__,
     }
-    facts.update(gpu_facts())
+    facts.update(gpu_facts(gpu_index))
     return facts
+
+
+def env_commit() -> dict[str, Any] | None:
+    """The commit a copy of the tree was sent at, as the caller recorded it (``DJINN_GIT_COMMIT``, and
+    ``DJINN_GIT_DIRTY`` 1/0: ``dirty`` True/False, else "unknown"); None where it is not set."""
+    if not os.environ.get("DJINN_GIT_COMMIT"):
+        return None
+    return {"id": os.environ["DJINN_GIT_COMMIT"],
+            "dirty": {"1": True, "0": False}.get(os.environ.get("DJINN_GIT_DIRTY", ""), "unknown"),
+            "source": "DJINN_GIT_COMMIT"}
+
+
+def commit_facts() -> dict[str, Any]:
+    """The commit a result is measured at: :func:`env_commit` where set (a lent machine's copy has no reliable
+    .git), else git in the working folder, else unknown."""
+    env = env_commit()
+    if env is not None:
+        return env
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
+                                check=True)
+    except (OSError, subprocess.SubprocessError):
+        return {"id": None, "dirty": "unknown", "source": "none"}
+    return {"id": head.stdout.strip(), "dirty": bool(status.stdout.strip()), "source": "git"}
+
+
+def result_provenance(gpu_index: int = 0) -> dict[str, Any]:
+    """The provenance of a result written outside pytest-benchmark (a probe's JSON, a rank's file), in the blocks a
+    benchmark JSON carries: ``machine_info`` (``{"djinn": machine_facts(gpu_index)}``) and ``commit_info``."""
+    return {"machine_info": {"djinn": machine_facts(gpu_index)}, "commit_info": commit_facts()}
 
 
 # PCIe raw transfer rate per lane (GT/s) and line-code efficiency, by generation.

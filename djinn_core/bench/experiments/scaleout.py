@@ -42,6 +42,7 @@ from djinn_core.bench.ceilings import CopyCeiling, copy_ceiling_on
 from djinn_core.bench.experiments.exp2_streaming import (budgeted_model, free_device_memory, greedy, measure_forwards,
                                                          mismatches, nvml_used_bytes, prefill_fn, prompt,
                                                          streamed_model)
+from djinn_core.bench.provenance import result_provenance
 from djinn_core.bench.timing import TimingStats, back_to_back, time_cuda, time_host
 from djinn_core.distributed import (PartitionedStreamedModel, RankGroup, ShardPack, check_node_host_ram,
                                     pack_layer_shards, partitioned_plan, seeded_layer_fill, shard_bytes_for)
@@ -343,7 +344,7 @@ def bitwise_rank(group: RankGroup, cfg: ScaleoutConfig, out_dir: str, slots: int
     finally:
         pack.release()
         shards.release()
-    Path(out_dir, f"rank{group.rank}.json").write_text(json.dumps(res))
+    _write_rank(group, out_dir, res)
 
 
 # ------------------------------------------------------------------------------------------------- the experiment
@@ -435,6 +436,12 @@ def rank_main(group: RankGroup, cfg: ScaleoutConfig, out_dir: str) -> None:
     finally:
         pack.release()
         shards.release()
+    _write_rank(group, out_dir, res)
+
+
+def _write_rank(group: RankGroup, out_dir: str, res: dict[str, Any]) -> None:
+    """``rank{r}.json``: the rank's results with its own provenance (the machine, its GPU, the commit)."""
+    res.update(result_provenance(group.device.index or 0))
     Path(out_dir, f"rank{group.rank}.json").write_text(json.dumps(res, default=str))
 
 

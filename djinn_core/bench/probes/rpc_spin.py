@@ -18,6 +18,7 @@ import time
 
 from djinn_core.bench.experiments.rpc_overhead import resume_remote_vs_local
 from djinn_core.bench.probes._setup import llama2_13b_runtime
+from djinn_core.bench.provenance import result_provenance
 from djinn_core.rpc.client import Client
 from djinn_core.rpc.process import ServerProcess
 
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[40, 20])
     p.add_argument("--busy-poll-s", type=float, default=0.2, help="client and server spin (the RPC claim's setting)")
     p.add_argument("--every", type=int, nargs="+", default=[1, 8], help="--spin-zmq-every of each server")
-    p.add_argument("--json", help="also write every row here")
+    p.add_argument("--json", help="also write every row here, with the machine's and the commit's provenance")
 
 
 def _server_args(every: int, busy_poll_s: float) -> list[str]:
@@ -80,5 +81,5 @@ def run(a: argparse.Namespace) -> int:
             srv.__exit__(None, None, None)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({**result_provenance(), "rows": rows}, f, indent=1, default=str)
     return 0
