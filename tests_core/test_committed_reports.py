@@ -56,13 +56,6 @@ KNOWN_SHORTFALLS: dict[str, str] = {
     "exp3_memory_pressure::tests_exp3/test_memory_pressure.py::test_paused_sessions_oversubscribe_vram_and_all_"
     "complete[N=64]::swap_out_bandwidth_worst_over_ceiling[sessions=64,model=llama2-13b,prompt_tokens=2048,layer=20,"
     "swaps=100]": "measured slowest swap-out 0.893x of the pinned D2H ceiling < 0.9x",
-    # H200, 2026-11-30, commit 43bb4d8: on the 6-layer 70B, Djinn's batched step at k=64 took 195.5 ms (188.7 at
-    # k=1: the copy of 10.27 GB at 55.1 GB/s is 186.3 ms, and the last layer's compute of 64 sessions, ~6 ms, is not
-    # hidden behind any copy), DeepSpeed's 233.8 ms: 327.4 against 273.7 tokens/s. k=1, 8 and 32 pass (1.24-1.28x).
-    "exp4_batched_decode::tests_exp2/test_exp4_batched_decode.py::test_batched_decode_of_sessions_holds_the_copy_"
-    "bound_rate_and_beats_deepspeed::batched_decode_vs_deepspeed_k64[k=64,context=512,layers=6,budget_GiB=24.0,"
-    "djinn_bytes_per_step=10267852800,peer_bytes_per_step=11316445184]": "measured 327.4 against DeepSpeed's 273.7 "
-    "tokens/s at k=64, 1.196x < 1.2x",
 }
 
 # "<run file name>::<ClaimRow.key>" -> reason quoting the measured figure; as KNOWN_SHORTFALLS, for the runs

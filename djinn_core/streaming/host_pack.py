@@ -190,6 +190,9 @@ def pack_layer_weights(
     if torch.cuda.is_available() and (staging is not None or pack.pinned):
         pack.ready_event = torch.cuda.Event()
         pack.ready_event.record(torch.cuda.current_stream(device if device.type == "cuda" else None))
+    if staging is not None:  # back to the driver: a VRAM split counts the ring, not the allocator's cache of this slot
+        del staging
+        torch.cuda.empty_cache()
     log.info("packed %d layer weight sets (%.2f GiB) in %.1f s", num_sets, pack.nbytes / GiB, time.perf_counter() - t0)
     return pack
 
