@@ -162,7 +162,8 @@ def pack_layer_shards(
     if device.type == "cuda":
         pack.ready_event = torch.cuda.Event()
         pack.ready_event.record(torch.cuda.current_stream(device))
-        del staging, views  # back to the driver: a VRAM split counts the ring, not the allocator's cache of this slot
+        # back to the driver: a VRAM split counts the ring, not the allocator's cache of this slot
+        staging = views = view = None
         torch.cuda.empty_cache()
     log.info("packed rank %d of %d's shards of %d layer weight sets (%.2f GiB, %d of %d layer bytes each) in %.1f s",
              rank, world_size, num_sets, pack.nbytes / GiB, n, layout.used_bytes, time.perf_counter() - t0)

@@ -153,6 +153,8 @@ def streamed_runtime_over(model: torch.nn.Module, *, budget_bytes: int, split: R
     policy.depth(plan.slots)
     policy.chunks_per_layer(LayerLayout.of(decoder_layers(model)[0]).used_bytes, plan.slots)
     weights = pack()
+    if device.type == "cuda":  # what packing cached goes back before the resident modules and the slab are placed:
+        torch.cuda.empty_cache()  # the split counts live tensors, and the cap leaves no room for a cached block
     try:
         place_resident_(model, device, seed=seed)
         streamed = StreamedModel(model, weights, policy, device=device, layer_sets=layer_sets, budget=plan,

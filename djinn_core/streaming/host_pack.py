@@ -191,7 +191,7 @@ def pack_layer_weights(
         pack.ready_event = torch.cuda.Event()
         pack.ready_event.record(torch.cuda.current_stream(device if device.type == "cuda" else None))
     if staging is not None:  # back to the driver: a VRAM split counts the ring, not the allocator's cache of this slot
-        del staging
+        staging = target = None  # (resident modules placed later would otherwise split the cached slot)
         torch.cuda.empty_cache()
     log.info("packed %d layer weight sets (%.2f GiB) in %.1f s", num_sets, pack.nbytes / GiB, time.perf_counter() - t0)
     return pack
