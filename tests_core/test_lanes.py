@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.lanes import lane_json, lane_of
+from fixtures.lanes import lane_json, lane_of, lane_output
 
 pytestmark = pytest.mark.cpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +21,20 @@ def test_lane_names():
     with pytest.raises(pytest.UsageError):
         lane_of("worker-1")
     assert lane_json(Path("/r/out.json"), "gw1") == Path("/r/out.gw1.json")
+
+
+def test_a_lane_writes_its_own_json_whichever_way_pytest_benchmark_holds_the_option(tmp_path):
+    out = tmp_path / "out.json"
+    assert lane_output(out, "gw1") == tmp_path / "out.gw1.json"  # 5.2 on: a Path
+    assert lane_output(str(out), "gw1") == tmp_path / "out.gw1.json"
+    opened = open(out, "wb")  # earlier: argparse.FileType('wb'), opened at parsing
+    lane = lane_output(opened, "gw0")
+    try:
+        assert opened.closed and lane.name == str(tmp_path / "out.gw0.json") and lane.mode == "wb"
+        lane.write(b"{}")
+    finally:
+        lane.close()
+    assert (tmp_path / "out.gw0.json").read_bytes() == b"{}"
 
 
 @pytest.mark.slow
