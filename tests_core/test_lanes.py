@@ -30,7 +30,7 @@ def test_a_lane_writes_its_own_json_whichever_way_pytest_benchmark_holds_the_opt
     opened = open(out, "wb")  # earlier: argparse.FileType('wb'), opened at parsing
     lane = lane_output(opened, "gw0")
     try:
-        assert opened.closed and lane.name == str(tmp_path / "out.gw0.json") and lane.mode == "wb"
+        assert opened.closed and not out.exists() and lane.name == str(tmp_path / "out.gw0.json") and lane.mode == "wb"
         lane.write(b"{}")
     finally:
         lane.close()
