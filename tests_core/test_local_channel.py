@@ -100,7 +100,7 @@ def test_a_corrupt_request_slot_raises_once_and_is_consumed(pair):
         server.take_request()
     assert server.take_request() is None and server.last_request == 3
     assert client.send_request(4, [b"ok"])
-    struct.pack_into("<Q", m, base + 12, client.capacity)  # a frame length beyond the slot
+    struct.pack_into("<Q", m, base + local_channel._HEAD, client.capacity)  # a frame length beyond the slot
     with pytest.raises(ProtocolError, match="capacity"):
         server.take_request()
 
@@ -188,3 +188,45 @@ def test_spinning_on_hot_channels_looks_at_the_zeromq_socket_only_every_nth_time
     with pytest.raises(ConfigError, match="zmq_every"):
         ShmServerTransport(inner, channel_bytes=0, max_channels=1, busy_poll_s=0.2, stop=threading.Event(),
                            zmq_every=0)
+
+
+def test_a_reply_may_come_header_first_and_its_tensor_frames_after(pair):
+    server, client = pair
+    t = torch.arange(200, dtype=torch.float16).view(8, 25)
+    head, body = encode({"id": 9, "ok": True, "result": {}}, [t])
+    assert server.write_reply_head(9, head, [len(body)])
+    assert client.reply_ready(9) and client.reply_done(9) == 0  # the header is there, the tensor is not
+    assert client.read_reply(0, 1) == [bytearray(head)]
+    assert client.reply_t_done() == 0.0
+    server.complete_reply(9, [body], 123.5)
+    assert client.reply_done(9) == 1 and client.reply_t_done() == 123.5
+    assert client.read_reply(1) == [bytearray(body)]
+    msg = decode(client.read_reply(), max_bytes=1 << 20)
+    assert torch.equal(msg.tensors[0], t)
+    # the next reply, stored at once, is done as soon as it is there; an older id is not the awaited one
+    server.write_reply(10, [b"x"])
+    assert client.reply_ready(10) and client.reply_done(10) == 1 and not client.reply_ready(9)
+
+
+def test_a_header_first_reply_whose_tensors_fail_says_so_and_lengths_are_kept(pair):
+    server, client = pair
+    assert server.write_reply_head(4, b"{}", [16, 8])
+    with pytest.raises(ProtocolError, match="lengths"):
+        server.complete_reply(4, [b"x" * 16], 1.0)  # one frame short
+    with pytest.raises(ProtocolError, match="lengths"):
+        server.complete_reply(4, [b"x" * 16, b"y" * 9], 1.0)  # a frame longer than announced
+    assert client.reply_done(4) == 0
+    server.fail_reply(3)  # not the reply held: nothing changes
+    assert client.reply_done(4) == 0
+    server.fail_reply(4)
+    assert client.reply_ready(4) and client.reply_done(4) == -1
+
+
+def test_a_header_first_reply_that_would_not_fit_is_refused_whole(pair):
+    server, client = pair
+    assert not server.write_reply_head(5, b"{}", [server.capacity])
+    assert not server.write_reply_head(5, b"{}", [1] * MAX_FRAMES)  # one frame too many with the header
+    assert not client.reply_ready(5)
+    server.close()
+    assert not server.write_reply_head(6, b"{}", [1]) and not server.complete_reply(6, [b"x"], 0.0)
+    assert client.closed  # what a client waiting for the tensor frames checks as it spins

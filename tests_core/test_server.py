@@ -25,6 +25,7 @@ from djinn_core.errors import (
     CacheCapacityExceeded,
     CheckpointStateError,
     ConfigError,
+    DeviceUnavailable,
     InvalidEdit,
     InvalidLayer,
     ProtocolError,
@@ -36,7 +37,7 @@ from djinn_core.errors import (
 from djinn_core.rpc.loading import load_model
 from djinn_core.rpc.process import ServerProcess
 from djinn_core.rpc.server import Server, ServerConfig
-from djinn_core.rpc.wire import PROTOCOL_VERSION, decode, encode
+from djinn_core.rpc.wire import PROTOCOL_VERSION, decode, dtype_name, encode
 
 pytestmark = pytest.mark.cpu
 
@@ -664,3 +665,82 @@ def test_the_idle_sweep_keeps_a_channel_while_its_client_may_still_write_to_it(l
             assert name not in srv.transport.channels
     finally:
         srv.stop()
+
+
+class _SlowStaging:
+    """The server's staging for CPU tensors, its copies landing only when :meth:`wait` has waited ``delay_s`` (as a
+    device's would), or failing there: how a reply goes header first is tried without a GPU."""
+
+    def __init__(self, delay_s: float, *, fail: bool = False):
+        self.delay_s, self.fail, self.waits = delay_s, fail, 0
+        self._pending: list[tuple[torch.Tensor, bytearray]] = []
+
+    def fits(self, tensors) -> bool:
+        return bool(tensors) and all(isinstance(t, torch.Tensor) and t.numel() for t in tensors)
+
+    def start(self, tensors):
+        self._pending = [(t.detach().contiguous(), bytearray(t.numel() * t.element_size())) for t in tensors]
+        descs = [{"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": len(b)} for t, b in self._pending]
+        return descs, [memoryview(b) for _, b in self._pending]
+
+    def wait(self) -> None:
+        self.waits += 1
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise DeviceUnavailable("the device copy failed (a test's staging)")
+        for t, b in self._pending:
+            memoryview(b)[:] = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+@needs_shm
+@pytest.mark.parametrize("client_spin_s", [0.5, 0.02], ids=["spinning", "past-the-spin"])
+def test_a_reply_goes_header_first_while_the_device_works_and_its_tensors_follow(llama_tiny_fp32, client_spin_s):
+    ids = _ids(25)
+    ref = plain_run(llama_tiny_fp32, ids, 1)[0]
+    srv = _server(llama_tiny_fp32, busy_poll_s=0.5)
+    staging = srv._staging
+    try:
+        with Client(srv.address, timeout_s=20, busy_poll_s=client_spin_s) as c:
+            c.ping()
+            assert c.local_channel
+            s = c.open(ids, max_new_tokens=1)
+            s.run_to(3)
+            srv._staging = slow = _SlowStaging(0.1)  # between requests: the server thread is waiting for the next
+            t0 = time.perf_counter()
+            got = s.resume(logits="last")
+            assert time.perf_counter() - t0 >= 0.1 and slow.waits == 1
+            assert torch.equal(got, ref[:, -1])
+            assert c.paths["reply_header_first"] == 1
+            assert c.last_server_ms >= 100.0  # the op's end came with the tensor frames
+            assert c.last_phases_ms["op_wait"] >= 100.0 - 1.0
+            # tensors that never come: a typed error (over ZeroMQ), and the channel serves the next request
+            srv._staging = _SlowStaging(0.01, fail=True)
+            s2 = c.open(ids, max_new_tokens=1)
+            s2.run_to(3)
+            zmq_replies = c.paths["reply_zmq"]
+            with pytest.raises(DeviceUnavailable, match="test's staging"):
+                s2.resume(logits="last")
+            assert c.paths["reply_zmq"] == zmq_replies + 1 and c.paths["reply_header_first"] == 1
+            srv._staging = staging
+            local = c.paths["reply_local"]
+            s3 = c.open(ids, max_new_tokens=1)
+            s3.run_to(3)
+            assert torch.equal(s3.resume(logits="last"), ref[:, -1])
+            assert c.paths["reply_local"] > local
+            _drop_sessions(c)
+    finally:
+        srv.stop()
+
+
+def test_the_op_end_of_a_header_first_reply_is_filled_in_however_the_client_found_it():
+    from djinn_core.rpc.shm_transport import _fill_op_end
+
+    header = {"server_ms": None, "server_t": [1.0, 2.0, 2.5, None]}
+    _fill_op_end(header, 2.25)
+    assert header == {"server_ms": 250.0, "server_t": [1.0, 2.0, 2.5, 2.25]}
+    whole = {"server_ms": 5.0, "server_t": [1.0, 2.0, 2.5, 3.0]}  # a reply sent whole keeps its own
+    _fill_op_end(whole, 9.0)
+    assert whole == {"server_ms": 5.0, "server_t": [1.0, 2.0, 2.5, 3.0]}
+    odd = {"server_t": "x"}  # nothing to fill in a header that does not say where
+    _fill_op_end(odd, 9.0)
+    assert odd == {"server_t": "x"}

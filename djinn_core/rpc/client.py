@@ -151,7 +151,8 @@ class Client:
         # returned, its device work queued, and op_wait: until its results were on the host), reply (op end -> reply
         # decoded), and of the reply leg, reply_decode (reply seen -> decoded)
         self.last_phases_ms: dict[str, float] | None = None
-        # which way each message went: request_local/request_zmq, reply_local/reply_zmq
+        # which way each message went: request_local/request_zmq, reply_local/reply_zmq (reply_header_first: the
+        # local replies whose header came before their tensors)
         self.paths: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         if local_channel is not None and not isinstance(local_channel, bool):

@@ -18,9 +18,17 @@ only for that connection.
 Layout: a control block, then the reply slot, then the request slot, each slot ``capacity`` bytes. Control:
 ``polling_until`` (f64: the host monotonic time up to which the server's loop keeps checking this channel's request
 slot without sleeping, published with each reply; 0 once the server gave the channel up) and ``closed`` (u32).
-A slot: ``seq`` (u64, the request id of the message held), ``count`` (u32, frames), ``count`` frame lengths (u64),
-then the frames back to back. A writer stores the frames, then ``seq`` last; a reader that sees a new ``seq`` copies
-the frames out.
+A slot: ``seq`` (u64, the request id of the message held), ``count`` (u32, frames), ``done`` (u64 at 16: the id
+whose frames are all there, :data:`FAILED` for one that will not be), ``t_done`` (f64 at 24: the writer's host clock
+when they were), ``count`` frame lengths (u64) from 32, then the frames back to back. A writer stores the frames,
+then ``done``, then ``seq`` last; a reader that sees a new ``seq`` copies the frames out.
+
+A reply may also come header first (:meth:`ServerChannel.write_reply_head`): the server stores every frame length and
+frame 0 (the header, which describes the tensors), ``done`` = 0, then ``seq``, as soon as its op has queued its device
+work; once the tensors' bytes are on the host it stores them in their places, ``t_done``, then ``done`` = ``seq``
+(:meth:`ServerChannel.complete_reply`). The client reads and checks the header while the device works, so what is
+left after the wait on each side is a copy of the tensor bytes (after a long wait, host code runs several times
+slower: ``docs/notes/rpc.md``).
 
 Why a message is never overwritten while read: request ids of one client only grow, the client sends its next request
 only after reading the reply to the last, and the server handles one request at a time.
@@ -53,8 +61,12 @@ _CLOSED = struct.Struct("<I")
 _CONTROL = 64  # bytes before the reply slot: polling_until at 0, closed at 8
 _SEQ = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
+_DONE = struct.Struct("<Q")
+_T_DONE = struct.Struct("<d")
 _LEN = struct.Struct("<Q")
-_HEAD = _SEQ.size + _COUNT.size
+_COUNT_AT, _DONE_AT, _T_DONE_AT = 8, 16, 24
+_HEAD = 32  # seq, count (and 4 bytes unused), done, t_done; the frame lengths follow
+FAILED = (1 << 64) - 1  # ``done`` of a reply whose header came first and whose tensors will not: see the ZeroMQ socket
 MAX_FRAMES = 64
 MIN_CAPACITY = 4096
 SHM_DIR = "/dev/shm"
@@ -89,43 +101,85 @@ class _Slot:
         return (len(frames) <= MAX_FRAMES
                 and _HEAD + _LEN.size * len(frames) + sum(_nbytes(f) for f in frames) <= self.capacity)
 
-    def write(self, seq: int, frames: Sequence[Any]) -> bool:
-        """Store ``frames`` as message ``seq``; False (nothing written) when they do not fit."""
-        if not self.fits(frames):
-            return False
+    def _store(self, seq: int, frames: Sequence[Any], lens: Sequence[int], done: int, t_done: float = 0.0) -> None:
+        """Frame lengths ``lens``, the first ``len(frames)`` frames, ``done`` and ``t_done``, then ``seq``."""
         m, base = self._m, self._off
         off = base + _HEAD
-        for f in frames:
-            _LEN.pack_into(m, off, _nbytes(f))
+        for n in lens:
+            _LEN.pack_into(m, off, n)
             off += _LEN.size
-        for f in frames:
-            n = _nbytes(f)
+        for f, n in zip(frames, lens):
             m[off:off + n] = f
             off += n
-        _COUNT.pack_into(m, base + _SEQ.size, len(frames))
-        _SEQ.pack_into(m, base, seq)  # last: a reader polling seq sees complete frames
+        _COUNT.pack_into(m, base + _COUNT_AT, len(lens))
+        _T_DONE.pack_into(m, base + _T_DONE_AT, t_done)
+        _DONE.pack_into(m, base + _DONE_AT, done)
+        _SEQ.pack_into(m, base, seq)  # last: a reader polling seq sees what was stored
+
+    def write(self, seq: int, frames: Sequence[Any]) -> bool:
+        """Store ``frames`` as message ``seq``, all there; False (nothing written) when they do not fit."""
+        if not self.fits(frames):
+            return False
+        self._store(seq, frames, [_nbytes(f) for f in frames], seq)
         return True
+
+    def write_head(self, seq: int, head: Any, tail_lens: Sequence[int]) -> bool:
+        """Store message ``seq``'s frame 0 and the lengths of the frames to come (:meth:`complete`), ``done`` = 0;
+        False (nothing written) when they would not fit."""
+        lens = [_nbytes(head), *tail_lens]
+        if len(lens) > MAX_FRAMES or _HEAD + _LEN.size * len(lens) + sum(lens) > self.capacity:
+            return False
+        self._store(seq, [head], lens, 0)
+        return True
+
+    def complete(self, seq: int, tail: Sequence[Any], t_done: float) -> None:
+        """Store the frames after frame 0 of message ``seq`` (whose head :meth:`write_head` stored), ``t_done``,
+        then ``done`` = ``seq``. The frames must have the lengths announced."""
+        m, base = self._m, self._off
+        lens = self._lens()
+        if self.seq() != seq or len(lens) != 1 + len(tail) or any(_nbytes(f) != n for f, n in zip(tail, lens[1:])):
+            raise ProtocolError(f"message {seq}'s frames differ from the lengths its head announced")
+        off = base + _HEAD + _LEN.size * len(lens) + lens[0]
+        for f, n in zip(tail, lens[1:]):
+            m[off:off + n] = f
+            off += n
+        _T_DONE.pack_into(m, base + _T_DONE_AT, t_done)
+        _DONE.pack_into(m, base + _DONE_AT, seq)  # last: a reader polling done sees every frame
+
+    def fail(self, seq: int) -> None:
+        """Message ``seq``'s frames after frame 0 will not come."""
+        if self.seq() == seq:
+            _DONE.pack_into(self._m, self._off + _DONE_AT, FAILED)
 
     def seq(self) -> int:
         return _SEQ.unpack_from(self._m, self._off)[0]
 
-    def read(self) -> list[bytearray]:
-        """The frames held, copied into memory the caller owns (checked against the slot's bounds only: the
-        message itself is validated by :func:`djinn_core.rpc.wire.decode`)."""
+    def done(self) -> int:
+        return _DONE.unpack_from(self._m, self._off + _DONE_AT)[0]
+
+    def t_done(self) -> float:
+        return _T_DONE.unpack_from(self._m, self._off + _T_DONE_AT)[0]
+
+    def _lens(self) -> list[int]:
+        """The frame lengths held, checked against the slot's bounds."""
         m, base = self._m, self._off
-        count = _COUNT.unpack_from(m, base + _SEQ.size)[0]
+        count = _COUNT.unpack_from(m, base + _COUNT_AT)[0]
         if count > MAX_FRAMES:
             raise ProtocolError(f"channel slot holds {count} frames (at most {MAX_FRAMES})")
-        off = base + _HEAD
-        lens = []
-        for _ in range(count):
-            lens.append(_LEN.unpack_from(m, off)[0])
-            off += _LEN.size
-        if off - base + sum(lens) > self.capacity:
+        lens = [_LEN.unpack_from(m, base + _HEAD + _LEN.size * i)[0] for i in range(count)]
+        if _HEAD + _LEN.size * count + sum(lens) > self.capacity:
             raise ProtocolError("channel slot frame lengths exceed its capacity")
+        return lens
+
+    def read(self, first: int = 0, stop: int | None = None) -> list[bytearray]:
+        """Frames ``first`` to ``stop`` (default: all) held, copied into memory the caller owns (checked against the
+        slot's bounds only: the message itself is validated by :func:`djinn_core.rpc.wire.decode`)."""
+        lens = self._lens()
+        stop = len(lens) if stop is None else min(stop, len(lens))
+        off = self._off + _HEAD + _LEN.size * len(lens) + sum(lens[:first])
         frames = []
-        with memoryview(m) as view:
-            for n in lens:
+        with memoryview(self._m) as view:
+            for n in lens[first:stop]:
                 buf = bytearray(n)
                 buf[:] = view[off:off + n]
                 frames.append(buf)
@@ -162,6 +216,7 @@ class ServerChannel:
         self.polling_until = 0.0  # the last polling time published: until then the client may use the slot
         self.writes = 0  # replies written
         self.reads = 0  # requests taken
+        self.failed_reply = 0  # the request whose header-first reply failed: its error reply goes over ZeroMQ
 
     @property
     def open(self) -> bool:
@@ -182,6 +237,28 @@ class ServerChannel:
             return False
         self.writes += 1
         return True
+
+    def write_reply_head(self, seq: int, head: Any, tail_lens: Sequence[int]) -> bool:
+        """Store the header of the reply to request ``seq`` and the lengths of its tensor frames, which
+        :meth:`complete_reply` (or :meth:`fail_reply`) follows; False (nothing written) when the reply would not fit."""
+        if self._map is None or not self._replies.write_head(seq, head, tail_lens):
+            return False
+        self.writes += 1
+        return True
+
+    def complete_reply(self, seq: int, tail: Sequence[Any], t_done: float) -> bool:
+        """Store the tensor frames of reply ``seq`` (announced by :meth:`write_reply_head`) and ``t_done``; False when
+        the channel was closed in between."""
+        if self._map is None:
+            return False
+        self._replies.complete(seq, tail, t_done)
+        return True
+
+    def fail_reply(self, seq: int) -> None:
+        """The tensor frames of reply ``seq`` will not come (its client then waits on the ZeroMQ socket)."""
+        self.failed_reply = seq
+        if self._map is not None:
+            self._replies.fail(seq)
 
     def take_request(self) -> tuple[int, list[bytearray]] | None:
         """The request waiting in the slot, if one newer than the last handled came: (id, frames). A slot whose
@@ -261,11 +338,26 @@ class ClientChannel:
         return self.server_polling() and self._requests.write(seq, frames)
 
     def reply_ready(self, seq: int) -> bool:
+        """The reply to ``seq`` is in the slot, at least its header (:meth:`reply_done` says whether all of it)."""
         return self._map is not None and self._replies.seq() == seq
 
-    def read_reply(self) -> list[bytearray]:
-        """The frames of the reply held (call after :meth:`reply_ready`), copied out."""
-        return self._replies.read()
+    def reply_done(self, seq: int) -> int:
+        """For a reply to ``seq`` that :meth:`reply_ready` showed: 1 when all its frames are there, 0 while its tensor
+        frames are still to come, -1 when they will not (the server's error reply comes over ZeroMQ) or this side
+        closed the channel (a channel the server closed shows in :attr:`closed`)."""
+        if self._map is None:
+            return -1
+        done = self._replies.done()
+        return 1 if done == seq else -1 if done == FAILED else 0
+
+    def reply_t_done(self) -> float:
+        """The server's host clock when the held reply's frames were all stored (0.0 when stored at once)."""
+        return self._replies.t_done() if self._map is not None else 0.0
+
+    def read_reply(self, first: int = 0, stop: int | None = None) -> list[bytearray]:
+        """Frames ``first`` to ``stop`` (default: all) of the reply held (call after :meth:`reply_ready`; the frames
+        after the header once :meth:`reply_done`), copied out."""
+        return self._replies.read(first, stop)
 
     def close(self) -> None:
         if self._map is not None:

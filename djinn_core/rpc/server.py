@@ -187,9 +187,26 @@ class Server(LoopService):
             t_fn = time.perf_counter()
             # device -> host copies: the op's work is done after this
             staged = self.transport.stages(path) and self._staging.fits(tensors)
-            descs, bufs = self._staging.encode(tensors) if staged else encode_tensors(tensors)
             if staged:
+                descs, bufs = self._staging.start(tensors)
                 self._warm_descs = descs
+                # the header goes first, while the device works: the client reads it meanwhile, and what is left
+                # after the wait is copying the tensors' bytes (the op's end travels with them)
+                early = self.transport.send_head(path, rid, encode_header(
+                    {"id": rid, "ok": True, "result": result, "server_ms": None,
+                     "server_t": [t_recv, t0, t_fn, None]}, descs), bufs)
+                try:
+                    self._staging.wait()
+                except BaseException:
+                    if early is not None:
+                        early.fail()
+                    raise
+                if early is not None:
+                    early.complete(time.perf_counter())
+                    self.counters["ok"] += 1
+                    return
+            else:
+                descs, bufs = encode_tensors(tensors)
             t1 = time.perf_counter()
             # server_t: host monotonic clock (system-wide on Linux) at receipt, op start, op returned (its device
             # work queued) and op end (its results on the host), so a client on the same host can split its round

@@ -20,8 +20,8 @@ import zmq
 from djinn_core.errors import ConfigError, ProtocolError, ServerUnavailable, SessionLimitReached
 from djinn_core.rpc import local_channel
 from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
-from djinn_core.rpc.transport import ClientTransport, Handler, ServerTransport
-from djinn_core.rpc.wire import Message, decode, encode
+from djinn_core.rpc.transport import ClientTransport, Handler, PendingReply, ServerTransport
+from djinn_core.rpc.wire import Message, decode, decode_header, encode
 from djinn_core.rpc.zmq_transport import REPLY_HEADER_BYTES, WARM_EVERY_S, ZmqClientTransport, ZmqServerTransport
 from djinn_core.validation import check_int, is_int
 
@@ -34,6 +34,15 @@ ZMQ_EVERY = 8  # spinning on hot channels, the loop looks at the ZeroMQ socket e
 def _route(origin: Any) -> tuple[bytes, ...]:
     """The ZeroMQ connection a request came from, whichever way it came."""
     return origin.route if type(origin) is ServerChannel else origin
+
+
+def _fill_op_end(header: dict[str, Any], t_done: float) -> None:
+    """A header-first reply's header leaves the op's end (``server_t[3]``, ``server_ms``) to the slot, which stored
+    it with the tensor frames: put it where a reply sent whole has it."""
+    st = header.get("server_t")
+    if isinstance(st, list) and len(st) == 4 and st[3] is None and isinstance(st[1], float):
+        st[3] = t_done
+        header["server_ms"] = (t_done - st[1]) * 1e3
 
 
 class ShmServerTransport(ServerTransport):
@@ -118,20 +127,33 @@ class ShmServerTransport(ServerTransport):
 
     def send(self, path: Any, rid: Any, frames: Sequence[Any], staged: bool = False) -> None:
         """Into the channel when ``path`` is one and the reply fits (with it goes how long this loop keeps polling
-        the channel's request slot), else over ZeroMQ."""
+        the channel's request slot), else over ZeroMQ (so is an error reply whose header-first reply failed)."""
         if type(path) is ServerChannel:
             ch, path = path, path.route
-            if ch.open:
-                if self.busy_poll_s and not self._stop.is_set():
-                    # before the reply, so the client reads it with the reply; the loop's own deadline, set after
-                    # this request, is later: the client's view errs on the safe side
-                    ch.publish_polling(time.monotonic() + self.busy_poll_s)
-                    if ch not in self._hot:
-                        self._hot.append(ch)
+            if ch.open and ch.failed_reply != rid:
+                self._publish_polling(ch)
                 if is_int(rid) and rid > 0 and ch.write_reply(rid, frames):
                     ch.unlink()  # the client mapped it before asking for this reply: the name is no longer needed
                     return
         self.inner.send(path, rid, frames, staged)
+
+    def send_head(self, path: Any, rid: Any, head: Any, tail: Sequence[Any]) -> PendingReply | None:
+        """The header into the channel when ``path`` is one and the whole reply fits; None otherwise."""
+        if type(path) is not ServerChannel or not path.open or not (is_int(rid) and rid > 0):
+            return None
+        self._publish_polling(path)
+        if not path.write_reply_head(rid, head, [memoryview(f).nbytes for f in tail]):
+            return None
+        path.unlink()
+        return _PendingChannelReply(self, path, rid, tail)
+
+    def _publish_polling(self, ch: ServerChannel) -> None:
+        """Before a reply, so the client reads it with the reply: how long this loop polls ``ch``'s request slot.
+        The loop's own deadline, set after this request, is later: the client's view errs on the safe side."""
+        if self.busy_poll_s and not self._stop.is_set():
+            ch.publish_polling(time.monotonic() + self.busy_poll_s)
+            if ch not in self._hot:
+                self._hot.append(ch)
 
     # -- channels ----------------------------------------------------------------------------------------------------
     def _op_attach_local(self, req: Any) -> tuple[dict[str, Any], list]:
@@ -173,6 +195,20 @@ class ShmServerTransport(ServerTransport):
         self.inner.close()
 
 
+class _PendingChannelReply(PendingReply):
+    """A reply whose header is in a channel's slot (:meth:`ShmServerTransport.send_head`)."""
+
+    def __init__(self, transport: ShmServerTransport, channel: ServerChannel, rid: int, tail: Sequence[Any]):
+        self._transport, self._channel, self._rid, self._tail = transport, channel, rid, tail
+
+    def complete(self, t_done: float) -> None:
+        self._transport._publish_polling(self._channel)  # the window from now, as a reply sent now would publish
+        self._channel.complete_reply(self._rid, self._tail, t_done)
+
+    def fail(self) -> None:
+        self._channel.fail_reply(self._rid)
+
+
 class ShmClientTransport(ClientTransport):
     """A client's channel over ``inner``: a request goes into the slot while the server polls it and it fits, a
     reply is awaited in the slot and on the socket at once (what does not fit comes over ZeroMQ)."""
@@ -203,14 +239,22 @@ class ShmClientTransport(ClientTransport):
         spin_until = now + busy_poll_s
         next_warm = now + WARM_EVERY_S
         spins = 0
+        head_failed = False  # a header-first reply whose tensors will not come: the error reply comes over ZeroMQ
         while True:
-            if ch.reply_ready(rid):
-                t_seen = time.perf_counter()
-                frames = ch.read_reply()
-                reply = decode(frames, max_bytes=zmq_t.max_reply_bytes, max_header_bytes=REPLY_HEADER_BYTES)
-                zmq_t.paths["reply_local"] += 1
-                zmq_t.keep_warm(frames)
-                return reply, t_seen
+            if not head_failed and ch.reply_ready(rid):
+                if ch.reply_done(rid) == 1:
+                    t_seen = time.perf_counter()
+                    frames = ch.read_reply()
+                    reply = decode(frames, max_bytes=zmq_t.max_reply_bytes, max_header_bytes=REPLY_HEADER_BYTES)
+                    _fill_op_end(reply.header, ch.reply_t_done())  # a header-first reply completed before we looked
+                    zmq_t.paths["reply_local"] += 1
+                    zmq_t.keep_warm(frames)
+                    return reply, t_seen
+                got = self._rest_of(rid, op, deadline, spin_until, timeout_s)
+                if got is not None:
+                    return got
+                head_failed = True
+                continue
             spins += 1
             if spins & 7:  # spinning on the channel: the costlier checks (ZeroMQ, closed) every 8th time
                 if busy_poll_s and (now := time.monotonic()) < spin_until:
@@ -232,6 +276,46 @@ class ShmClientTransport(ClientTransport):
                 reply = zmq_t.take(rid)
                 if reply is not None:
                     return reply, t_seen
+
+    def _rest_of(self, rid: int, op: str, deadline: float, spin_until: float,
+                 timeout_s: float) -> tuple[Message, float] | None:
+        """A reply whose header came first: check the header now, while the server's device works, then wait for the
+        tensor frames and copy them out. None when the server said they will not come (its error reply follows over
+        ZeroMQ)."""
+        ch, zmq_t = self.channel, self.inner
+        head = ch.read_reply(0, 1)
+        if not head:
+            raise ProtocolError("a header-first reply without a header")
+        header = decode_header(head[0], max_header_bytes=REPLY_HEADER_BYTES)
+        next_warm = time.monotonic() + WARM_EVERY_S
+        spins = 0
+        while True:
+            done = ch.reply_done(rid)
+            if done == 1:
+                t_seen = time.perf_counter()
+                frames = [head[0], *ch.read_reply(1)]
+                reply = decode(frames, max_bytes=zmq_t.max_reply_bytes, header=header)
+                _fill_op_end(reply.header, ch.reply_t_done())
+                zmq_t.paths["reply_local"] += 1
+                zmq_t.paths["reply_header_first"] += 1
+                zmq_t.keep_warm(frames)
+                return reply, t_seen
+            if done < 0:
+                return None
+            spins += 1
+            if spins & 7:
+                continue
+            now = time.monotonic()  # every 8th time: the clock, the channel's state, keeping the decode warm
+            if ch.closed:
+                ch.close()
+                raise ServerUnavailable(f"{self.address} gave up this client's shared-memory channel before "
+                                        f"replying to {op!r} (server shutting down)")
+            if now > deadline:
+                raise zmq_t.timed_out(op, timeout_s)
+            if now < spin_until:
+                next_warm = zmq_t.warm_if_due(now, next_warm)
+            else:
+                time.sleep(0.0005)  # past the spinning window: a long op is awaited without holding a core
 
     def close(self, goodbye: dict[str, Any] | None = None, linger_ms: int = 0) -> None:
         """Give the channel back (best effort, no wait: the server also frees it when idle), then close."""

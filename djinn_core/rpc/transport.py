@@ -45,12 +45,31 @@ class ServerTransport(ABC):
     def send(self, path: Any, rid: Any, frames: Sequence[Any], staged: bool = False) -> None:
         """Send a reply (``staged``: its frames are views of the reusable staging buffer, to be copied now)."""
 
+    def send_head(self, path: Any, rid: Any, head: Any, tail: Sequence[Any]) -> PendingReply | None:
+        """Send a reply's header (frame 0) now, while its tensor frames ``tail`` (views of the staging buffer) are
+        still being filled by the device: the receiver reads it meanwhile. None when ``path`` cannot take a reply
+        this way (the whole reply is then sent with :meth:`send`)."""
+        return None
+
     def sweep(self, now: float, idle_s: float) -> None:
         """Free what the transport holds for connections idle longer than ``idle_s`` (host monotonic seconds)."""
 
     @abstractmethod
     def close(self) -> None:
         """Stop: waiting clients learn at once where the transport can tell them."""
+
+
+class PendingReply(ABC):
+    """A reply whose header was sent (:meth:`ServerTransport.send_head`) and whose tensor frames are still to go."""
+
+    @abstractmethod
+    def complete(self, t_done: float) -> None:
+        """Send the tensor frames, now filled (``t_done``: the host clock when they were)."""
+
+    @abstractmethod
+    def fail(self) -> None:
+        """The tensor frames will not come: the receiver is told, and the error reply to the same request, sent
+        with :meth:`ServerTransport.send` next, goes a way it can still read."""
 
 
 class ClientTransport(ABC):

@@ -129,6 +129,13 @@ class HostStaging:
 
     def encode(self, tensors: Sequence[torch.Tensor]) -> tuple[list[dict[str, Any]], list[memoryview | bytes]]:
         """Like :func:`encode_tensors` for tensors that :meth:`fits`; the buffers are views of the staging buffer."""
+        staged = self.start(tensors)
+        self.wait()
+        return staged
+
+    def start(self, tensors: Sequence[torch.Tensor]) -> tuple[list[dict[str, Any]], list[memoryview | bytes]]:
+        """Queue the copies of ``tensors`` (that :meth:`fits`) into the buffer: their descriptors and the buffer's
+        views they fill, which hold their bytes once :meth:`wait` returns."""
         offs = self._layout(tensors)
         if self._buf is None or self._buf.numel() < offs[-1]:
             self._buf = None
@@ -146,6 +153,10 @@ class HostStaging:
         if self._event is None:
             self._event = torch.cuda.Event()
         self._event.record(stream)
+        return descs, [memoryview(v.numpy()) if v.numel() else b"" for v in views]
+
+    def wait(self) -> None:
+        """Until the copies :meth:`start` queued are done: poll their event (calling ``warm``), then block."""
         now = time.monotonic()
         deadline, next_warm = now + self.spin_s, now + self.warm_every_s
         while not self._event.query():
@@ -156,7 +167,6 @@ class HostStaging:
             if self.warm is not None and now >= next_warm:
                 self.warm()
                 next_warm = time.monotonic() + self.warm_every_s
-        return descs, [memoryview(v.numpy()) if v.numel() else b"" for v in views]
 
 
 def encode_tensors(tensors: Sequence[torch.Tensor]) -> tuple[list[dict[str, Any]], list[memoryview | bytes]]:
