@@ -744,3 +744,15 @@ def test_the_op_end_of_a_header_first_reply_is_filled_in_however_the_client_foun
     odd = {"server_t": "x"}  # nothing to fill in a header that does not say where
     _fill_op_end(odd, 9.0)
     assert odd == {"server_t": "x"}
+
+
+@needs_shm
+def test_a_client_refuses_a_channel_of_another_layout_and_stays_on_zeromq(spinning_server, monkeypatch):
+    import djinn_core.rpc.client as client_module
+
+    monkeypatch.setattr(client_module, "CHANNEL_LAYOUT", 1)  # a client of the slots before header-first replies
+    before = set(spinning_server.transport.channels)
+    with Client(spinning_server.address, timeout_s=20, busy_poll_s=0.05) as c:
+        c.ping()
+        assert not c.local_channel and c.paths["reply_local"] == 0 and c.paths["reply_zmq"] >= 2
+        assert set(spinning_server.transport.channels) == before  # the channel it was given went back at once

@@ -54,6 +54,7 @@ from djinn_core.errors import (
     RemoteError,
     ServerUnavailable,
 )
+from djinn_core.rpc.local_channel import LAYOUT as CHANNEL_LAYOUT
 from djinn_core.rpc.local_channel import ClientChannel
 from djinn_core.rpc.local_channel import supported as local_channel_supported
 from djinn_core.rpc.shm_transport import ShmClientTransport
@@ -201,6 +202,10 @@ class Client:
             reply, _, _, _ = self._roundtrip("attach_local", None, None, (), None)
             _raise_if_refused(reply)
             res = reply.header.get("result") or {}
+            if res.get("layout") != CHANNEL_LAYOUT:  # another version's slots: read as ours they would be garbage
+                self._roundtrip("detach_local", None, {"name": res.get("name")}, (), None)
+                raise ConfigError(f"the server's channels have layout {res.get('layout')!r}, this client reads "
+                                  f"layout {CHANNEL_LAYOUT}")
             self._transport = ShmClientTransport(self._zmq, ClientChannel(res.get("name"), res.get("capacity")))
         except ServerUnavailable:
             self._local_tried = False  # no server yet: try again at the next call

@@ -66,6 +66,7 @@ _T_DONE = struct.Struct("<d")
 _LEN = struct.Struct("<Q")
 _COUNT_AT, _DONE_AT, _T_DONE_AT = 8, 16, 24
 _HEAD = 32  # seq, count (and 4 bytes unused), done, t_done; the frame lengths follow
+LAYOUT = 2  # the slots' layout (2: with done and t_done, for header-first replies); both sides must agree
 FAILED = (1 << 64) - 1  # ``done`` of a reply whose header came first and whose tensors will not: see the ZeroMQ socket
 MAX_FRAMES = 64
 MIN_CAPACITY = 4096

@@ -171,7 +171,7 @@ class ShmServerTransport(ServerTransport):
         # channel between this reply and the client's first request through it
         ch.publish_polling(time.monotonic() + self.busy_poll_s)
         self.channels[ch.name] = ch
-        return {"name": ch.name, "capacity": ch.capacity}, []
+        return {"name": ch.name, "capacity": ch.capacity, "layout": local_channel.LAYOUT}, []
 
     def _op_detach_local(self, req: Any) -> tuple[dict[str, Any], list]:
         name = req.arg("name", str)
