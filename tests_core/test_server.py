@@ -683,8 +683,9 @@ class _SlowStaging:
         descs = [{"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": len(b)} for t, b in self._pending]
         return descs, [memoryview(b) for _, b in self._pending]
 
-    def wait(self) -> None:
+    def wait(self, warm: bool = True) -> None:
         self.waits += 1
+        self.warmed = warm
         time.sleep(self.delay_s)
         if self.fail:
             raise DeviceUnavailable("the device copy failed (a test's staging)")
@@ -709,6 +710,7 @@ def test_a_reply_goes_header_first_while_the_device_works_and_its_tensors_follow
             t0 = time.perf_counter()
             got = s.resume(logits="last")
             assert time.perf_counter() - t0 >= 0.1 and slow.waits == 1
+            assert not slow.warmed  # the header went first: nothing to keep warm while polling
             assert torch.equal(got, ref[:, -1])
             assert c.paths["reply_header_first"] == 1
             assert c.last_server_ms >= 100.0  # the op's end came with the tensor frames

@@ -99,8 +99,11 @@ class _Slot:
         self.capacity = capacity
 
     def fits(self, frames: Sequence[Any]) -> bool:
-        return (len(frames) <= MAX_FRAMES
-                and _HEAD + _LEN.size * len(frames) + sum(_nbytes(f) for f in frames) <= self.capacity)
+        return self._room([_nbytes(f) for f in frames])
+
+    def _room(self, lens: Sequence[int]) -> bool:
+        """Frames of lengths ``lens`` fit the slot, with their header."""
+        return len(lens) <= MAX_FRAMES and _HEAD + _LEN.size * len(lens) + sum(lens) <= self.capacity
 
     def _store(self, seq: int, frames: Sequence[Any], lens: Sequence[int], done: int, t_done: float = 0.0) -> None:
         """Frame lengths ``lens``, the first ``len(frames)`` frames, ``done`` and ``t_done``, then ``seq``."""
@@ -119,16 +122,17 @@ class _Slot:
 
     def write(self, seq: int, frames: Sequence[Any]) -> bool:
         """Store ``frames`` as message ``seq``, all there; False (nothing written) when they do not fit."""
-        if not self.fits(frames):
+        lens = [_nbytes(f) for f in frames]
+        if not self._room(lens):
             return False
-        self._store(seq, frames, [_nbytes(f) for f in frames], seq)
+        self._store(seq, frames, lens, seq)
         return True
 
     def write_head(self, seq: int, head: Any, tail_lens: Sequence[int]) -> bool:
         """Store message ``seq``'s frame 0 and the lengths of the frames to come (:meth:`complete`), ``done`` = 0;
         False (nothing written) when they would not fit."""
         lens = [_nbytes(head), *tail_lens]
-        if len(lens) > MAX_FRAMES or _HEAD + _LEN.size * len(lens) + sum(lens) > self.capacity:
+        if not self._room(lens):
             return False
         self._store(seq, [head], lens, 0)
         return True
@@ -168,7 +172,7 @@ class _Slot:
         if count > MAX_FRAMES:
             raise ProtocolError(f"channel slot holds {count} frames (at most {MAX_FRAMES})")
         lens = [_LEN.unpack_from(m, base + _HEAD + _LEN.size * i)[0] for i in range(count)]
-        if _HEAD + _LEN.size * count + sum(lens) > self.capacity:
+        if not self._room(lens):
             raise ProtocolError("channel slot frame lengths exceed its capacity")
         return lens
 

@@ -46,6 +46,18 @@ log = logging.getLogger(__name__)
 __all__ = ["Server", "ServerConfig", "is_loopback"]
 
 
+def _ok_header(rid: Any, result: Any, descs: list[dict[str, Any]], times: tuple[float, float, float],
+               t_done: float | None = None) -> bytes:
+    """Frame 0 of a successful reply. ``server_t``: the host monotonic clock (system-wide on Linux) at receipt, op
+    start, op returned (its device work queued) -- ``times`` -- and op end (``t_done``, its results on the host), so a
+    client on the same host can split its round trip into request transit, dispatch, op (launch and wait) and reply.
+    A header sent before the op's end leaves it (and ``server_ms``) None: it comes with the tensor frames."""
+    t_op = times[1]
+    return encode_header({"id": rid, "ok": True, "result": result,
+                          "server_ms": None if t_done is None else (t_done - t_op) * 1e3,
+                          "server_t": [*times, t_done]}, descs)
+
+
 class Server(LoopService):
     """Serves breakpoint sessions of ``runtime`` (see the module docstring).
 
@@ -187,16 +199,15 @@ class Server(LoopService):
             t_fn = time.perf_counter()
             # device -> host copies: the op's work is done after this
             staged = self.transport.stages(path) and self._staging.fits(tensors)
+            times = (t_recv, t0, t_fn)
             if staged:
                 descs, bufs = self._staging.start(tensors)
                 self._warm_descs = descs
                 # the header goes first, while the device works: the client reads it meanwhile, and what is left
                 # after the wait is copying the tensors' bytes (the op's end travels with them)
-                early = self.transport.send_head(path, rid, encode_header(
-                    {"id": rid, "ok": True, "result": result, "server_ms": None,
-                     "server_t": [t_recv, t0, t_fn, None]}, descs), bufs)
-                try:
-                    self._staging.wait()
+                early = self.transport.send_head(path, rid, _ok_header(rid, result, descs, times), bufs)
+                try:  # a header already sent needs no warm header built while polling (it would delay the copy)
+                    self._staging.wait(warm=early is None)
                 except BaseException:
                     if early is not None:
                         early.fail()
@@ -207,12 +218,7 @@ class Server(LoopService):
                     return
             else:
                 descs, bufs = encode_tensors(tensors)
-            t1 = time.perf_counter()
-            # server_t: host monotonic clock (system-wide on Linux) at receipt, op start, op returned (its device
-            # work queued) and op end (its results on the host), so a client on the same host can split its round
-            # trip into request transit, dispatch, op (launch and wait) and reply
-            head = encode_header({"id": rid, "ok": True, "result": result, "server_ms": (t1 - t0) * 1e3,
-                                  "server_t": [t_recv, t0, t_fn, t1]}, descs)
+            head = _ok_header(rid, result, descs, times, time.perf_counter())
             self.transport.send(path, rid, [head, *bufs], staged)
             self.counters["ok"] += 1
         except Exception as e:  # one bad request never stops the server

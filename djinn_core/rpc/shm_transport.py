@@ -242,14 +242,9 @@ class ShmClientTransport(ClientTransport):
         head_failed = False  # a header-first reply whose tensors will not come: the error reply comes over ZeroMQ
         while True:
             if not head_failed and ch.reply_ready(rid):
-                if ch.reply_done(rid) == 1:
+                if ch.reply_done(rid) == 1:  # whole (or header first, completed before this look)
                     t_seen = time.perf_counter()
-                    frames = ch.read_reply()
-                    reply = decode(frames, max_bytes=zmq_t.max_reply_bytes, max_header_bytes=REPLY_HEADER_BYTES)
-                    _fill_op_end(reply.header, ch.reply_t_done())  # a header-first reply completed before we looked
-                    zmq_t.paths["reply_local"] += 1
-                    zmq_t.keep_warm(frames)
-                    return reply, t_seen
+                    return self._taken(ch.read_reply()), t_seen
                 got = self._rest_of(rid, op, deadline, spin_until, timeout_s)
                 if got is not None:
                     return got
@@ -261,9 +256,7 @@ class ShmClientTransport(ClientTransport):
                     next_warm = zmq_t.warm_if_due(now, next_warm)
                     continue
             elif self._local_request and ch.closed:
-                ch.close()  # gone: the client falls back to ZeroMQ
-                raise ServerUnavailable(f"{self.address} gave up this client's shared-memory channel before "
-                                        f"replying to {op!r} (server shutting down)")
+                raise self._gone(op)
             if busy_poll_s and (now := time.monotonic()) < spin_until and not sock.poll(0, zmq.POLLIN):
                 next_warm = zmq_t.warm_if_due(now, next_warm)
                 continue
@@ -293,12 +286,8 @@ class ShmClientTransport(ClientTransport):
             done = ch.reply_done(rid)
             if done == 1:
                 t_seen = time.perf_counter()
-                frames = [head[0], *ch.read_reply(1)]
-                reply = decode(frames, max_bytes=zmq_t.max_reply_bytes, header=header)
-                _fill_op_end(reply.header, ch.reply_t_done())
-                zmq_t.paths["reply_local"] += 1
+                reply = self._taken([head[0], *ch.read_reply(1)], header)
                 zmq_t.paths["reply_header_first"] += 1
-                zmq_t.keep_warm(frames)
                 return reply, t_seen
             if done < 0:
                 return None
@@ -307,15 +296,29 @@ class ShmClientTransport(ClientTransport):
                 continue
             now = time.monotonic()  # every 8th time: the clock, the channel's state, keeping the decode warm
             if ch.closed:
-                ch.close()
-                raise ServerUnavailable(f"{self.address} gave up this client's shared-memory channel before "
-                                        f"replying to {op!r} (server shutting down)")
+                raise self._gone(op)
             if now > deadline:
                 raise zmq_t.timed_out(op, timeout_s)
             if now < spin_until:
                 next_warm = zmq_t.warm_if_due(now, next_warm)
             else:
                 time.sleep(0.0005)  # past the spinning window: a long op is awaited without holding a core
+
+    def _taken(self, frames: list[bytearray], header: dict[str, Any] | None = None) -> Message:
+        """A reply read from the channel: decoded (``header``: frame 0 already checked), with the op's end where a
+        reply sent whole has it, counted, and kept to warm the decode with."""
+        zmq_t = self.inner
+        reply = decode(frames, max_bytes=zmq_t.max_reply_bytes, max_header_bytes=REPLY_HEADER_BYTES, header=header)
+        _fill_op_end(reply.header, self.channel.reply_t_done())
+        zmq_t.paths["reply_local"] += 1
+        zmq_t.keep_warm(frames)
+        return reply
+
+    def _gone(self, op: str) -> ServerUnavailable:
+        """The server gave the channel up while ``op`` waited: closed here, so the client falls back to ZeroMQ."""
+        self.channel.close()
+        return ServerUnavailable(f"{self.address} gave up this client's shared-memory channel before replying to "
+                                 f"{op!r} (server shutting down)")
 
     def close(self, goodbye: dict[str, Any] | None = None, linger_ms: int = 0) -> None:
         """Give the channel back (best effort, no wait: the server also frees it when idle), then close."""

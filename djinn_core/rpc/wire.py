@@ -155,8 +155,9 @@ class HostStaging:
         self._event.record(stream)
         return descs, [memoryview(v.numpy()) if v.numel() else b"" for v in views]
 
-    def wait(self) -> None:
-        """Until the copies :meth:`start` queued are done: poll their event (calling ``warm``), then block."""
+    def wait(self, warm: bool = True) -> None:
+        """Until the copies :meth:`start` queued are done: poll their event (calling the ``warm`` given at
+        construction, unless ``warm`` is False), then block."""
         now = time.monotonic()
         deadline, next_warm = now + self.spin_s, now + self.warm_every_s
         while not self._event.query():
@@ -164,7 +165,7 @@ class HostStaging:
             if now > deadline:
                 self._event.synchronize()
                 break
-            if self.warm is not None and now >= next_warm:
+            if warm and self.warm is not None and now >= next_warm:
                 self.warm()
                 next_warm = time.monotonic() + self.warm_every_s
 
