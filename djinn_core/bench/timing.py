@@ -99,7 +99,6 @@ def event_ms(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
     return start.elapsed_time(end)
 
 
-
 def back_to_back(fn: Callable[[], Any], count: int) -> Callable[[], None]:
     """``fn`` ``count`` times in a row, as one region to time (then :meth:`TimingStats.per` gives one call's time):
     a loop of steps as it runs, each queued behind the previous one."""
@@ -110,6 +109,7 @@ def back_to_back(fn: Callable[[], Any], count: int) -> Callable[[], None]:
             fn()
 
     return run
+
 
 def time_cuda(
     fn: Callable[[], Any],
