@@ -13,7 +13,7 @@
 # run's $DJINN_VRAM_BUDGET, else 80GB (the H100 80GB card, enforced on a larger card by capping torch's allocator).
 # DJINN_GIT_DIRTY must say 0 or 1: the CI gate refuses a report whose tree state is dirty or unknown.
 # --gpu N (first) runs the specs on GPU N alone (CUDA_VISIBLE_DEVICES=N in PCI bus order, which NVML uses too), so a
-# machine of several GPUs runs one lane per GPU at once; each JSON's provenance names its GPU (index, UUID, PCI bus):
+# machine of several GPUs runs one lane per GPU at once; each JSON's provenance names its GPU (index, UUID, PCI address):
 #   bash scripts/gpu_suite.sh --gpu 0 SPECS... & bash scripts/gpu_suite.sh --gpu 1 SPECS... & wait
 # Timing claims in one lane share the host (CPUs, memory, root complex) with the other lane's work.
 # --run N (after --gpu, if any): the N-th run of the same specs at this commit; from N=2 each spec writes

@@ -21,3 +21,17 @@ def test_results_outside_pytest_benchmark_carry_the_commit_the_caller_recorded(m
     assert commit_facts()["dirty"] == "unknown"
     monkeypatch.delenv("DJINN_GIT_COMMIT")
     assert commit_facts()["source"] in ("git", "none")
+
+
+def test_a_gpus_pci_address_names_domain_bus_and_device():
+    """Two GPUs of one VM can share a bus (both on bus 0 on the lent x2): the address tells them apart."""
+    from types import SimpleNamespace
+
+    from djinn_core.bench.provenance import pci_address
+
+    first = SimpleNamespace(pci_domain_id=0, pci_bus_id=0, pci_device_id=6)
+    second = SimpleNamespace(pci_domain_id=0, pci_bus_id=0, pci_device_id=7)
+    assert pci_address(first) == "0000:00:06"
+    assert pci_address(second) == "0000:00:07"
+    assert pci_address(SimpleNamespace(pci_bus_id=0x1a)) == "0000:1a:00"
+    assert pci_address(SimpleNamespace()) is None

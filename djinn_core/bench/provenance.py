@@ -35,10 +35,18 @@ def host_memory_bytes() -> dict[str, int]:
     return {"total": int(vm.total), "available": int(vm.available)}
 
 
+def pci_address(props: Any) -> str | None:
+    """``domain:bus:device`` of a GPU (hex, as ``nvidia-smi`` writes it) from torch's device properties; None where
+    torch does not report it. The bus alone does not tell GPUs apart: in the lent VMs every GPU sits on bus 0."""
+    if not hasattr(props, "pci_bus_id"):
+        return None
+    return f"{getattr(props, 'pci_domain_id', 0):04x}:{props.pci_bus_id:02x}:{getattr(props, 'pci_device_id', 0):02x}"
+
+
 def gpu_facts(index: int = 0) -> dict[str, Any]:
     """GPU name, memory, driver, CUDA runtime, compute capability and PCIe link of CUDA device ``index``, and which
-    GPU of the host it is (UUID, PCI bus, ``CUDA_VISIBLE_DEVICES``: a lane of a several-GPU machine says which one it
-    measured); ``{}`` without CUDA."""
+    GPU of the host it is (UUID, PCI address, ``CUDA_VISIBLE_DEVICES``: a lane of a several-GPU machine says which one
+    it measured); ``{}`` without CUDA."""
     if not torch.cuda.is_available():
         return {}
     props = torch.cuda.get_device_properties(index)
@@ -52,7 +60,7 @@ def gpu_facts(index: int = 0) -> dict[str, Any]:
     }
     uuid = getattr(props, "uuid", None)
     facts.update(gpu_index=index, gpu_uuid=f"GPU-{uuid}" if uuid is not None else None,
-                 pci_bus_id=getattr(props, "pci_bus_id", None),
+                 pci_address=pci_address(props),
                  cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
         from djinn_core.bench.vram import nvml_handle

@@ -42,7 +42,7 @@ from djinn_core.bench.ceilings import CopyCeiling, copy_ceiling_on
 from djinn_core.bench.experiments.exp2_streaming import (budgeted_model, free_device_memory, greedy, measure_forwards,
                                                          mismatches, nvml_used_bytes, prefill_fn, prompt,
                                                          streamed_model)
-from djinn_core.bench.provenance import result_provenance
+from djinn_core.bench.provenance import pci_address, result_provenance
 from djinn_core.bench.timing import TimingStats, back_to_back, time_cuda, time_host
 from djinn_core.distributed import (PartitionedStreamedModel, RankGroup, ShardPack, check_node_host_ram,
                                     pack_layer_shards, partitioned_plan, seeded_layer_fill, shard_bytes_for)
@@ -121,11 +121,8 @@ def gpu_identity(device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
         return {"device": str(device)}
     p = torch.cuda.get_device_properties(device)
-    pci = None
-    if hasattr(p, "pci_bus_id"):
-        pci = f"{getattr(p, 'pci_domain_id', 0):04x}:{p.pci_bus_id:02x}:{getattr(p, 'pci_device_id', 0):02x}"
     return {"device": str(device), "index": device.index, "name": p.name, "uuid": str(getattr(p, "uuid", "")),
-            "pci": pci, "memory_bytes": int(p.total_memory),
+            "pci": pci_address(p), "memory_bytes": int(p.total_memory),
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
