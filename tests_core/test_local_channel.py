@@ -230,3 +230,74 @@ def test_a_header_first_reply_that_would_not_fit_is_refused_whole(pair):
     server.close()
     assert not server.write_reply_head(6, b"{}", [1]) and not server.complete_reply(6, [b"x"], 0.0)
     assert client.closed  # what a client waiting for the tensor frames checks as it spins
+
+
+def _pin_as_tensor(calls: list):
+    """A pin function as the server's on a CPU: a uint8 tensor over the mapping (the GPU's also page-locks it)."""
+    def pin(view):
+        calls.append("pin")
+        return torch.frombuffer(view, dtype=torch.uint8), lambda: calls.append("unpin")
+    return pin
+
+
+def test_a_header_first_reply_may_be_written_in_place_and_read_into_buffers_made_before(pair):
+    server, client = pair
+    calls: list[str] = []
+    t = torch.arange(200, dtype=torch.float16).view(8, 25)
+    u = torch.arange(3, dtype=torch.int64)
+    head, body, body2 = encode({"id": 9, "ok": True, "result": {}}, [t, u])
+    assert server.write_reply_head(9, head, [len(body), len(body2)])
+    region = server.pinned(_pin_as_tensor(calls))
+    assert region.numel() == local_channel.file_bytes(server.capacity)
+    assert server.pinned(_pin_as_tensor(calls)) is region and calls == ["pin"]  # once per channel
+    offs = server.reply_tail_offsets(9)
+    region[offs[0]:offs[0] + len(body)] = torch.frombuffer(bytearray(body), dtype=torch.uint8)  # as a device copies
+    region[offs[1]:offs[1] + len(body2)] = torch.frombuffer(bytearray(body2), dtype=torch.uint8)
+    assert client.reply_done(9) == 0  # there, but not yet marked so
+    lens = client.reply_lens()
+    bufs = [bytearray(n) for n in lens[1:]]
+    msg = decode([client.read_reply(0, 1)[0], *bufs], max_bytes=1 << 20)  # built before the frames are marked there
+    server.complete_reply(9, None, 7.5)
+    assert client.reply_done(9) == 1 and client.reply_t_done() == 7.5
+    client.read_reply_into(1, bufs)
+    assert torch.equal(msg.tensors[0], t) and torch.equal(msg.tensors[1], u)
+    with pytest.raises(ProtocolError, match="buffers"):
+        client.read_reply_into(1, [bytearray(lens[1])])  # one buffer short
+    with pytest.raises(ProtocolError, match="buffers"):
+        client.read_reply_into(1, [bytearray(lens[1] + 1), bytearray(lens[2])])
+    with pytest.raises(ProtocolError, match="holds message 9"):
+        server.reply_tail_offsets(8)
+    with pytest.raises(ProtocolError, match="holds message 9"):
+        server.complete_reply(8, None, 1.0)
+    mapping = server._map
+    del region
+    server.close()
+    assert calls == ["pin", "unpin"] and mapping.closed  # the pinned views went first, then the mapping
+
+
+def test_a_channel_whose_pinned_view_is_still_held_closes_all_the_same(pair):
+    server, client = pair
+    calls: list[str] = []
+
+    def pin(view):  # a pin that hands out a view of the mapping (a torch tensor over it holds none)
+        calls.append("pin")
+        return view[:64], lambda: calls.append("unpin")
+    held = server.pinned(pin)
+    mapping = server._map
+    server.close()  # the view is still held here: no error, the name is gone, the client sees the channel closed
+    assert calls == ["pin", "unpin"] and not server.open and client.closed
+    assert not mapping.closed  # it goes with the last view
+    held.release()
+
+
+def test_a_channel_that_cannot_be_pinned_says_so_once(pair):
+    server, _ = pair
+    tries = []
+
+    def refuse(view):
+        tries.append(view.nbytes)
+        return None
+    assert server.pinned(refuse) is None and server.pinned(refuse) is None and len(tries) == 1
+    mapping = server._map
+    server.close()
+    assert mapping.closed

@@ -678,10 +678,17 @@ class _SlowStaging:
     def fits(self, tensors) -> bool:
         return bool(tensors) and all(isinstance(t, torch.Tensor) and t.numel() for t in tensors)
 
-    def start(self, tensors):
-        self._pending = [(t.detach().contiguous(), bytearray(t.numel() * t.element_size())) for t in tensors]
-        descs = [{"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": len(b)} for t, b in self._pending]
-        return descs, [memoryview(b) for _, b in self._pending]
+    def start(self, tensors, into=None):
+        """Into buffers of its own, or ``into`` (a region and each tensor's offset in it) as a device would copy."""
+        if into is None:
+            dests = [bytearray(t.numel() * t.element_size()) for t in tensors]
+        else:
+            region, offs = into
+            dests = [region[o:o + t.numel() * t.element_size()].numpy() for t, o in zip(tensors, offs)]
+        self._pending = [(t.detach().contiguous(), d) for t, d in zip(tensors, dests)]
+        descs = [{"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": memoryview(d).nbytes}
+                 for t, d in self._pending]
+        return descs, [memoryview(d) for _, d in self._pending]
 
     def wait(self, warm: bool = True) -> None:
         self.waits += 1
@@ -730,6 +737,39 @@ def test_a_reply_goes_header_first_while_the_device_works_and_its_tensors_follow
             assert torch.equal(s3.resume(logits="last"), ref[:, -1])
             assert c.paths["reply_local"] > local
             _drop_sessions(c)
+    finally:
+        srv.stop()
+
+
+@needs_shm
+def test_a_header_first_reply_lands_in_the_channel_itself_where_the_channel_can_be_pinned(llama_tiny_fp32):
+    """As on a GPU whose driver can page-lock the channel: the device's copies go into the reply slot, and after the
+    wait the server only marks them there. The channel is pinned once, and unpinned before it is unmapped."""
+    ids = _ids(25)
+    ref = plain_run(llama_tiny_fp32, ids, 1)[0]
+    srv = _server(llama_tiny_fp32, busy_poll_s=0.5)
+    pinned, unpinned = [], []
+
+    def pin(view):
+        pinned.append(view.nbytes)
+        return torch.frombuffer(view, dtype=torch.uint8), lambda: unpinned.append(view.nbytes)
+
+    try:
+        with Client(srv.address, timeout_s=20, busy_poll_s=0.5) as c:
+            c.ping()
+            assert c.local_channel
+            srv._pin = pin
+            for n in range(2):
+                s = c.open(ids, max_new_tokens=1)
+                s.run_to(3)
+                srv._staging = _SlowStaging(0.05)
+                assert torch.equal(s.resume(logits="last"), ref[:, -1])
+                assert c.paths["reply_header_first"] == n + 1 and c.last_server_ms >= 50.0
+            assert srv.stats()["header_first"] == {"in_place": 2, "staged": 0}
+            assert len(pinned) == 1 and not unpinned  # once per channel
+            _drop_sessions(c)
+        srv.stop()
+        assert unpinned == pinned  # the channel let its pinned views go when it closed
     finally:
         srv.stop()
 

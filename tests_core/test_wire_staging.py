@@ -53,3 +53,47 @@ def test_the_buffer_grows_and_frames_hold_the_latest_call():
     descs, bufs = st.encode([big])
     assert descs[0]["nbytes"] == 16 << 20 and bytes(bufs[0][:8]) == big[:2].cpu().numpy().tobytes()
     assert st._buf.numel() >= 16 << 20 and st._buf.is_pinned()
+
+
+@pytest.mark.cpu
+def test_host_memory_is_not_registered_without_cuda_or_when_read_only():
+    from djinn_core.rpc.wire import register_host
+
+    assert register_host(memoryview(b"read only")) is None
+    if not torch.cuda.is_available():
+        assert register_host(memoryview(bytearray(4096))) is None
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_copies_into_registered_host_memory_land_at_unaligned_places_as_cpu_copies_give():
+    """The server's in-place replies: the device copies straight into a channel's mapping, page-locked in place, at
+    places that follow a header of any length (so not aligned to the element size)."""
+    import mmap
+
+    from djinn_core.rpc.wire import register_host
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.randn(1, 37, 1000, device="cuda", generator=g).half()
+    tensors = [logits[:, -1], logits[:, 3:9:2].transpose(1, 2), torch.arange(7, device="cuda")]
+    m = mmap.mmap(-1, 1 << 20)
+    view = memoryview(m)
+    got = register_host(view)
+    assert got is not None, "cudaHostRegister refused an anonymous mapping"
+    region, unregister = got
+    offs, off = [], 61  # odd: as after a header of 61 bytes
+    for t in tensors:
+        offs.append(off)
+        off += t.numel() * t.element_size() + 3
+    st = HostStaging(1 << 20)
+    descs, bufs = st.start(tensors, (region, offs))
+    st.wait()
+    assert st._buf is None  # nothing went through the staging buffer
+    for d, b, t, o in zip(descs, bufs, tensors, offs):
+        host = t.cpu().contiguous()
+        assert d["nbytes"] == host.numel() * host.element_size()
+        assert bytes(b) == host.numpy().tobytes() == bytes(m[o:o + d["nbytes"]])
+    del region, bufs
+    unregister()
+    view.release()
+    m.close()

@@ -50,10 +50,11 @@ BUSY_POLL_S = 0.2  # latency mode on both ends of the decomposition: no sleeping
 # it: the GPU's clocks move the 60 ms L=20 resume by 1-2 ms between blocks seconds apart (H200, 3c21786: block medians
 # 58.2-60.0 ms on one side), more than the 0.2 ms asked for, and pairs taken together cancel that drift. Each side's
 # untimed fork, right before its resume, takes the switch between the two processes' CUDA contexts.
-# 240 pairs: at L=20 one pair's difference varies by 0.9 ms (sd; H200, 470eceb), so the median of 60 was uncertain by
-# ~0.15 ms, most of the 0.2 ms asked for; of 240, by ~0.07 ms (L=20 takes ~30 s more). The ZeroMQ-only reference,
-# which claims nothing, keeps 60.
-RESUME_SAMPLING = {"rounds": 240, "warmup": 3, "block": 1, "block_warmup": 0}
+# 720 pairs: at L=20 one pair's difference varies by 0.9-1.0 ms (sd; H200, 470eceb over 60 pairs, 5a921e8 over 240),
+# so the median of 60 was uncertain by ~0.15 ms, most of the 0.2 ms asked for, and of 240 by ~0.08 ms (the two halves
+# of 5a921e8's 240 gave 0.53 and 0.39 ms); of 720, by ~0.05 ms (L=20 takes ~75 s more than with 240). The
+# ZeroMQ-only reference, which claims nothing, keeps 60.
+RESUME_SAMPLING = {"rounds": 720, "warmup": 3, "block": 1, "block_warmup": 0}
 REFERENCE_SAMPLING = {**RESUME_SAMPLING, "rounds": 60}
 
 

@@ -25,10 +25,11 @@ then ``done``, then ``seq`` last; a reader that sees a new ``seq`` copies the fr
 
 A reply may also come header first (:meth:`ServerChannel.write_reply_head`): the server stores every frame length and
 frame 0 (the header, which describes the tensors), ``done`` = 0, then ``seq``, as soon as its op has queued its device
-work; once the tensors' bytes are on the host it stores them in their places, ``t_done``, then ``done`` = ``seq``
+work; once the tensors' bytes are on the host it stores them in their places (or a device copied them there itself:
+:meth:`ServerChannel.pinned`, :meth:`ServerChannel.reply_tail_offsets`), ``t_done``, then ``done`` = ``seq``
 (:meth:`ServerChannel.complete_reply`). The client reads and checks the header while the device works, so what is
-left after the wait on each side is a copy of the tensor bytes (after a long wait, host code runs several times
-slower: ``docs/notes/rpc.md``).
+left after the wait is marking the reply done on one side and copying the tensor bytes out on the other (after a long
+wait, host code runs several times slower: ``docs/notes/rpc.md``).
 
 Why a message is never overwritten while read: request ids of one client only grow, the client sends its next request
 only after reading the reply to the last, and the server handles one request at a time.
@@ -44,6 +45,7 @@ elsewhere, and those clients use ZeroMQ.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import platform
@@ -51,10 +53,12 @@ import secrets
 import struct
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from djinn_core.errors import ConfigError, ProtocolError
 from djinn_core.validation import check_int, is_int
+
+log = logging.getLogger(__name__)
 
 _POLLING = struct.Struct("<d")
 _CLOSED = struct.Struct("<I")
@@ -137,19 +141,37 @@ class _Slot:
         self._store(seq, [head], lens, 0)
         return True
 
-    def complete(self, seq: int, tail: Sequence[Any], t_done: float) -> None:
+    def complete(self, seq: int, tail: Sequence[Any] | None, t_done: float) -> None:
         """Store the frames after frame 0 of message ``seq`` (whose head :meth:`write_head` stored), ``t_done``,
-        then ``done`` = ``seq``. The frames must have the lengths announced."""
+        then ``done`` = ``seq``. The frames must have the lengths announced; ``tail`` None: they are in their places
+        already (written there at :meth:`tail_offsets` by a device's copy that has completed)."""
         m, base = self._m, self._off
-        lens = self._lens()
-        if self.seq() != seq or len(lens) != 1 + len(tail) or any(_nbytes(f) != n for f, n in zip(tail, lens[1:])):
-            raise ProtocolError(f"message {seq}'s frames differ from the lengths its head announced")
-        off = base + _HEAD + _LEN.size * len(lens) + lens[0]
-        for f, n in zip(tail, lens[1:]):
-            m[off:off + n] = f
-            off += n
+        if tail is None:
+            if self.seq() != seq:
+                raise ProtocolError(f"the slot holds message {self.seq()}, not {seq}")
+        else:
+            lens = self._lens()
+            if (self.seq() != seq or len(lens) != 1 + len(tail)
+                    or any(_nbytes(f) != n for f, n in zip(tail, lens[1:]))):
+                raise ProtocolError(f"message {seq}'s frames differ from the lengths its head announced")
+            off = base + _HEAD + _LEN.size * len(lens) + lens[0]
+            for f, n in zip(tail, lens[1:]):
+                m[off:off + n] = f
+                off += n
         _T_DONE.pack_into(m, base + _T_DONE_AT, t_done)
         _DONE.pack_into(m, base + _DONE_AT, seq)  # last: a reader polling done sees every frame
+
+    def tail_offsets(self, seq: int) -> list[int]:
+        """Where the frames after frame 0 of message ``seq`` (whose head :meth:`write_head` stored) go: their offsets
+        in the mapping, in order."""
+        if self.seq() != seq:
+            raise ProtocolError(f"the slot holds message {self.seq()}, not {seq}")
+        lens = self._lens()
+        offs, off = [], self._off + _HEAD + _LEN.size * len(lens) + lens[0]
+        for n in lens[1:]:
+            offs.append(off)
+            off += n
+        return offs
 
     def fail(self, seq: int) -> None:
         """Message ``seq``'s frames after frame 0 will not come."""
@@ -175,6 +197,23 @@ class _Slot:
         if not self._room(lens):
             raise ProtocolError("channel slot frame lengths exceed its capacity")
         return lens
+
+    def lens(self) -> list[int]:
+        """The lengths of the frames of the message held (checked against the slot's bounds)."""
+        return self._lens()
+
+    def read_into(self, first: int, bufs: Sequence[Any]) -> None:
+        """Frames ``first``.. of the message held, copied into ``bufs`` (writable buffers of exactly their lengths,
+        e.g. the storage of tensors built before the frames came)."""
+        lens = self._lens()
+        if len(bufs) != len(lens) - first or any(_nbytes(b) != n for b, n in zip(bufs, lens[first:])):
+            raise ProtocolError("the buffers given differ from the frames the slot holds")
+        off = self._off + _HEAD + _LEN.size * len(lens) + sum(lens[:first])
+        with memoryview(self._m) as view:
+            for b, n in zip(bufs, lens[first:]):
+                with memoryview(b) as dst:
+                    dst.cast("B")[:] = view[off:off + n]
+                off += n
 
     def read(self, first: int = 0, stop: int | None = None) -> list[bytearray]:
         """Frames ``first`` to ``stop`` (default: all) held, copied into memory the caller owns (checked against the
@@ -222,6 +261,9 @@ class ServerChannel:
         self.writes = 0  # replies written
         self.reads = 0  # requests taken
         self.failed_reply = 0  # the request whose header-first reply failed: its error reply goes over ZeroMQ
+        self._pinned: Any = None  # what pin() made of the mapping (see pinned)
+        self._unpin: Callable[[], None] | None = None
+        self._pin_tried = False
 
     @property
     def open(self) -> bool:
@@ -251,13 +293,45 @@ class ServerChannel:
         self.writes += 1
         return True
 
-    def complete_reply(self, seq: int, tail: Sequence[Any], t_done: float) -> bool:
-        """Store the tensor frames of reply ``seq`` (announced by :meth:`write_reply_head`) and ``t_done``; False when
-        the channel was closed in between."""
+    def complete_reply(self, seq: int, tail: Sequence[Any] | None, t_done: float) -> bool:
+        """Store the tensor frames of reply ``seq`` (announced by :meth:`write_reply_head`; ``tail`` None: already
+        in their places, :meth:`reply_tail_offsets`) and ``t_done``; False when the channel was closed in between."""
         if self._map is None:
             return False
         self._replies.complete(seq, tail, t_done)
         return True
+
+    def reply_tail_offsets(self, seq: int) -> list[int]:
+        """Where the tensor frames of reply ``seq`` (announced by :meth:`write_reply_head`) go: their offsets in the
+        mapping that :meth:`pinned` covers."""
+        if self._map is None:
+            raise ProtocolError("channel closed")
+        return self._replies.tail_offsets(seq)
+
+    def pinned(self, pin: Callable[[memoryview], "tuple[Any, Callable[[], None]] | None"]) -> Any:
+        """The whole mapping as ``pin`` made it, e.g. a host tensor over it that a device copies into directly: ``pin``
+        gets a view of the mapping and returns (that, an unpin function) or None when it cannot. Tried once per
+        channel; unpinned on close, before the mapping goes. None where it could not be pinned."""
+        if self._map is None:
+            return None
+        if not self._pin_tried:
+            self._pin_tried = True
+            view = memoryview(self._map)
+            try:
+                got = pin(view)
+            except BaseException:
+                view.release()
+                raise
+            if got is None:
+                view.release()
+            else:
+                self._pinned, unpin = got
+
+                def unpin_and_release() -> None:
+                    unpin()
+                    view.release()
+                self._unpin = unpin_and_release
+        return self._pinned
 
     def fail_reply(self, seq: int) -> None:
         """The tensor frames of reply ``seq`` will not come (its client then waits on the ZeroMQ socket)."""
@@ -296,13 +370,20 @@ class ServerChannel:
                 pass
 
     def close(self) -> None:
-        """Mark the channel given up (a client waiting on it sees that at once), unmap it and remove its name."""
+        """Mark the channel given up (a client waiting on it sees that at once), unpin and unmap it, and remove its
+        name."""
         self.unlink()
         if self._map is not None:
             _POLLING.pack_into(self._map, 0, 0.0)
             _CLOSED.pack_into(self._map, _POLLING.size, 1)
-            self._map.close()
-            self._map = None
+            unpin, self._unpin, self._pinned = self._unpin, None, None
+            m, self._map = self._map, None
+            try:
+                if unpin is not None:
+                    unpin()  # lets every view of the mapping go first: a mapping with views cannot close
+                m.close()
+            except BufferError:  # a view still held elsewhere: the mapping goes with it (the name is gone already)
+                log.debug("channel %s unmapped later: a view of it is still held", self.name)
 
 
 class ClientChannel:
@@ -363,6 +444,14 @@ class ClientChannel:
         """Frames ``first`` to ``stop`` (default: all) of the reply held (call after :meth:`reply_ready`; the frames
         after the header once :meth:`reply_done`), copied out."""
         return self._replies.read(first, stop)
+
+    def reply_lens(self) -> list[int]:
+        """The lengths of the frames of the reply held (all announced with its header)."""
+        return self._replies.lens()
+
+    def read_reply_into(self, first: int, bufs: Sequence[Any]) -> None:
+        """Frames ``first``.. of the reply held, copied into ``bufs`` (buffers of exactly their lengths)."""
+        self._replies.read_into(first, bufs)
 
     def close(self) -> None:
         if self._map is not None:

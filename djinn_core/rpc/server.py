@@ -36,7 +36,8 @@ from djinn_core.rpc.service import LoopService
 from djinn_core.rpc.shm_transport import ShmServerTransport
 from djinn_core.rpc.transport import ServerTransport
 from djinn_core.rpc.wire import (HostStaging, check_token, decode, decode_header, encode, encode_header,
-                                  encode_tensors, error_header, reply_id, request_header)
+                                  encode_tensors, error_header, register_host, reply_id, request_header,
+                                  tensor_descs)
 from djinn_core.rpc.zmq_transport import ZmqServerTransport
 from djinn_core.runtime import BreakpointRuntime
 from djinn_core.runtime.streamed import StreamedBreakpointRuntime
@@ -79,6 +80,7 @@ class Server(LoopService):
         # device tensors of replies bound for a channel reach the host through pinned memory (wire.HostStaging)
         self._staging = HostStaging(self.config.local_channel_bytes, warm=self._warm_reply)
         self._warm_descs: list[dict[str, Any]] = []  # the last staged reply's descriptors (see _warm_reply)
+        self._pin = register_host  # how a channel is made memory the device copies a reply's tensors into
         self.started_at = time.monotonic()
         self._next_stats = 0.0
         self._next_sweep = 0.0
@@ -201,19 +203,28 @@ class Server(LoopService):
             staged = self.transport.stages(path) and self._staging.fits(tensors)
             times = (t_recv, t0, t_fn)
             if staged:
-                descs, bufs = self._staging.start(tensors)
+                descs = tensor_descs(tensors)
                 self._warm_descs = descs
                 # the header goes first, while the device works: the client reads it meanwhile, and what is left
-                # after the wait is copying the tensors' bytes (the op's end travels with them)
-                early = self.transport.send_head(path, rid, _ok_header(rid, result, descs, times), bufs)
-                try:  # a header already sent needs no warm header built while polling (it would delay the copy)
+                # after the wait is marking the tensors' bytes there (the op's end travels with them): the device
+                # copies them into the channel itself where the channel could be pinned, else into the staging
+                # buffer, whose bytes are then copied into the channel
+                early = self.transport.send_head(path, rid, _ok_header(rid, result, descs, times),
+                                                 [d["nbytes"] for d in descs])
+                place = None
+                try:
+                    if early is not None:
+                        place = early.place(self._pin)
+                    descs, bufs = self._staging.start(tensors, place)
+                    # a header already sent needs no warm header built while polling (it would delay the copy)
                     self._staging.wait(warm=early is None)
                 except BaseException:
                     if early is not None:
                         early.fail()
                     raise
                 if early is not None:
-                    early.complete(time.perf_counter())
+                    early.complete(time.perf_counter(), None if place is not None else bufs)
+                    self.counters["in_place" if place is not None else "header_first"] += 1
                     self.counters["ok"] += 1
                     return
             else:
@@ -263,6 +274,9 @@ class Server(LoopService):
             "swap": dataclasses.asdict(rt.swap.stats), "evictions": rt.evictions, "vram": vram,
             "device": str(rt.device),
             "requests": self.counters["requests"], "errors": self.counters["errors"],
+            # replies to a channel sent header first, their tensors copied by the device into the channel itself
+            # (in place) or through the staging buffer
+            "header_first": {"in_place": self.counters["in_place"], "staged": self.counters["header_first"]},
             "uptime_s": time.monotonic() - self.started_at,
             "limits": {"max_request_bytes": self.config.max_request_bytes, "max_sessions": self.config.max_sessions,
                        "max_sessions_per_client": self.config.per_client_limit,

@@ -20,7 +20,7 @@ import zmq
 from djinn_core.errors import ConfigError, ProtocolError, ServerUnavailable, SessionLimitReached
 from djinn_core.rpc import local_channel
 from djinn_core.rpc.local_channel import ClientChannel, ServerChannel
-from djinn_core.rpc.transport import ClientTransport, Handler, PendingReply, ServerTransport
+from djinn_core.rpc.transport import ClientTransport, Handler, PendingReply, Pin, ServerTransport
 from djinn_core.rpc.wire import Message, decode, decode_header, encode
 from djinn_core.rpc.zmq_transport import REPLY_HEADER_BYTES, WARM_EVERY_S, ZmqClientTransport, ZmqServerTransport
 from djinn_core.validation import check_int, is_int
@@ -137,15 +137,15 @@ class ShmServerTransport(ServerTransport):
                     return
         self.inner.send(path, rid, frames, staged)
 
-    def send_head(self, path: Any, rid: Any, head: Any, tail: Sequence[Any]) -> PendingReply | None:
+    def send_head(self, path: Any, rid: Any, head: Any, tail_lens: Sequence[int]) -> PendingReply | None:
         """The header into the channel when ``path`` is one and the whole reply fits; None otherwise."""
         if type(path) is not ServerChannel or not path.open or not (is_int(rid) and rid > 0):
             return None
         self._publish_polling(path)
-        if not path.write_reply_head(rid, head, [memoryview(f).nbytes for f in tail]):
+        if not path.write_reply_head(rid, head, tail_lens):
             return None
         path.unlink()
-        return _PendingChannelReply(self, path, rid, tail)
+        return _PendingChannelReply(self, path, rid)
 
     def _publish_polling(self, ch: ServerChannel) -> None:
         """Before a reply, so the client reads it with the reply: how long this loop polls ``ch``'s request slot.
@@ -198,12 +198,17 @@ class ShmServerTransport(ServerTransport):
 class _PendingChannelReply(PendingReply):
     """A reply whose header is in a channel's slot (:meth:`ShmServerTransport.send_head`)."""
 
-    def __init__(self, transport: ShmServerTransport, channel: ServerChannel, rid: int, tail: Sequence[Any]):
-        self._transport, self._channel, self._rid, self._tail = transport, channel, rid, tail
+    def __init__(self, transport: ShmServerTransport, channel: ServerChannel, rid: int):
+        self._transport, self._channel, self._rid = transport, channel, rid
 
-    def complete(self, t_done: float) -> None:
+    def place(self, pin: Pin) -> tuple[Any, list[int]] | None:
+        """The channel's mapping, pinned once per channel (its reply slot holds the frames' places)."""
+        region = self._channel.pinned(pin)
+        return None if region is None else (region, self._channel.reply_tail_offsets(self._rid))
+
+    def complete(self, t_done: float, tail: Sequence[Any] | None) -> None:
         self._transport._publish_polling(self._channel)  # the window from now, as a reply sent now would publish
-        self._channel.complete_reply(self._rid, self._tail, t_done)
+        self._channel.complete_reply(self._rid, tail, t_done)
 
     def fail(self) -> None:
         self._channel.fail_reply(self._rid)
@@ -280,14 +285,18 @@ class ShmClientTransport(ClientTransport):
         if not head:
             raise ProtocolError("a header-first reply without a header")
         header = decode_header(head[0], max_header_bytes=REPLY_HEADER_BYTES)
+        # the reply decoded now, over buffers its tensor frames will be copied into: checked and built while the
+        # device works, so that what is left after the wait is that copy
+        frames = [head[0], *(bytearray(n) for n in ch.reply_lens()[1:])]
+        reply = decode(frames, max_bytes=zmq_t.max_reply_bytes, max_header_bytes=REPLY_HEADER_BYTES, header=header)
         next_warm = time.monotonic() + WARM_EVERY_S
         spins = 0
         while True:
             done = ch.reply_done(rid)
             if done == 1:
                 t_seen = time.perf_counter()
-                reply = self._taken([head[0], *ch.read_reply(1)], header)
-                zmq_t.paths["reply_header_first"] += 1
+                ch.read_reply_into(1, frames[1:])
+                self._taken_in_place(reply, frames)
                 return reply, t_seen
             if done < 0:
                 return None
@@ -304,15 +313,22 @@ class ShmClientTransport(ClientTransport):
             else:
                 time.sleep(0.0005)  # past the spinning window: a long op is awaited without holding a core
 
-    def _taken(self, frames: list[bytearray], header: dict[str, Any] | None = None) -> Message:
-        """A reply read from the channel: decoded (``header``: frame 0 already checked), with the op's end where a
-        reply sent whole has it, counted, and kept to warm the decode with."""
+    def _taken(self, frames: list[bytearray]) -> Message:
+        """A reply read whole from the channel (sent whole, or header first and completed before the first look):
+        decoded, then as :meth:`_taken_in_place`."""
+        reply = decode(frames, max_bytes=self.inner.max_reply_bytes, max_header_bytes=REPLY_HEADER_BYTES)
+        self._taken_in_place(reply, frames, header_first=False)
+        return reply
+
+    def _taken_in_place(self, reply: Message, frames: list[Any], header_first: bool = True) -> None:
+        """A reply read from the channel (``header_first``: decoded before its tensor frames came into its buffers):
+        with the op's end where a reply sent whole has it, counted, and kept to warm the decode with."""
         zmq_t = self.inner
-        reply = decode(frames, max_bytes=zmq_t.max_reply_bytes, max_header_bytes=REPLY_HEADER_BYTES, header=header)
         _fill_op_end(reply.header, self.channel.reply_t_done())
         zmq_t.paths["reply_local"] += 1
+        if header_first:
+            zmq_t.paths["reply_header_first"] += 1
         zmq_t.keep_warm(frames)
-        return reply
 
     def _gone(self, op: str) -> ServerUnavailable:
         """The server gave the channel up while ``op`` waited: closed here, so the client falls back to ZeroMQ."""

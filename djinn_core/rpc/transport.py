@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 # ``slot_id`` the request id the transport itself carried (None when only the header says), ``error`` set (and
 # ``frames`` None) when the transport could not read the request's frames.
 Handler = Callable[[Any, "list[Any] | None", "int | None", "Exception | None"], None]
+# pin(view) -> (the memory, as a device can copy into it directly; the function that undoes it), or None: it cannot
+Pin = Callable[[memoryview], "tuple[Any, Callable[[], None]] | None"]
 
 
 class ServerTransport(ABC):
@@ -45,10 +47,10 @@ class ServerTransport(ABC):
     def send(self, path: Any, rid: Any, frames: Sequence[Any], staged: bool = False) -> None:
         """Send a reply (``staged``: its frames are views of the reusable staging buffer, to be copied now)."""
 
-    def send_head(self, path: Any, rid: Any, head: Any, tail: Sequence[Any]) -> PendingReply | None:
-        """Send a reply's header (frame 0) now, while its tensor frames ``tail`` (views of the staging buffer) are
-        still being filled by the device: the receiver reads it meanwhile. None when ``path`` cannot take a reply
-        this way (the whole reply is then sent with :meth:`send`)."""
+    def send_head(self, path: Any, rid: Any, head: Any, tail_lens: Sequence[int]) -> PendingReply | None:
+        """Send a reply's header (frame 0) now, while its tensor frames (of ``tail_lens`` bytes) are still being
+        filled by the device: the receiver reads it meanwhile. None when ``path`` cannot take a reply this way (the
+        whole reply is then sent with :meth:`send`)."""
         return None
 
     def sweep(self, now: float, idle_s: float) -> None:
@@ -62,9 +64,16 @@ class ServerTransport(ABC):
 class PendingReply(ABC):
     """A reply whose header was sent (:meth:`ServerTransport.send_head`) and whose tensor frames are still to go."""
 
+    def place(self, pin: Pin) -> tuple[Any, list[int]] | None:
+        """Where the device may write the tensor frames in place, so that nothing is copied after its copies end:
+        (the memory that holds them, as ``pin`` made it: see ``wire.register_host``; each frame's offset in it), or
+        None (the frames are then handed to :meth:`complete`)."""
+        return None
+
     @abstractmethod
-    def complete(self, t_done: float) -> None:
-        """Send the tensor frames, now filled (``t_done``: the host clock when they were)."""
+    def complete(self, t_done: float, tail: Sequence[Any] | None) -> None:
+        """Send the tensor frames ``tail``, now filled, or (None) mark the frames written in place (:meth:`place`)
+        as there; ``t_done``: the host clock when they were."""
 
     @abstractmethod
     def fail(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import torch
 from djinn_core.errors import AuthenticationFailed, ProtocolError
 from djinn_core.rpc.config import DEFAULT_MAX_HEADER_BYTES
 from djinn_core.validation import is_int
+
+log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_DEPTH = 8  # nesting of JSON objects and arrays in a header (requests use 3: header, args, a list)
@@ -133,22 +136,30 @@ class HostStaging:
         self.wait()
         return staged
 
-    def start(self, tensors: Sequence[torch.Tensor]) -> tuple[list[dict[str, Any]], list[memoryview | bytes]]:
-        """Queue the copies of ``tensors`` (that :meth:`fits`) into the buffer: their descriptors and the buffer's
-        views they fill, which hold their bytes once :meth:`wait` returns."""
-        offs = self._layout(tensors)
-        if self._buf is None or self._buf.numel() < offs[-1]:
-            self._buf = None
-            self._buf = torch.empty(max(offs[-1], 1 << 20), dtype=torch.uint8, pin_memory=True)
+    def start(self, tensors: Sequence[torch.Tensor], into: tuple[torch.Tensor, Sequence[int]] | None = None
+              ) -> tuple[list[dict[str, Any]], list[memoryview | bytes]]:
+        """Queue the copies of ``tensors`` (that :meth:`fits`) into the buffer, or ``into`` host memory the device
+        copies into directly (a uint8 tensor over memory :func:`register_host` pinned, and each tensor's byte offset
+        in it): their descriptors and the views they fill, which hold their bytes once :meth:`wait` returns."""
+        if into is None:
+            offs = self._layout(tensors)
+            if self._buf is None or self._buf.numel() < offs[-1]:
+                self._buf = None
+                self._buf = torch.empty(max(offs[-1], 1 << 20), dtype=torch.uint8, pin_memory=True)
+            buf = self._buf
+        else:
+            buf, offs = into
+            if len(offs) != len(tensors):
+                raise ProtocolError(f"{len(offs)} places for {len(tensors)} tensors")
         dev = tensors[0].device
         stream = torch.cuda.current_stream(dev)
-        descs, views = [], []
-        for t, off in zip(tensors, offs):
-            n = t.numel() * t.element_size()
-            descs.append({"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": n})
-            raw = self._buf[off:off + n]
-            if n:
-                raw.view(t.dtype).view(t.shape).copy_(t.detach(), non_blocking=True)
+        descs, views = tensor_descs(tensors), []
+        for t, d, off in zip(tensors, descs, offs):
+            raw = buf[off:off + d["nbytes"]]
+            if d["nbytes"]:  # as bytes: a place in a channel need not be aligned to the element size
+                src = t.detach()
+                raw.copy_((src if src.is_contiguous() else src.contiguous()).reshape(-1).view(torch.uint8),
+                          non_blocking=True)
             views.append(raw)
         if self._event is None:
             self._event = torch.cuda.Event()
@@ -168,6 +179,48 @@ class HostStaging:
             if warm and self.warm is not None and now >= next_warm:
                 self.warm()
                 next_warm = time.monotonic() + self.warm_every_s
+
+
+def tensor_descs(tensors: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """The descriptors of ``tensors`` as frame 0 lists them (each tensor's bytes C-contiguous)."""
+    return [{"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()}
+            for t in tensors]
+
+
+def register_host(view: memoryview) -> tuple[torch.Tensor, Callable[[], None]] | None:
+    """``view``'s memory (writable, e.g. a shared-memory channel's mapping) page-locked in place with
+    ``cudaHostRegister``, so that a device-to-host copy lands in it with one DMA: (a uint8 host tensor over it, the
+    function that unregisters it), or None where it cannot be (no CUDA, or the driver refused: logged; the caller
+    stages through its own pinned buffer instead). The tensor does not keep the memory mapped: unregister, and let
+    every such tensor go, before the mapping closes."""
+    if not torch.cuda.is_available() or view.readonly or not view.nbytes:
+        return None
+    region = torch.frombuffer(view, dtype=torch.uint8)
+    ptr = region.data_ptr()
+    err = int(torch.cuda.cudart().cudaHostRegister(ptr, region.numel(), 0))
+    if err != 0:
+        _clear_cuda_error()
+        log.warning("cudaHostRegister of %d bytes failed (cudaError %d): staged through a pinned buffer instead",
+                    region.numel(), err)
+        return None
+    state = {"region": region}
+
+    def unregister() -> None:
+        if state.pop("region", None) is not None:
+            try:
+                torch.cuda.cudart().cudaHostUnregister(ptr)
+            except Exception:  # interpreter shutdown: the driver may already be gone
+                pass
+    return region, unregister
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a refused call, so no later launch check reports it as its own."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python, present beside CUDA builds of torch
+    except ImportError:
+        return
+    cudart.cudaGetLastError()
 
 
 def encode_tensors(tensors: Sequence[torch.Tensor]) -> tuple[list[dict[str, Any]], list[memoryview | bytes]]:
