@@ -85,3 +85,15 @@ def test_the_serve_parser_loads_without_torch_zmq_or_transformers():
             "print(sorted(m for m in ('torch', 'zmq', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_an_unknown_reply_wait_is_refused_by_the_config_and_the_cli(capsys):
+    from djinn_core.errors import ConfigError
+    from djinn_core.rpc.config import ServerConfig
+
+    assert ServerConfig(reply_wait="block").reply_wait == "block"
+    with pytest.raises(ConfigError, match="reply_wait"):
+        ServerConfig(reply_wait="sleep")
+    with pytest.raises(SystemExit):  # argparse's choices: a usage error naming them
+        main(["serve", "--model", "llama-tiny", "--port", "0", "--reply-wait", "sleep"])
+    assert "poll" in capsys.readouterr().err

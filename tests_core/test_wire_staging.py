@@ -44,6 +44,16 @@ def test_staged_frames_equal_what_cpu_copies_give():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_a_staging_that_blocks_in_the_driver_gives_the_same_frames():
+    g = torch.Generator(device="cuda").manual_seed(2)
+    t = torch.randn(1, 32000, device="cuda", generator=g).half()
+    st = HostStaging(1 << 20, block=True)
+    descs, bufs = st.encode([t])
+    assert bytes(bufs[0]) == t.cpu().numpy().tobytes()
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_the_buffer_grows_and_frames_hold_the_latest_call():
     st = HostStaging(64 << 20)
     a = torch.full((10,), 3.0, device="cuda")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from djinn_core.errors import ConfigError
-from djinn_core.rpc.config import ServerConfig
+from djinn_core.rpc.config import REPLY_WAITS, ServerConfig
 from djinn_core.rpc.service import LoopService  # light: no torch, no ZeroMQ
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_sessions_per_client=args.max_sessions_per_client, idle_timeout_s=args.idle_timeout_s,
                           stats_interval_s=args.stats_interval_s, busy_poll_s=args.busy_poll_s,
                           local_channel_bytes=args.local_channel_bytes,
-                          spin_zmq_every=args.spin_zmq_every)  # checked before anything heavy loads
+                          spin_zmq_every=args.spin_zmq_every,
+                          reply_wait=args.reply_wait)  # checked before anything heavy loads
     check_stream_args(args)
     from djinn_core.rpc.server import Server
     from djinn_core.validation import check_device
@@ -222,6 +223,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--spin-zmq-every", type=int, default=d.spin_zmq_every,
                    help="while spinning on shared-memory channels, poll the ZeroMQ socket once every this many spins "
                         "(a system call; 1: every spin)")
+    p.add_argument("--reply-wait", choices=REPLY_WAITS, default=d.reply_wait,
+                   help="how a reply's device-to-host copies are waited for: poll their event in a loop, or block in "
+                        "the CUDA driver (as .cpu() does)")
     p.set_defaults(fn=cmd_serve)
     return p
 

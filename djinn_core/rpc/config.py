@@ -23,6 +23,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+REPLY_WAITS = ("poll", "block")  # ServerConfig.reply_wait
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Where the server listens and what it accepts. Byte counts in bytes, times in seconds.
@@ -49,6 +52,9 @@ class ServerConfig:
             (:mod:`djinn_core.rpc.local_channel`; messages that do not fit go over ZeroMQ); 0 turns the channels off.
         spin_zmq_every: while spinning on channels in use, look at the ZeroMQ socket once every this many spins (a
             look is a system call; 1: every spin).
+        reply_wait: how the server waits for a reply's device-to-host copies (:data:`REPLY_WAITS`): ``poll`` queries
+            their event in a loop (keeping the reply's code warm meanwhile), ``block`` waits in the CUDA driver, as a
+            ``.cpu()`` copy in process does.
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +73,7 @@ class ServerConfig:
     busy_poll_s: float = 0.0
     local_channel_bytes: int = 64 << 20
     spin_zmq_every: int = 8
+    reply_wait: str = "poll"
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -84,6 +91,8 @@ class ServerConfig:
         check_int("max_new_tokens", self.max_new_tokens, 0)
         check_int("linger_ms", self.linger_ms, 0)
         check_int("spin_zmq_every", self.spin_zmq_every, 1)
+        if self.reply_wait not in REPLY_WAITS:
+            raise ConfigError(f"reply_wait must be one of {REPLY_WAITS}, got {self.reply_wait!r}")
         if self.local_channel_bytes != 0:
             check_int("local_channel_bytes (0: no channels)", self.local_channel_bytes, MIN_CAPACITY)
         check_number("tick_s", self.tick_s, 0, strict_minimum=True)

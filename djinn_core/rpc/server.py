@@ -78,7 +78,8 @@ class Server(LoopService):
         self.sessions = SessionOps(runtime, self.config)
         self.transport: ServerTransport | None = None
         # device tensors of replies bound for a channel reach the host through pinned memory (wire.HostStaging)
-        self._staging = HostStaging(self.config.local_channel_bytes, warm=self._warm_reply)
+        self._staging = HostStaging(self.config.local_channel_bytes, warm=self._warm_reply,
+                                    block=self.config.reply_wait == "block")
         self._warm_descs: list[dict[str, Any]] = []  # the last staged reply's descriptors (see _warm_reply)
         self._pin = register_host  # how a channel is made memory the device copies a reply's tensors into
         self.started_at = time.monotonic()

@@ -101,14 +101,16 @@ class HostStaging:
         spin_s: how long to poll before blocking on the event instead.
         warm: called every ``warm_every_s`` while polling (the caller keeps the code that follows the wait warm:
             after milliseconds of polling it runs several times slower, ``docs/notes/rpc.md``).
+        block: wait in the CUDA driver (``Event.synchronize``, as ``.cpu()`` waits) instead of polling.
     """
 
     ALIGN = 64
 
     def __init__(self, max_bytes: int, *, spin_s: float = 1.0, warm: Callable[[], None] | None = None,
-                 warm_every_s: float = 100e-6):
+                 warm_every_s: float = 100e-6, block: bool = False):
         self.max_bytes = max_bytes
         self.spin_s = spin_s
+        self.block = block
         self.warm = warm
         self.warm_every_s = warm_every_s
         self._buf: torch.Tensor | None = None
@@ -167,8 +169,11 @@ class HostStaging:
         return descs, [memoryview(v.numpy()) if v.numel() else b"" for v in views]
 
     def wait(self, warm: bool = True) -> None:
-        """Until the copies :meth:`start` queued are done: poll their event (calling the ``warm`` given at
-        construction, unless ``warm`` is False), then block."""
+        """Until the copies :meth:`start` queued are done: block on their event (``block``), or poll it (calling the
+        ``warm`` given at construction, unless ``warm`` is False), then block."""
+        if self.block:
+            self._event.synchronize()
+            return
         now = time.monotonic()
         deadline, next_warm = now + self.spin_s, now + self.warm_every_s
         while not self._event.query():
