@@ -218,6 +218,30 @@ def test_logits_modes_and_stats(client, llama_tiny_fp32):
     assert [i["session"] for i in client.sessions()] == [s.id for s in sessions]
 
 
+def test_the_benchmarking_op_is_offered_only_when_asked_for_and_leaves_its_session_as_it_was(client,
+                                                                                            llama_tiny_fp32):
+    ids = _ids(5)
+    ref = plain_run(llama_tiny_fp32, ids, 1)[0]
+    s = client.open(ids, max_new_tokens=1)
+    s.run_to(2)
+    with pytest.raises(ProtocolError, match="unknown op 'resume_timed'"):  # a server without --bench-ops
+        s.resume_timed()
+    srv = _server(llama_tiny_fp32, bench_ops=True)
+    try:
+        with Client(srv.address, timeout_s=20) as c:
+            b = c.open(ids, max_new_tokens=1)
+            b.run_to(2)
+            before = c.stats()["sessions"]
+            times, last = b.resume_timed()
+            assert torch.equal(last, ref[:, -1])
+            assert times["ms"] > 0 and times["ms"] >= times["launch_ms"] and times["wait_ms"] >= 0
+            assert c.stats()["sessions"] == before and b.state == "checkpoint"  # its fork is gone, it is intact
+            assert torch.equal(b.resume(logits="last"), ref[:, -1])
+            _drop_sessions(c)
+    finally:
+        srv.stop()
+
+
 def test_sessions_survive_a_disconnect_and_belong_to_their_client(server, llama_tiny_fp32):
     ids = _ids(6)
     with Client(server.address, timeout_s=20) as c1:

@@ -162,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           stats_interval_s=args.stats_interval_s, busy_poll_s=args.busy_poll_s,
                           local_channel_bytes=args.local_channel_bytes,
                           spin_zmq_every=args.spin_zmq_every,
-                          reply_wait=args.reply_wait)  # checked before anything heavy loads
+                          reply_wait=args.reply_wait, bench_ops=args.bench_ops)  # checked before anything loads
     check_stream_args(args)
     from djinn_core.rpc.server import Server
     from djinn_core.validation import check_device
@@ -226,6 +226,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--reply-wait", choices=REPLY_WAITS, default=d.reply_wait,
                    help="how a reply's device-to-host copies are waited for: poll their event in a loop, or block in "
                         "the CUDA driver (as .cpu() does)")
+    p.add_argument("--bench-ops", action="store_true",
+                   help="offer the benchmarking op resume_timed (a fork resumed in the server's own process and "
+                        "timed there: the in-process reference of the RPC claims)")
     p.set_defaults(fn=cmd_serve)
     return p
 

@@ -363,6 +363,13 @@ class RemoteSession:
         reply = self._call("resume", args={"logits": logits})
         return reply.tensors[0] if reply.tensors else None
 
+    def resume_timed(self) -> tuple[dict[str, float], torch.Tensor]:
+        """Benchmarking (a server started with ``--bench-ops``): a fork of this checkpoint resumed in the server's own
+        process, as a library caller would, and timed there: (``{ms, launch_ms, wait_ms}`` on the server's host clock,
+        the last position's logits (batch, vocab)). This session is left as it was."""
+        reply = self._call("resume_timed")
+        return reply.header["result"], reply.tensors[0]
+
     def generate(self, n: int, *, return_logits: bool = False):
         """``n`` greedy tokens (batch, n); with ``return_logits`` also the logits that chose them (batch, n, vocab)."""
         reply = self._call("generate", args={"n": n, "return_logits": return_logits})

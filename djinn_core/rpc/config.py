@@ -55,6 +55,9 @@ class ServerConfig:
         reply_wait: how the server waits for a reply's device-to-host copies (:data:`REPLY_WAITS`): ``poll`` queries
             their event in a loop (keeping the reply's code warm meanwhile), ``block`` waits in the CUDA driver, as a
             ``.cpu()`` copy in process does.
+        bench_ops: offer the benchmarking op ``resume_timed`` (a fork of a session resumed in the server's own
+            process, as a library caller would, timed there): the in-process reference of the RPC claims, on the
+            server's GPU context. Off by default.
     """
 
     host: str = "127.0.0.1"
@@ -74,6 +77,7 @@ class ServerConfig:
     local_channel_bytes: int = 64 << 20
     spin_zmq_every: int = 8
     reply_wait: str = "poll"
+    bench_ops: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -91,6 +95,8 @@ class ServerConfig:
         check_int("max_new_tokens", self.max_new_tokens, 0)
         check_int("linger_ms", self.linger_ms, 0)
         check_int("spin_zmq_every", self.spin_zmq_every, 1)
+        if not isinstance(self.bench_ops, bool):
+            raise ConfigError(f"bench_ops must be a bool, got {self.bench_ops!r}")
         if self.reply_wait not in REPLY_WAITS:
             raise ConfigError(f"reply_wait must be one of {REPLY_WAITS}, got {self.reply_wait!r}")
         if self.local_channel_bytes != 0:

@@ -111,6 +111,8 @@ class SessionOps:
             "resume": self._op_resume, "generate": self._op_generate, "fork": self._op_fork, "close": self._op_close,
             "state_bytes": self._op_state_bytes,
         }
+        if config.bench_ops:
+            self.ops["resume_timed"] = self._op_resume_timed
 
     # -- ownership ---------------------------------------------------------------------------------------------------
     def entry(self, req: Request) -> _Entry:
@@ -269,6 +271,22 @@ class SessionOps:
         self.entry(req)
         self.free(req.session, "closed")
         return {}, []
+
+    def _op_resume_timed(self, req: Request) -> Result:
+        """A benchmarking op (``bench_ops``): a fork of this checkpoint resumed in the server's own process as a
+        library caller would (``resume()``, then the last position's logits to the host with ``.cpu()``), timed on
+        the host clock: ``ms`` in all, ``launch_ms`` until ``resume()`` returned, ``wait_ms`` after. The fork is made
+        before the clock starts and closed after it stops; the reply carries the timings and those logits."""
+        (child,) = self.entry(req).session.fork(1)
+        try:
+            t0 = time.perf_counter()
+            out = child.resume()
+            t_fn = time.perf_counter()
+            last = out[:, -1].cpu()
+            t1 = time.perf_counter()
+        finally:
+            child.close()
+        return {"ms": (t1 - t0) * 1e3, "launch_ms": (t_fn - t0) * 1e3, "wait_ms": (t1 - t_fn) * 1e3}, [last]
 
     def _op_state_bytes(self, req: Request) -> Result:
         return {"bytes": self.entry(req).session.state_bytes()}, []

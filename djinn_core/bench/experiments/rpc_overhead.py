@@ -84,6 +84,7 @@ class ResumeComparison:
     phases: dict[str, TimingStats]  # the remote round trip split (Client.last_phases_ms)
     local_phases: dict[str, TimingStats]  # in process: op_launch (resume returned), op_wait (logits on the host)
     blocks: list[dict]  # per block of each side: the caching allocator's device allocations and frees meanwhile
+    reference: str = "this process"  # where the in-process side ran: "this process" or "the server's process"
 
     @property
     def paired_differences_ms(self) -> list[float]:
@@ -101,13 +102,20 @@ def _allocator_calls(stats: dict | None) -> tuple[int, int]:
     return (stats or {}).get("device_allocs", 0), (stats or {}).get("device_frees", 0)
 
 
-def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torch.Tensor, layer: int, rounds: int,
-                           warmup: int, block: int = 10, block_warmup: int | None = None) -> ResumeComparison:
+def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime | None, ids: torch.Tensor, layer: int,
+                           rounds: int, warmup: int, block: int = 10,
+                           block_warmup: int | None = None) -> ResumeComparison:
     """A resume RPC (last-position logits back) against the same resume in process (last-position logits to the
     host), in alternating blocks of ``block`` timed repeats per side, each block after ``block_warmup`` untimed ones
     (default ``warmup``), the first after ``warmup``. With ``block=1, block_warmup=0`` the sides strictly alternate,
     each resume right after its own untimed fork, and :attr:`ResumeComparison.paired_difference_ms` pairs repeats a
     few milliseconds apart.
+
+    The in-process side runs in ``runtime`` (this process, over identical weights), or with ``runtime`` None in the
+    server's own process (``RemoteSession.resume_timed``, a server with ``--bench-ops``): the same calls, timed on the
+    server's host clock, on the server's CUDA context, so that both sides have the GPU to themselves as a deployed
+    server and a library caller each would (two processes alternating on one GPU made the server's 60 ms resume
+    0.2-0.4 ms slower than this process's on the H200: ``docs/notes/rpc.md``).
 
     Blocks rather than strict alternation: the server and this process are two CUDA contexts on one GPU, and the
     first kernels after the other context ran pay a GPU context switch that a deployed server (the only process on
@@ -119,17 +127,19 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
     side's caching allocator made (a resume that allocates from the driver pays for it)."""
     rbase = client.open(ids.cpu(), max_new_tokens=1)
     rbase.run_to(layer)
-    lbase = runtime.open(ids, max_new_tokens=1)
-    lbase.run_to(layer)
-    if runtime.device.type == "cuda":  # the prefill must not share the GPU with the first timed block
-        torch.cuda.synchronize(runtime.device)
+    lbase = None
+    if runtime is not None:
+        lbase = runtime.open(ids, max_new_tokens=1)
+        lbase.run_to(layer)
+        if runtime.device.type == "cuda":  # the prefill must not share the GPU with the first timed block
+            torch.cuda.synchronize(runtime.device)
     remote, local, server = [], [], []
     phases: dict[str, list[float]] = {}  # the remote round trip split on the host clock (client.last_phases_ms)
     local_phases: dict[str, list[float]] = {"op_launch": [], "op_wait": []}
     blocks: list[dict] = []
     r_logits: list[torch.Tensor] = []
     l_logits: list[torch.Tensor] = []
-    cuda = runtime.device.type == "cuda"
+    cuda = runtime is not None and runtime.device.type == "cuda"
 
     def remote_once(timed: bool) -> None:
         (rc,) = rbase.fork(1)
@@ -148,21 +158,26 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
                     phases.setdefault(k, []).append(v)
 
     def local_once(timed: bool) -> None:
-        (lc,) = lbase.fork(1)
-        t0 = time.perf_counter()
-        out = lc.resume()
-        t_fn = time.perf_counter()
-        logits = out[:, -1].cpu()
-        t1 = time.perf_counter()
-        lc.close()
+        if lbase is None:  # in the server's process: the same calls as below, timed there
+            got, logits = rbase.resume_timed()
+            ms, launch_ms, wait_ms = got["ms"], got["launch_ms"], got["wait_ms"]
+        else:
+            (lc,) = lbase.fork(1)
+            t0 = time.perf_counter()
+            out = lc.resume()
+            t_fn = time.perf_counter()
+            logits = out[:, -1].cpu()
+            t1 = time.perf_counter()
+            lc.close()
+            ms, launch_ms, wait_ms = (t1 - t0) * 1e3, (t_fn - t0) * 1e3, (t1 - t_fn) * 1e3
         l_logits.append(logits)
         if timed:
-            local.append((t1 - t0) * 1e3)
-            local_phases["op_launch"].append((t_fn - t0) * 1e3)
-            local_phases["op_wait"].append((t1 - t_fn) * 1e3)
+            local.append(ms)
+            local_phases["op_launch"].append(launch_ms)
+            local_phases["op_wait"].append(wait_ms)
 
     def allocator_calls(side: str) -> tuple[int, int]:
-        if side == "remote":
+        if side == "remote" or lbase is None:
             return _allocator_calls(client.stats().get("vram"))
         if not cuda:
             return 0, 0
@@ -183,17 +198,20 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime, ids: torc
                                "device_frees": after[1] - before[1]})
     finally:
         rbase.close()
-        lbase.close()
+        if lbase is not None:
+            lbase.close()
     equal = all(torch.equal(r, l_logits[0]) for r in r_logits) and all(torch.equal(x, l_logits[0]) for x in l_logits)
     stats = {k: TimingStats(tuple(v), "host") for k, v in phases.items()}
     return ResumeComparison(TimingStats(tuple(remote), "host"), TimingStats(tuple(local), "host"), equal,
                             TimingStats(tuple(server), "host"), stats,
-                            {k: TimingStats(tuple(v), "host") for k, v in local_phases.items()}, blocks)
+                            {k: TimingStats(tuple(v), "host") for k, v in local_phases.items()}, blocks,
+                            "this process" if lbase is not None else "the server's process")
 
 
 def comparison_info(c: ResumeComparison) -> dict:
     """A comparison as JSON-ready info: timings, medians, the remote minus in-process split, phases, blocks."""
-    return {"remote": c.remote.to_dict(), "in_process": c.local.to_dict(), "server_ms": c.server.to_dict(),
+    return {"in_process_in": c.reference,
+            "remote": c.remote.to_dict(), "in_process": c.local.to_dict(), "server_ms": c.server.to_dict(),
             "logits_bitwise_equal": c.equal, "remote_minus_in_process_ms": c.remote.median_ms - c.local.median_ms,
             "paired_difference_ms": c.paired_difference_ms, "paired_differences_ms": c.paired_differences_ms,
             "blocks_per_side": len(c.blocks) // 2,
