@@ -227,6 +227,7 @@ def test_rpc_decomposition_and_load_plumbing_on_cpu(llama_tiny_fp32, claim):
     assert paired.reference == "this process" and in_server.reference == "the server's process"
     assert in_server.equal and in_server.local.n == 4 and set(in_server.local_phases) == {"op_launch", "op_wait"}
     assert all(t > 0 for t in in_server.local.samples_ms)
+    assert in_server.device == {} and in_server.host_beyond_device_paired_ms is None  # no device spans on a CPU
     claim.info(raw_tcp_rtt=got["raw"].to_dict(), noop_rpc=got["noop"].to_dict(), remote_resume=remote.to_dict(),
                in_process_resume=local.to_dict(), load=v)
     pre.peer_ran(claim, peer="raw loopback TCP", timing=got["raw"])
@@ -242,3 +243,24 @@ def test_rpc_decomposition_and_load_plumbing_on_cpu(llama_tiny_fp32, claim):
                 method="djinn-rpc-zmq",
                 value=v["clients_unequal_to_solo"], bound=0, op="==", unit="clients",
                 params={"clients": 4, "cycles": 5})
+
+
+@pytest.mark.cpu
+def test_host_time_beyond_the_device_span_is_paired_per_repeat():
+    """(remote - its device span) - (in-process - its device span), per pair, then the median; None unless every
+    pair has both spans."""
+    from djinn_core.bench.experiments.rpc_overhead import ResumeComparison
+    from djinn_core.bench.timing import TimingStats
+
+    def stats(*xs):
+        return TimingStats(tuple(xs), "host")
+
+    cmp = ResumeComparison(remote=stats(61.0, 59.2, 60.1), local=stats(60.5, 59.9, 59.0), equal=True,
+                           server=stats(60.8, 59.0, 60.0), phases={}, local_phases={}, blocks=[],
+                           reference="the server's process",
+                           device={"remote": stats(60.6, 58.9, 59.9), "in_process": stats(60.3, 59.8, 58.9)})
+    # per pair: (0.4 - 0.2), (0.3 - 0.1), (0.2 - 0.1)
+    assert cmp.host_beyond_device_paired_ms == pytest.approx(0.2)
+    assert cmp.paired_difference_ms == pytest.approx(0.5)  # the GPU's own speed moves this one
+    cmp.device.pop("remote")
+    assert cmp.host_beyond_device_paired_ms is None

@@ -26,6 +26,7 @@ from djinn_core.errors import (
 )
 from djinn_core.rpc.config import ServerConfig
 from djinn_core.rpc.wire import HostStaging, Message
+from djinn_core.trace import timing_event
 from djinn_core.runtime import BreakpointRuntime, BreakpointSession, SessionState
 from djinn_core.validation import check_int, is_int
 
@@ -111,6 +112,9 @@ class SessionOps:
             "resume": self._op_resume, "generate": self._op_generate, "fork": self._op_fork, "close": self._op_close,
             "state_bytes": self._op_state_bytes,
         }
+        # bench_ops: the device span of each client's last op whose reply carried device tensors (set by the
+        # server), which resume_timed reports beside its own
+        self.last_device_ms: dict[str, float] = {}
         if config.bench_ops:
             self.ops["resume_timed"] = self._op_resume_timed
             self._staging = HostStaging(config.local_channel_bytes or 64 << 20, block=config.reply_wait == "block")
@@ -279,15 +283,24 @@ class SessionOps:
         ``wait_ms`` after, until the last position's logits are on the host in a tensor of their own. They come
         through a pinned buffer whose copy is waited for as the server's replies are (``wire.HostStaging``; ``.cpu()``
         where that does not apply, e.g. on a CPU), so that the RPC is all that differs from a resume RPC. The fork is
-        made before the clock starts and closed after it stops; the reply carries the timings and those logits."""
+        made before the clock starts and closed after it stops; the reply carries the timings and those logits.
+
+        On a GPU it also reports the device's span of that work (``device_ms``: CUDA events recorded before the
+        resume and after the logits' copy, on the stream it runs on) and of this client's last op whose reply carried
+        device tensors (``previous_device_ms``, the server's own events around it): what of each side's host time the
+        GPU itself took, whatever clocks it ran at."""
         (child,) = self.entry(req).session.fork(1)
+        dev = self.runtime.device
         try:
+            ev0 = timing_event(device=dev)
             t0 = time.perf_counter()
             out = child.resume()
             t_fn = time.perf_counter()
             last = out[:, -1]
+            ev1 = None
             if self._staging.fits([last]):
                 _, (buf,) = self._staging.start([last])
+                ev1 = timing_event(device=dev)
                 self._staging.wait(warm=False)
                 last = torch.frombuffer(bytearray(buf), dtype=last.dtype).view(last.shape)  # the caller's own copy
             else:
@@ -295,7 +308,10 @@ class SessionOps:
             t1 = time.perf_counter()
         finally:
             child.close()
-        return {"ms": (t1 - t0) * 1e3, "launch_ms": (t_fn - t0) * 1e3, "wait_ms": (t1 - t_fn) * 1e3}, [last]
+        got = {"ms": (t1 - t0) * 1e3, "launch_ms": (t_fn - t0) * 1e3, "wait_ms": (t1 - t_fn) * 1e3,
+               "device_ms": ev0.elapsed_time(ev1) if ev0 is not None and ev1 is not None else None,
+               "previous_device_ms": self.last_device_ms.get(req.client)}
+        return got, [last]
 
     def _op_state_bytes(self, req: Request) -> Result:
         return {"bytes": self.entry(req).session.state_bytes()}, []

@@ -41,6 +41,7 @@ from djinn_core.rpc.wire import (HostStaging, check_token, decode, decode_header
 from djinn_core.rpc.zmq_transport import ZmqServerTransport
 from djinn_core.runtime import BreakpointRuntime
 from djinn_core.runtime.streamed import StreamedBreakpointRuntime
+from djinn_core.trace import timing_event
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,9 @@ class Server(LoopService):
             fn = self.ops.get(req.op)
             if fn is None:
                 raise ProtocolError(f"unknown op {str(req.op)[:64]!r}; known: {sorted(self.ops)}")
+            # bench_ops: the device's span of the op (resume_timed reports it), from here to its copies' end
+            ev0 = timing_event(device=self.runtime.device) if self.config.bench_ops else None
+            ev1 = None
             t0 = time.perf_counter()
             result, tensors = fn(req)
             t_fn = time.perf_counter()
@@ -217,6 +221,7 @@ class Server(LoopService):
                     if early is not None:
                         place = early.place(self._pin)
                     descs, bufs = self._staging.start(tensors, place)
+                    ev1 = timing_event(device=self.runtime.device) if ev0 is not None else None
                     # a header already sent needs no warm header built while polling (it would delay the copy)
                     self._staging.wait(warm=early is None)
                 except BaseException:
@@ -227,12 +232,16 @@ class Server(LoopService):
                     early.complete(time.perf_counter(), None if place is not None else bufs)
                     self.counters["in_place" if place is not None else "header_first"] += 1
                     self.counters["ok"] += 1
+                    self._note_device_span(req.client, ev0, ev1)  # after the reply: it never delays one
                     return
             else:
                 descs, bufs = encode_tensors(tensors)
+                ev1 = (timing_event(device=self.runtime.device)  # encoding waited for the copies
+                       if ev0 is not None and any(t.is_cuda for t in tensors) else None)
             head = _ok_header(rid, result, descs, times, time.perf_counter())
             self.transport.send(path, rid, [head, *bufs], staged)
             self.counters["ok"] += 1
+            self._note_device_span(req.client, ev0, ev1)
         except Exception as e:  # one bad request never stops the server
             self.counters["errors"] += 1
             if isinstance(e, DjinnError):
@@ -243,6 +252,17 @@ class Server(LoopService):
                 self._send(path, error_header(reply_id(rid), type(e).__name__, str(e)[:2000]))
             except Exception:  # an error reply is plain JSON; log rather than die
                 log.exception("could not send the error reply to request %r", rid)
+
+    def _note_device_span(self, client: str, ev0: Any, ev1: Any) -> None:
+        """``bench_ops``: the device's span of this client's op (its events complete), for resume_timed to report;
+        one per client id, at most 4096 ids."""
+        if ev0 is None or ev1 is None:
+            return
+        ev1.synchronize()  # recorded after the copies just waited for: at once
+        spans = self.sessions.last_device_ms
+        if len(spans) >= 4096 and client not in spans:
+            spans.clear()
+        spans[client] = ev0.elapsed_time(ev1)
 
     # -- housekeeping and stats ------------------------------------------------------------------------------------
     def sweep_idle(self, now: float | None = None) -> int:

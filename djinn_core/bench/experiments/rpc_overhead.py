@@ -28,6 +28,7 @@ import torch
 from djinn_core.bench.timing import TimingStats
 from djinn_core.rpc.client import Client
 from djinn_core.runtime import BreakpointRuntime
+from djinn_core.trace import timing_event
 
 MSG_BYTES = 64
 
@@ -85,6 +86,21 @@ class ResumeComparison:
     local_phases: dict[str, TimingStats]  # in process: op_launch (resume returned), op_wait (logits on the host)
     blocks: list[dict]  # per block of each side: the caching allocator's device allocations and frees meanwhile
     reference: str = "this process"  # where the in-process side ran: "this process" or "the server's process"
+    # the device's span of each timed resume (CUDA events around its work), per side, where it was measured: with
+    # the in-process side in the server's process (resume_timed reports both), or in this process (its own only)
+    device: dict[str, TimingStats] = field(default_factory=dict)
+
+    @property
+    def host_beyond_device_paired_ms(self) -> float | None:
+        """The median over pairs of (remote round trip - the server op's device span) - (in-process resume - its
+        device span): what each side's host adds around the same device work, with the GPU's own speed (its clocks,
+        which run the 60 ms L=20 resume 1-2% faster or slower from one op to the next) taken out. None unless both
+        sides' spans were measured for every pair."""
+        r, lo = self.device.get("remote"), self.device.get("in_process")
+        if r is None or lo is None or not (r.n == lo.n == self.remote.n == self.local.n):
+            return None
+        return float(statistics.median((a - b) - (c - d) for a, b, c, d in zip(
+            self.remote.samples_ms, r.samples_ms, self.local.samples_ms, lo.samples_ms)))
 
     @property
     def paired_differences_ms(self) -> list[float]:
@@ -136,6 +152,7 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime | None, id
     remote, local, server = [], [], []
     phases: dict[str, list[float]] = {}  # the remote round trip split on the host clock (client.last_phases_ms)
     local_phases: dict[str, list[float]] = {"op_launch": [], "op_wait": []}
+    device: dict[str, list[float]] = {}  # device spans of the timed resumes, per side (see ResumeComparison.device)
     blocks: list[dict] = []
     r_logits: list[torch.Tensor] = []
     l_logits: list[torch.Tensor] = []
@@ -158,23 +175,32 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime | None, id
                     phases.setdefault(k, []).append(v)
 
     def local_once(timed: bool) -> None:
+        spans: dict[str, float | None] = {}
         if lbase is None:  # in the server's process: the same calls as below, timed there
             got, logits = rbase.resume_timed()
             ms, launch_ms, wait_ms = got["ms"], got["launch_ms"], got["wait_ms"]
+            spans = {"in_process": got.get("device_ms"), "remote": got.get("previous_device_ms")}
         else:
             (lc,) = lbase.fork(1)
+            ev0 = timing_event(device=runtime.device)
             t0 = time.perf_counter()
             out = lc.resume()
             t_fn = time.perf_counter()
             logits = out[:, -1].cpu()
             t1 = time.perf_counter()
+            ev1 = timing_event(device=runtime.device)
             lc.close()
             ms, launch_ms, wait_ms = (t1 - t0) * 1e3, (t_fn - t0) * 1e3, (t1 - t_fn) * 1e3
+            if ev0 is not None:  # .cpu() waited for the copy: its events are complete
+                spans = {"in_process": ev0.elapsed_time(ev1)}
         l_logits.append(logits)
         if timed:
             local.append(ms)
             local_phases["op_launch"].append(launch_ms)
             local_phases["op_wait"].append(wait_ms)
+            for side, v in spans.items():
+                if isinstance(v, (int, float)):
+                    device.setdefault(side, []).append(float(v))
 
     def allocator_calls(side: str) -> tuple[int, int]:
         if side == "remote" or lbase is None:
@@ -205,7 +231,8 @@ def resume_remote_vs_local(client: Client, runtime: BreakpointRuntime | None, id
     return ResumeComparison(TimingStats(tuple(remote), "host"), TimingStats(tuple(local), "host"), equal,
                             TimingStats(tuple(server), "host"), stats,
                             {k: TimingStats(tuple(v), "host") for k, v in local_phases.items()}, blocks,
-                            "this process" if lbase is not None else "the server's process")
+                            "this process" if lbase is not None else "the server's process",
+                            {k: TimingStats(tuple(v), "cuda_event") for k, v in device.items() if v})
 
 
 def comparison_info(c: ResumeComparison) -> dict:
@@ -217,6 +244,8 @@ def comparison_info(c: ResumeComparison) -> dict:
             "blocks_per_side": len(c.blocks) // 2,
             "execution_ms": c.server.median_ms - c.local.median_ms,
             "transport_ms": c.remote.median_ms - c.server.median_ms,
+            "device_ms": {k: t.to_dict() for k, t in c.device.items()},
+            "host_beyond_device_paired_ms": c.host_beyond_device_paired_ms,
             "remote_phases": {k: t.to_dict() for k, t in c.phases.items()},
             "in_process_phases": {k: t.to_dict() for k, t in c.local_phases.items()}, "blocks": c.blocks}
 
