@@ -40,6 +40,13 @@ CASES = {
                                         unit="bytes", what="host RAM for the pool"),
                  lambda c: pre.at_least(c, "host_ram_pins_the_swap_pool", value=120 * GiB, bound=101 * GiB,
                                         unit="bytes", what="host RAM for the pool")),
+    "every_pair_measured": (lambda c: pre.every_pair_measured(c, "device_spans_measured", measured=719, pairs=720,
+                                                              what="pairs with both device spans"),
+                            lambda c: pre.every_pair_measured(c, "device_spans_measured", measured=720, pairs=720,
+                                                              what="pairs with both device spans")),
+    "every_pair_measured_no_pairs": (lambda c: pre.every_pair_measured(c, "device_spans_measured", measured=0,
+                                                                       pairs=0, what="pairs with both device spans"),
+                                     None),
 }
 
 

@@ -56,6 +56,12 @@ BUSY_POLL_S = 0.2  # latency mode on both ends of the decomposition: no sleeping
 # ZeroMQ-only reference, which claims nothing, keeps 60.
 RESUME_SAMPLING = {"rounds": 720, "warmup": 3, "block": 1, "block_warmup": 0}
 REFERENCE_SAMPLING = {**RESUME_SAMPLING, "rounds": 60}
+# Each side net of its own device span (CUDA events around the server's op and around resume_timed's resume): the
+# GPU ran the same, bitwise-equal L=20 work up to 0.7 ms (1.2%) longer on one side than the other, in either
+# direction from run to run (ea1fa4c: server op 0.71 ms shorter; 3a2a6b3: device span 0.60 ms longer on the remote
+# side, its host time beyond the span 0.009 ms), which is not the RPC and is more than the 0.2 ms asked for. What
+# each side's host adds around the device work is: 0.067 ms at L=20 and 0.114 at L=40 (3a2a6b3). The plain paired
+# difference and the device spans' are recorded beside it (info). docs/notes/rpc.md has the runs.
 # The in-process side of the claim runs in the server's own process (op resume_timed, --bench-ops), its logits brought
 # to the host through a pinned buffer as the server's replies are: the RPC is then all that differs. Both sides have
 # the GPU's context to themselves, as a deployed server and a library caller each would. Run in this process instead
@@ -131,15 +137,22 @@ def test_rpc_framework_overhead_is_below_0_2_ms_and_remote_resume_within_0_3_ms(
                 params={"msg_bytes": MSG_BYTES, "rounds": noop.n, "busy_poll_s": BUSY_POLL_S,
                         "path": got["path"]})
     for layer in LAYERS_13B:
-        remote, local = got[layer].remote, got[layer].local
+        cmp = got[layer]
+        spans = min((cmp.device[side].n if side in cmp.device else 0) for side in ("remote", "in_process"))
+        pre.every_pair_measured(claim, "device_spans_measured", measured=spans, pairs=cmp.remote.n,
+                                what="pairs whose two resumes both have their device span measured",
+                                params={"L": layer})
+    for layer in LAYERS_13B:
+        cmp = got[layer]
         claim.check("remote_resume_minus_in_process_resume",
                     what="median over pairs of a remote resume RPC minus the in-process resume of the same "
-                         "checkpoint taken right after it in the server's process (the sides strictly alternate)",
+                         "checkpoint taken right after it in the server's process (the sides strictly alternate), "
+                         "each net of its own device span",
                     method="djinn-rpc-zmq",
-                    value=got[layer].paired_difference_ms, bound=0.3, op="<=", unit="ms", check=False,
+                    value=cmp.host_beyond_device_paired_ms, bound=0.3, op="<=", unit="ms", check=False,
                     params={"model": "llama2-13b", "L": layer, "prompt_tokens": prompt_2048_ids.shape[1],
-                            "logits": "last", "repeats": remote.n, "busy_poll_s": BUSY_POLL_S,
-                            "path": got["path"], "pairing": "alternate"})
+                            "logits": "last", "repeats": cmp.remote.n, "busy_poll_s": BUSY_POLL_S,
+                            "path": got["path"], "pairing": "alternate", "net_of": "device span"})
     for rec in claim.records:  # all recorded (with their numbers) first, then asserted
         if not rec["passed"]:
             raise ClaimFailed(rec)

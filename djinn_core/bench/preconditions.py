@@ -62,3 +62,11 @@ def at_least(claim: Any, name: str, *, value: float, bound: float, unit: str, wh
              params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Any other count the experiment must reach (``value >= bound``), e.g. the host RAM a swap pool needs."""
     return claim.precondition(name, value=value, op=">=", bound=bound, unit=unit, what=what, params=params)
+
+
+def every_pair_measured(claim: Any, name: str, *, measured: int, pairs: int, what: str,
+                        params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A paired claim's every pair has what it needs (e.g. both resumes' device spans): ``measured`` of ``pairs``,
+    all of them, and at least one pair."""
+    return claim.precondition(name, value=measured / pairs if pairs else 0.0, op="==", bound=1.0, unit="fraction",
+                              what=what, params=params)
