@@ -247,10 +247,11 @@ def test_a_header_first_reply_may_be_written_in_place_and_read_into_buffers_made
     u = torch.arange(3, dtype=torch.int64)
     head, body, body2 = encode({"id": 9, "ok": True, "result": {}}, [t, u])
     assert server.write_reply_head(9, head, [len(body), len(body2)])
-    region = server.pinned(_pin_as_tensor(calls))
-    assert region.numel() == local_channel.file_bytes(server.capacity)
-    assert server.pinned(_pin_as_tensor(calls)) is region and calls == ["pin"]  # once per channel
-    offs = server.reply_tail_offsets(9)
+    offs, end = server.reply_tail_offsets(9)
+    assert end == offs[1] + len(body2)
+    region = server.pinned(_pin_as_tensor(calls), end)
+    assert region.numel() == local_channel.file_bytes(server.capacity)  # 64 KiB slots: less than MIN_PINNED
+    assert server.pinned(_pin_as_tensor(calls), end) is region and calls == ["pin"]  # once while it reaches
     region[offs[0]:offs[0] + len(body)] = torch.frombuffer(bytearray(body), dtype=torch.uint8)  # as a device copies
     region[offs[1]:offs[1] + len(body2)] = torch.frombuffer(bytearray(body2), dtype=torch.uint8)
     assert client.reply_done(9) == 0  # there, but not yet marked so
@@ -282,7 +283,7 @@ def test_a_channel_whose_pinned_view_is_still_held_closes_all_the_same(pair):
     def pin(view):  # a pin that hands out a view of the mapping (a torch tensor over it holds none)
         calls.append("pin")
         return view[:64], lambda: calls.append("unpin")
-    held = server.pinned(pin)
+    held = server.pinned(pin, 64)
     mapping = server._map
     server.close()  # the view is still held here: no error, the name is gone, the client sees the channel closed
     assert calls == ["pin", "unpin"] and not server.open and client.closed
@@ -297,7 +298,28 @@ def test_a_channel_that_cannot_be_pinned_says_so_once(pair):
     def refuse(view):
         tries.append(view.nbytes)
         return None
-    assert server.pinned(refuse) is None and server.pinned(refuse) is None and len(tries) == 1
+    assert server.pinned(refuse, 64) is None and server.pinned(refuse, 64) is None and len(tries) == 1
     mapping = server._map
     server.close()
     assert mapping.closed
+
+
+def test_a_large_channel_is_pinned_only_as_far_as_replies_reach_and_again_when_they_reach_further():
+    server = ServerChannel(8 << 20, (b"route",))  # 16 MiB of slots: pinning touches every page pinned
+    calls: list = []
+
+    def pin(view):
+        calls.append(("pin", view.nbytes))
+        return torch.frombuffer(view, dtype=torch.uint8), lambda: calls.append(("unpin", view.nbytes))
+    try:
+        assert server.pinned(pin, 70_000).numel() == local_channel.MIN_PINNED
+        assert server.pinned(pin, local_channel.MIN_PINNED).numel() == local_channel.MIN_PINNED  # still within
+        assert server.pinned(pin, 3 << 20).numel() == 4 << 20  # further: unpinned, pinned again larger
+        assert server.pinned(pin, local_channel.file_bytes(8 << 20)).numel() == local_channel.file_bytes(8 << 20)
+        with pytest.raises(ProtocolError, match="asked pinned"):
+            server.pinned(pin, local_channel.file_bytes(8 << 20) + 1)
+        assert calls == [("pin", 1 << 20), ("unpin", 1 << 20), ("pin", 4 << 20), ("unpin", 4 << 20),
+                         ("pin", local_channel.file_bytes(8 << 20))]
+    finally:
+        server.close()
+    assert calls[-1] == ("unpin", local_channel.file_bytes(8 << 20))

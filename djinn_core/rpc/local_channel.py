@@ -77,6 +77,7 @@ MIN_CAPACITY = 4096
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "djinn-chan-"
 DEFAULT_MARGIN_S = 0.005
+MIN_PINNED = 1 << 20  # the least of a channel's mapping pinned for replies written in place (ServerChannel.pinned)
 
 
 def supported() -> bool:
@@ -161,9 +162,9 @@ class _Slot:
         _T_DONE.pack_into(m, base + _T_DONE_AT, t_done)
         _DONE.pack_into(m, base + _DONE_AT, seq)  # last: a reader polling done sees every frame
 
-    def tail_offsets(self, seq: int) -> list[int]:
+    def tail_offsets(self, seq: int) -> tuple[list[int], int]:
         """Where the frames after frame 0 of message ``seq`` (whose head :meth:`write_head` stored) go: their offsets
-        in the mapping, in order."""
+        in the mapping, in order, and where the last ends."""
         if self.seq() != seq:
             raise ProtocolError(f"the slot holds message {self.seq()}, not {seq}")
         lens = self._lens()
@@ -171,7 +172,7 @@ class _Slot:
         for n in lens[1:]:
             offs.append(off)
             off += n
-        return offs
+        return offs, off
 
     def fail(self, seq: int) -> None:
         """Message ``seq``'s frames after frame 0 will not come."""
@@ -261,9 +262,10 @@ class ServerChannel:
         self.writes = 0  # replies written
         self.reads = 0  # requests taken
         self.failed_reply = 0  # the request whose header-first reply failed: its error reply goes over ZeroMQ
-        self._pinned: Any = None  # what pin() made of the mapping (see pinned)
+        self._pinned: Any = None  # what pin() made of the mapping's start (see pinned)
+        self._pinned_bytes = 0
         self._unpin: Callable[[], None] | None = None
-        self._pin_tried = False
+        self._pin_failed = False
 
     @property
     def open(self) -> bool:
@@ -301,37 +303,51 @@ class ServerChannel:
         self._replies.complete(seq, tail, t_done)
         return True
 
-    def reply_tail_offsets(self, seq: int) -> list[int]:
+    def reply_tail_offsets(self, seq: int) -> tuple[list[int], int]:
         """Where the tensor frames of reply ``seq`` (announced by :meth:`write_reply_head`) go: their offsets in the
-        mapping that :meth:`pinned` covers."""
+        mapping (which :meth:`pinned` covers from its start), and where the last ends."""
         if self._map is None:
             raise ProtocolError("channel closed")
         return self._replies.tail_offsets(seq)
 
-    def pinned(self, pin: Callable[[memoryview], "tuple[Any, Callable[[], None]] | None"]) -> Any:
-        """The whole mapping as ``pin`` made it, e.g. a host tensor over it that a device copies into directly: ``pin``
-        gets a view of the mapping and returns (that, an unpin function) or None when it cannot. Tried once per
-        channel; unpinned on close, before the mapping goes. None where it could not be pinned."""
-        if self._map is None:
+    def pinned(self, pin: Callable[[memoryview], "tuple[Any, Callable[[], None]] | None"], nbytes: int) -> Any:
+        """The mapping's first ``nbytes`` (at least) as ``pin`` made them, e.g. a host tensor over them that a device
+        copies into directly: ``pin`` gets a view of the mapping's start and returns (that, an unpin function) or
+        None when it cannot. Pinned as far as replies have reached (a power of two from :data:`MIN_PINNED`, at most
+        the mapping: pinning touches every page, and a slot's pages are otherwise used only as far as messages
+        reach), pinned again larger when a reply reaches further; unpinned on close, before the mapping goes. None
+        where it could not be pinned (then never tried again on this channel)."""
+        if self._map is None or self._pin_failed:
             return None
-        if not self._pin_tried:
-            self._pin_tried = True
-            view = memoryview(self._map)
-            try:
-                got = pin(view)
-            except BaseException:
-                view.release()
-                raise
-            if got is None:
-                view.release()
-            else:
-                self._pinned, unpin = got
+        if self._pinned is not None and self._pinned_bytes >= nbytes:
+            return self._pinned
+        size = min(max(MIN_PINNED, 1 << max(0, nbytes - 1).bit_length()), len(self._map))
+        if size < nbytes:
+            raise ProtocolError(f"{nbytes} bytes asked pinned of a channel of {len(self._map)}")
+        self._unpin_now()
+        view = memoryview(self._map)[:size]
+        try:
+            got = pin(view)
+        except BaseException:
+            view.release()
+            raise
+        if got is None:
+            view.release()
+            self._pin_failed = True
+            return None
+        self._pinned, unpin = got
+        self._pinned_bytes = size
 
-                def unpin_and_release() -> None:
-                    unpin()
-                    view.release()
-                self._unpin = unpin_and_release
+        def unpin_and_release() -> None:
+            unpin()
+            view.release()
+        self._unpin = unpin_and_release
         return self._pinned
+
+    def _unpin_now(self) -> None:
+        unpin, self._unpin, self._pinned, self._pinned_bytes = self._unpin, None, None, 0
+        if unpin is not None:
+            unpin()  # lets every view of the mapping go: a mapping with views cannot close
 
     def fail_reply(self, seq: int) -> None:
         """The tensor frames of reply ``seq`` will not come (its client then waits on the ZeroMQ socket)."""
@@ -376,11 +392,9 @@ class ServerChannel:
         if self._map is not None:
             _POLLING.pack_into(self._map, 0, 0.0)
             _CLOSED.pack_into(self._map, _POLLING.size, 1)
-            unpin, self._unpin, self._pinned = self._unpin, None, None
             m, self._map = self._map, None
             try:
-                if unpin is not None:
-                    unpin()  # lets every view of the mapping go first: a mapping with views cannot close
+                self._unpin_now()
                 m.close()
             except BufferError:  # a view still held elsewhere: the mapping goes with it (the name is gone already)
                 log.debug("channel %s unmapped later: a view of it is still held", self.name)

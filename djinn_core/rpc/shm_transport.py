@@ -202,9 +202,11 @@ class _PendingChannelReply(PendingReply):
         self._transport, self._channel, self._rid = transport, channel, rid
 
     def place(self, pin: Pin) -> tuple[Any, list[int]] | None:
-        """The channel's mapping, pinned once per channel (its reply slot holds the frames' places)."""
-        region = self._channel.pinned(pin)
-        return None if region is None else (region, self._channel.reply_tail_offsets(self._rid))
+        """The channel's mapping from its start, pinned as far as this reply reaches (its reply slot holds the
+        frames' places)."""
+        offsets, end = self._channel.reply_tail_offsets(self._rid)
+        region = self._channel.pinned(pin, end)
+        return None if region is None else (region, offsets)
 
     def complete(self, t_done: float, tail: Sequence[Any] | None) -> None:
         self._transport._publish_polling(self._channel)  # the window from now, as a reply sent now would publish
