@@ -148,14 +148,13 @@ class _Slot:
         already (written there at :meth:`tail_offsets` by a device's copy that has completed)."""
         m, base = self._m, self._off
         if tail is None:
-            if self.seq() != seq:
-                raise ProtocolError(f"the slot holds message {self.seq()}, not {seq}")
+            self._check_holds(seq)
         else:
-            lens = self._lens()
+            lens = self.lens()
             if (self.seq() != seq or len(lens) != 1 + len(tail)
                     or any(_nbytes(f) != n for f, n in zip(tail, lens[1:]))):
                 raise ProtocolError(f"message {seq}'s frames differ from the lengths its head announced")
-            off = base + _HEAD + _LEN.size * len(lens) + lens[0]
+            off = self._frame_at(lens, 1)
             for f, n in zip(tail, lens[1:]):
                 m[off:off + n] = f
                 off += n
@@ -165,10 +164,9 @@ class _Slot:
     def tail_offsets(self, seq: int) -> tuple[list[int], int]:
         """Where the frames after frame 0 of message ``seq`` (whose head :meth:`write_head` stored) go: their offsets
         in the mapping, in order, and where the last ends."""
-        if self.seq() != seq:
-            raise ProtocolError(f"the slot holds message {self.seq()}, not {seq}")
-        lens = self._lens()
-        offs, off = [], self._off + _HEAD + _LEN.size * len(lens) + lens[0]
+        self._check_holds(seq)
+        lens = self.lens()
+        offs, off = [], self._frame_at(lens, 1)
         for n in lens[1:]:
             offs.append(off)
             off += n
@@ -188,8 +186,16 @@ class _Slot:
     def t_done(self) -> float:
         return _T_DONE.unpack_from(self._m, self._off + _T_DONE_AT)[0]
 
-    def _lens(self) -> list[int]:
-        """The frame lengths held, checked against the slot's bounds."""
+    def _check_holds(self, seq: int) -> None:
+        if self.seq() != seq:
+            raise ProtocolError(f"the slot holds message {self.seq()}, not {seq}")
+
+    def _frame_at(self, lens: Sequence[int], i: int) -> int:
+        """Where frame ``i`` of a message of frame lengths ``lens`` starts, in the mapping."""
+        return self._off + _HEAD + _LEN.size * len(lens) + sum(lens[:i])
+
+    def lens(self) -> list[int]:
+        """The frame lengths of the message held, checked against the slot's bounds."""
         m, base = self._m, self._off
         count = _COUNT.unpack_from(m, base + _COUNT_AT)[0]
         if count > MAX_FRAMES:
@@ -199,17 +205,13 @@ class _Slot:
             raise ProtocolError("channel slot frame lengths exceed its capacity")
         return lens
 
-    def lens(self) -> list[int]:
-        """The lengths of the frames of the message held (checked against the slot's bounds)."""
-        return self._lens()
-
     def read_into(self, first: int, bufs: Sequence[Any]) -> None:
         """Frames ``first``.. of the message held, copied into ``bufs`` (writable buffers of exactly their lengths,
         e.g. the storage of tensors built before the frames came)."""
-        lens = self._lens()
+        lens = self.lens()
         if len(bufs) != len(lens) - first or any(_nbytes(b) != n for b, n in zip(bufs, lens[first:])):
             raise ProtocolError("the buffers given differ from the frames the slot holds")
-        off = self._off + _HEAD + _LEN.size * len(lens) + sum(lens[:first])
+        off = self._frame_at(lens, first)
         with memoryview(self._m) as view:
             for b, n in zip(bufs, lens[first:]):
                 with memoryview(b) as dst:
@@ -219,9 +221,9 @@ class _Slot:
     def read(self, first: int = 0, stop: int | None = None) -> list[bytearray]:
         """Frames ``first`` to ``stop`` (default: all) held, copied into memory the caller owns (checked against the
         slot's bounds only: the message itself is validated by :func:`djinn_core.rpc.wire.decode`)."""
-        lens = self._lens()
+        lens = self.lens()
         stop = len(lens) if stop is None else min(stop, len(lens))
-        off = self._off + _HEAD + _LEN.size * len(lens) + sum(lens[:first])
+        off = self._frame_at(lens, first)
         frames = []
         with memoryview(self._m) as view:
             for n in lens[first:stop]:

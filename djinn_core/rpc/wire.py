@@ -77,7 +77,7 @@ def tensor_frame(t: torch.Tensor) -> tuple[dict[str, Any], memoryview | bytes]:
     """
     if not isinstance(t, torch.Tensor):
         raise ProtocolError(f"expected a tensor, got {type(t).__name__}")
-    desc = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()}
+    desc = tensor_desc(t)
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -159,9 +159,7 @@ class HostStaging:
         for t, d, off in zip(tensors, descs, offs):
             raw = buf[off:off + d["nbytes"]]
             if d["nbytes"]:  # as bytes: a place in a channel need not be aligned to the element size
-                src = t.detach()
-                raw.copy_((src if src.is_contiguous() else src.contiguous()).reshape(-1).view(torch.uint8),
-                          non_blocking=True)
+                raw.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
             views.append(raw)
         if self._event is None:
             self._event = torch.cuda.Event()
@@ -186,10 +184,15 @@ class HostStaging:
                 next_warm = time.monotonic() + self.warm_every_s
 
 
+def tensor_desc(t: torch.Tensor) -> dict[str, Any]:
+    """The descriptor of ``t`` as frame 0 lists it (its bytes C-contiguous); :class:`ProtocolError` for a dtype that
+    may not travel."""
+    return {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()}
+
+
 def tensor_descs(tensors: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
-    """The descriptors of ``tensors`` as frame 0 lists them (each tensor's bytes C-contiguous)."""
-    return [{"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()}
-            for t in tensors]
+    """:func:`tensor_desc` of each of ``tensors``."""
+    return [tensor_desc(t) for t in tensors]
 
 
 def register_host(view: memoryview) -> tuple[torch.Tensor, Callable[[], None]] | None:
