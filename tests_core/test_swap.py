@@ -505,3 +505,95 @@ def test_typed_item_keys_and_kept_items():
     res.wait_all()
     assert res.names == [kv0, head] and _same_bytes(res.tensors[kv0].view(), ref["b"])
     assert _same_bytes(res.tensors[head].view(), ref["a"])
+
+
+# ---- link brackets (measurement): reference copies right around each bulk swap ------------------------------------
+
+
+class _CallLog:
+    """A bracket that records its calls and copies nothing."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, direction, stream, nbytes):
+        self.calls.append((direction, nbytes))
+        return None
+
+
+@pytest.mark.cpu
+def test_a_bracket_is_taken_before_and_after_each_bulk_swap_and_changes_no_byte():
+    eng = _engine(checksums=False)
+    eng.bracket = log = _CallLog()
+    handles, ref = _put(eng, {"a": ((100,), torch.float16), "b": ((300,), torch.uint8), "head": ((64,), torch.uint8)})
+    state = eng.swap_out(handles)
+    assert log.calls == [("out", 564), ("out", 564)]
+    head = eng.slab.allocate((64,), torch.uint8)
+    eng.swap_in_into(state, "head", head)  # into a prepared buffer: not offered to the bracket
+    res = eng.swap_in(state)
+    assert log.calls[2:] == [("in", 500), ("in", 500)]
+    assert _same_bytes(head.view(), ref["head"]) and all(_same_bytes(res.tensors[n].view(), ref[n]) for n in "ab")
+    eng.bracket = None
+    eng.swap_out({"a": res.tensors["a"]})
+    assert len(log.calls) == 4
+
+
+@pytest.mark.cpu
+def test_link_bracket_copies_up_to_its_buffer_for_large_swaps_only():
+    from djinn_core.bench.ceilings import LinkBracket
+
+    b = LinkBracket(4 * KiB, "cpu", min_swap_bytes=2 * KiB)
+    assert b(direction="in", stream=None, nbytes=KiB) is None and b.copies == 0
+    b.host.fill_(5)
+    span = b("in", None, 16 * KiB)
+    assert span.label == "bracket-in" and span.data == {"nbytes": 4 * KiB} and int(b.dev.sum()) == 5 * 4 * KiB
+    b.dev.fill_(9)
+    assert b("out", None, 3 * KiB).data == {"nbytes": 3 * KiB} and int(b.host[:3 * KiB].sum()) == 9 * 3 * KiB
+    assert b.copies == 2
+    with pytest.raises(ConfigError):
+        b("h2d", None, 16 * KiB)
+    with pytest.raises(ConfigError):
+        LinkBracket(0, "cpu")
+
+
+@pytest.mark.cpu
+def test_swap_timeline_rates_each_bracketed_swap_against_its_brackets():
+    from djinn_core.memory.swap import swap_timeline
+    from djinn_core.trace import Mark, Span
+
+    def span(label, t0, t1, n):
+        return Span(label, Mark("start", 0.0, _FakeEvent(t0)), Mark("end", 0.0, _FakeEvent(t1)), {"nbytes": n})
+
+    swap_in = span("in", 10.0, 40.0, 3_000_000)  # 30 ms: 0.1 GB/s
+    swap_in.data["bracket"] = (span("bracket-in", 0.0, 10.0, 1_000_000), span("bracket-in", 40.0, 50.0, 1_000_000))
+    swap_out = span("out", 45.0, 55.0, 500_000)  # shares 45..50 with the bracket after the swap-in
+    tl = swap_timeline([swap_in, swap_out])
+    row = tl[0]
+    assert row["GBps"] == pytest.approx(0.1) and row["bracket_ms"] == [10.0, 10.0]
+    assert row["bracket_nbytes"] == 2_000_000 and row["bracket_GBps"] == pytest.approx(0.1)
+    assert row["over_bracket"] == pytest.approx(1.0)
+    assert row["overlap_ms"] == 0.0 and row["bracket_overlap_ms"] == 5.0
+    assert tl[1]["overlap_ms"] == 5.0 and "bracket_GBps" not in tl[1]  # the other way's bracket is link traffic too
+
+
+@pytest.mark.gpu
+def test_gpu_brackets_sit_right_around_their_swap_on_its_stream(cuda_device):
+    from djinn_core.bench.ceilings import LinkBracket
+    from djinn_core.memory.swap import swap_timeline
+
+    eng = _engine(str(cuda_device), slab_bytes=256 << 20, pool_bytes=256 << 20, segment_bytes=64 << 20,
+                  checksums=False)
+    eng.record_timing = True
+    eng.bracket = LinkBracket(32 << 20, cuda_device, min_swap_bytes=1 << 20)
+    handles, ref = _put(eng, {f"kv.{i}": ((8 << 20,), torch.float16) for i in range(4)})
+    state = eng.swap_out(handles)
+    res = eng.swap_in(state)
+    res.wait_all()
+    assert all(_same_bytes(res.tensors[n].view(), r) for n, r in ref.items())
+    assert eng.bracket.copies == 4
+    for rec in eng.records:
+        pre, post = rec.data["bracket"]
+        assert pre.end.event.elapsed_time(rec.start.event) >= 0 and rec.end.event.elapsed_time(post.start.event) >= 0
+    tl = swap_timeline(eng.records)
+    assert [r["direction"] for r in tl] == ["out", "in"]
+    assert all(r["bracket_nbytes"] == 2 * (32 << 20) and r["over_bracket"] > 0 for r in tl)

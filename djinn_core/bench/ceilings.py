@@ -17,6 +17,7 @@ import torch
 
 from djinn_core.bench.timing import TimingStats, require_cuda, time_cuda
 from djinn_core.errors import ConfigError
+from djinn_core.trace import Span, make_mark
 from djinn_core.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -144,3 +145,46 @@ def measure_copy_ceiling(
         return copy_ceiling_on(host, dev, direction, host2=host2, dev2=dev2, warmup=warmup, repeats=repeats)
     finally:
         del host, dev, host2, dev2
+
+
+class LinkBracket:
+    """Reference copies right around each large swap, for :attr:`djinn_core.memory.swap.SwapEngine.bracket`.
+
+    The link's rate wanders from one copy to the next (docs/notes/bench.md), so a swap is best compared with copies
+    taken next to it rather than with a ceiling measured before or after the run. Set on an engine, this copies up
+    to ``nbytes`` the swap's way (``"in"``: host to device, ``"out"``: device to host) between its own pinned host
+    buffer and device buffer, on the swap's stream right before its first copy and right after its last, for every
+    swap of at least ``min_swap_bytes``; :func:`djinn_core.memory.swap_items.swap_timeline` then reports each
+    bracketed swap's rate over the brackets' (``over_bracket``). The copies take link time of their own (twice the
+    swap's bytes, up to ``nbytes`` each), so a bracketed run is a measurement, not normal use. The buffers' contents
+    mean nothing (both directions share them). On the CPU the buffers are plain memory and the copies synchronous.
+    """
+
+    def __init__(self, nbytes: int, device: torch.device | str, *, min_swap_bytes: int | None = None):
+        check_int("nbytes", nbytes, 1)
+        self.nbytes = nbytes
+        self.min_swap_bytes = nbytes if min_swap_bytes is None else check_int("min_swap_bytes", min_swap_bytes, 0)
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        if cuda:
+            require_cuda("LinkBracket")
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        self.dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.copies = 0
+
+    def __call__(self, direction: str, stream: Any, nbytes: int) -> Span | None:
+        """Copy ``min(nbytes, self.nbytes)`` bytes the ``direction`` way on the current stream (the engine makes the
+        swap's stream current) and return its :class:`Span`; ``None`` for a swap smaller than ``min_swap_bytes``."""
+        if direction not in ("in", "out"):
+            raise ConfigError(f"direction must be 'in' or 'out', got {direction!r}")
+        if nbytes < self.min_swap_bytes:
+            return None
+        n = min(nbytes, self.nbytes)
+        host, dev = self.host[:n], self.dev[:n]
+        start = make_mark("bracket-start", stream)
+        if direction == "in":
+            dev.copy_(host, non_blocking=stream is not None)
+        else:
+            host.copy_(dev, non_blocking=stream is not None)
+        self.copies += 1
+        return Span(f"bracket-{direction}", start, make_mark("bracket-end", stream), {"nbytes": n})

@@ -35,6 +35,13 @@ device on the copying stream before the D2H copy and after the H2D copy; :meth:`
 :meth:`ResidentState.verify`) then block the host on that item's events and raise
 :class:`~djinn_core.errors.ChecksumMismatch` on a difference. Off by default: it costs host syncs.
 
+Link brackets (measurement, ``bracket``): a callable the engine calls on the copying stream right before the first
+copy of every ``swap_out`` and ``swap_in`` and right after its last, ``bracket(direction, stream, nbytes) -> Span |
+None`` (it chooses by size; ``swap_in_now`` on the GPU and ``swap_in_into`` do not offer it); a bench sets it to
+issue a reference copy of its own buffers there, so each swap is timed against what the link gave just around it
+(:class:`djinn_core.bench.ceilings.LinkBracket`). The two spans go in the swap's timing record (``data["bracket"]``)
+and :func:`swap_timeline` reports the rate they measured. Off (``None``) in normal use.
+
 On a CPU slab, copies are synchronous, events are ``None`` and waits are no-ops; the bookkeeping is identical.
 """
 
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import torch
 
@@ -55,6 +62,10 @@ from djinn_core.memory.swap_items import (ItemKey, Key, ResidentState, SwappedIt
 from djinn_core.trace import Mark, Span, Tracer, make_mark
 
 log = logging.getLogger(__name__)
+
+# bracket(direction, stream, nbytes) -> Span | None: a reference copy issued on ``stream`` (None on the CPU) next to a
+# swap of ``nbytes`` in ``direction`` ("out" or "in"); None when it chose not to copy
+Bracket = Callable[[str, Any, int], "Span | None"]
 
 __all__ = ["ItemKey", "Key", "ResidentState", "SwapEngine", "SwapStats", "SwappedItem", "SwappedState", "checksum",
            "swap_timeline"]
@@ -94,6 +105,8 @@ class SwapEngine:
                                             if driver_copies and self._cuda and host_pool.pinned else None)
         # diagnostics: an enabled host-time Tracer here gets a mark at each step of swap_in_now / swap_in_into
         self.host_tracer: Tracer | None = None
+        # measurement: reference copies right around each swap_out / swap_in (module docstring: link brackets)
+        self.bracket: Bracket | None = None
 
     @property
     def stats(self) -> SwapStats:
@@ -116,8 +129,9 @@ class SwapEngine:
 
     @property
     def _driver_copies(self) -> bool:
-        """Whether swap-ins issue their copies through the CUDA driver (timing records keep the torch path)."""
-        return self.driver is not None and not self.record_timing
+        """Whether swap-ins issue their copies through the CUDA driver (timing records and brackets keep the torch
+        path)."""
+        return self.driver is not None and not self.record_timing and self.bracket is None
 
     def _stream_ctx(self, stream: Any) -> Any:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -166,6 +180,8 @@ class SwapEngine:
             out.wait_stream(torch.cuda.current_stream(self.device))  # copy finished data only
         swapped: dict[str, SwappedItem] = {}
         start = None
+        first = True
+        pre = None
         with self._stream_ctx(out):
             for name, t in items.items():  # allocate and issue item by item: the first copy starts at once
                 block = self.host_pool.allocate(t.shape, t.dtype)
@@ -173,8 +189,11 @@ class SwapEngine:
                     for ev in block.fences:  # an earlier H2D may still read this host range
                         out.wait_event(ev)
                 block.fences = []
-                if self.record_timing and start is None:
-                    start = self._timing_start(out)
+                if first:
+                    first = False
+                    pre = self._bracket("out", out, sum(sizes))
+                    if self.record_timing:
+                        start = self._timing_start(out)
                 src = t.view()
                 cs = checksum(src) if self.checksums else None
                 block.view().copy_(src, non_blocking=out is not None)
@@ -192,7 +211,7 @@ class SwapEngine:
                 if not (keep and name in keep):
                     self.slab.free(t, after=ev)
         nbytes = sum(t.nbytes for t in items.values())
-        self._account("out", nbytes, len(items), start, out)
+        self._account("out", nbytes, len(items), start, out, pre, bracketed=bool(items))
         log.debug("swap-out: %d items, %d bytes", len(items), nbytes)
         return SwappedState(self, swapped)
 
@@ -251,34 +270,39 @@ class SwapEngine:
                 self._in_waits_for(cur)
             else:
                 inn.wait_event(after)
-        start = None
-        if self._driver_copies and all(state.items[n].checksum is None for n in selected):
-            self._issue_driver_copies(state, selected, tensors, deps, events)
+        start = pre = None
+        torch_path = not (self._driver_copies and all(state.items[n].checksum is None for n in selected))
+        if torch_path:
+            start, pre = self._issue_torch_copies(state, selected, tensors, deps, events, checks)
         else:
-            start = self._issue_torch_copies(state, selected, tensors, deps, events, checks)
+            self._issue_driver_copies(state, selected, tensors, deps, events)
         for name in selected:  # bookkeeping after the copies are issued
             it = state.items.pop(name)
             ev = events[name]
             self.slab.fence(tensors[name], ev)  # a compaction issued before the consumer waits must wait for it
             self.host_pool.free(it.block, after=ev)
         nbytes = sum(t.nbytes for t in tensors.values())
-        self._account("in", nbytes, len(selected), start, inn)
+        self._account("in", nbytes, len(selected), start, inn, pre, bracketed=torch_path)
         log.debug("swap-in: %d items, %d bytes, %d left on host", len(selected), nbytes, len(state.items))
         return ResidentState(tensors, events, state if state.items else None, self.device, checks, self.driver)
 
     def _issue_torch_copies(self, state: SwappedState, selected: Sequence[str], tensors: dict[str, SlabTensor],
                             deps: dict[str, list[Any]], events: dict[str, Any], checks: dict[str, Any]) -> Any:
         """swap_in's copies with ``Tensor.copy_`` on the in stream (CPU, checksum mode, timing records); returns the
-        timing start event (or None)."""
+        timing start mark and the bracket before the first copy (each None when not taken)."""
         inn = self.in_stream
-        start = None
+        start = pre = None
+        first = True
         with self._stream_ctx(inn):
             for name in selected:
                 it = state.items[name]
                 if inn is not None:  # its D2H has landed and nothing still reads the range it lands in
                     self._wait_distinct(inn, (*deps[name], it.event))
-                if self.record_timing and start is None:
-                    start = self._timing_start(inn)
+                if first:
+                    first = False
+                    pre = self._bracket("in", inn, sum(tensors[n].nbytes for n in selected))
+                    if self.record_timing:
+                        start = self._timing_start(inn)
                 dst = tensors[name].view()
                 dst.copy_(it.block.view(), non_blocking=inn is not None)
                 cs = checksum(dst) if it.checksum is not None else None
@@ -286,7 +310,7 @@ class SwapEngine:
                 events[name] = ev
                 if cs is not None:
                     checks[name] = (it.checksum, it.event, cs, ev)
-        return start
+        return start, pre
 
     def _issue_driver_copies(self, state: SwappedState, selected: Sequence[str], tensors: dict[str, SlabTensor],
                              deps: dict[str, list[Any]], events: dict[str, Any]) -> None:
@@ -451,11 +475,25 @@ class SwapEngine:
         self.host_pool.free(it.block, after=copied)
         self._account("in", nbytes, 1, start, stream)
 
-    def _account(self, direction: str, nbytes: int, items: int, start: Any, stream: Any) -> None:
+    def _bracket(self, direction: str, stream: Any, nbytes: int) -> Span | None:
+        """The bracket's reference copy on ``stream`` next to a swap of ``nbytes`` (None without a bracket)."""
+        if self.bracket is None:
+            return None
+        with self._stream_ctx(stream):
+            return self.bracket(direction, stream, nbytes)
+
+    def _account(self, direction: str, nbytes: int, items: int, start: Any, stream: Any, pre: Span | None = None,
+                 *, bracketed: bool = False) -> None:
         """Count one swap in ``direction`` ("out" or "in"); with ``start`` (record_timing) keep its Span, ended
-        by an event on ``stream`` now."""
+        by an event on ``stream`` now. ``bracketed``: the swap's copies went through a path that took the bracket
+        before them (``pre``), so the bracket is taken again after them and both go in the record."""
+        end = make_mark("end", stream) if start is not None else None
+        post = self._bracket(direction, stream, nbytes) if bracketed else None
         if start is not None:
-            self.records.append(Span(direction, start, make_mark("end", stream), {"nbytes": nbytes, "items": items}))
+            data: dict[str, Any] = {"nbytes": nbytes, "items": items}
+            if pre is not None and post is not None:
+                data["bracket"] = (pre, post)
+            self.records.append(Span(direction, start, end, data))
         if direction == "out":
             self._bytes_out += nbytes
             self._items_out += items

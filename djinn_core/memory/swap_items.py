@@ -230,22 +230,47 @@ class SwapStats:
 
 
 def swap_timeline(records: Sequence[Span]) -> list[dict[str, Any]]:
-    """Each swap of ``records`` (:attr:`SwapEngine.records`) as ``{direction, nbytes, ms, start_ms, overlap_ms,
-    host_issue_ms}``: ``start_ms`` from the first record's start, ``overlap_ms`` the time it shared the link with swaps
-    of the other direction (a copy that overlaps one the other way runs slower), ``host_issue_ms`` how long the host
-    took to issue its copies (a swap issued slower than its copies run leaves the link idle inside its window).
-    Waits for the last record's events: call it after the run. :class:`DeviceUnavailable` for records without CUDA
-    events."""
+    """Each swap of ``records`` (:attr:`SwapEngine.records`) as ``{direction, nbytes, ms, GBps, start_ms, overlap_ms,
+    host_issue_ms}``: ``start_ms`` from the first record's start, ``overlap_ms`` the time it shared the link with copies
+    of the other direction (swaps and their brackets: a copy that overlaps one the other way runs slower),
+    ``host_issue_ms`` how long the host took to issue its copies (a swap issued slower than its copies run leaves the
+    link idle inside its window). A swap taken between two bracket copies (``SwapEngine.bracket``) also has
+    ``bracket_ms`` (before, after), ``bracket_nbytes``, ``bracket_GBps`` (both copies' bytes over their time: what the
+    link gave just around the swap), ``bracket_overlap_ms`` (their time shared with copies the other way) and
+    ``over_bracket`` (``GBps`` / ``bracket_GBps``). Waits for the last record's events: call it after the run.
+    :class:`DeviceUnavailable` for records without CUDA events."""
     if not records:
         return []
-    if any(r.start.event is None or r.end.event is None for r in records):
+    marks = [m for r in records for m in (r.start, r.end)]
+    brackets = [r.data.get("bracket") or () for r in records]
+    marks += [m for b in brackets for span in b for m in (span.start, span.end)]
+    if any(m.event is None for m in marks):
         raise DeviceUnavailable("swap timing needs CUDA events; these swaps ran on the CPU")
     origin = records[0].start.event
-    spans = [(r.label, r.data["nbytes"], origin.elapsed_time(r.start.event), r.ms()) for r in records]
+
+    def window(span: Span) -> tuple[float, float]:
+        t0 = origin.elapsed_time(span.start.event)
+        return t0, t0 + span.ms()
+
+    spans = [(r.label, r.data["nbytes"], *window(r)) for r in records]
+    link = [(d, t0, t1) for d, _, t0, t1 in spans]  # every copy on the link: swaps and brackets
+    bracket_windows = [[window(span) for span in b] for b in brackets]
+    link += [(r.label, t0, t1) for r, ws in zip(records, bracket_windows) for t0, t1 in ws]
+
+    def shared(direction: str, t0: float, t1: float) -> float:
+        return sum(max(0.0, min(t1, u1) - max(t0, u0)) for e, u0, u1 in link if e != direction)
+
     out = []
-    for r, (d, n, t0, ms) in zip(records, spans):
-        t1 = t0 + ms
-        shared = sum(max(0.0, min(t1, u0 + ums) - max(t0, u0)) for e, _, u0, ums in spans if e != d)
-        out.append({"direction": d, "nbytes": n, "ms": ms, "start_ms": t0, "overlap_ms": shared,
-                    "host_issue_ms": r.host_ms})
+    for r, (d, n, t0, t1), b, ws in zip(records, spans, brackets, bracket_windows):
+        ms = t1 - t0
+        row = {"direction": d, "nbytes": n, "ms": ms, "GBps": n / ms / 1e6 if ms > 0 else float("nan"),
+               "start_ms": t0, "overlap_ms": shared(d, t0, t1), "host_issue_ms": r.host_ms}
+        if b:
+            b_ms = [u1 - u0 for u0, u1 in ws]
+            b_n = sum(span.data["nbytes"] for span in b)
+            row.update(bracket_ms=b_ms, bracket_nbytes=b_n,
+                       bracket_GBps=b_n / sum(b_ms) / 1e6 if sum(b_ms) > 0 else float("nan"),
+                       bracket_overlap_ms=sum(shared(d, u0, u1) for u0, u1 in ws))
+            row["over_bracket"] = row["GBps"] / row["bracket_GBps"]
+        out.append(row)
     return out
