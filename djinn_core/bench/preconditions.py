@@ -37,6 +37,17 @@ def swaps_measured(claim: Any, *, direction: str, swaps: int, params: dict[str, 
                               what=f"whole-session swaps {direction} timed", params=params)
 
 
+def swaps_bracketed(claim: Any, *, direction: str, bracketed: int, swaps: int,
+                    params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every whole-session swap of ``direction`` was timed between its two bracket copies
+    (:class:`djinn_core.bench.ceilings.LinkBracket`), and there was at least one, before a claim that rates each swap
+    against the link around it."""
+    return claim.precondition(f"swaps_{direction}_bracketed", value=bracketed / swaps if swaps else 0.0, op="==",
+                              bound=1.0, unit="fraction",
+                              what=f"whole-session swaps {direction} timed between a copy right before and one right "
+                                   f"after ({bracketed} of {swaps})", params=params)
+
+
 def peer_ran(claim: Any, *, peer: str, timing: TimingStats | None = None, value: float | None = None,
              params: dict[str, Any] | None = None) -> dict[str, Any]:
     """The peer (a baseline, another system) ran before a ratio to it: it has timed repeats with a positive median,

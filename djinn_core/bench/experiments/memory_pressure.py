@@ -64,6 +64,15 @@ def must_evict(sessions: int, session_bytes: int, slab_bytes: int, reserve_bytes
     return sessions * session_bytes > slab_bytes - reserve_bytes
 
 
+def swap_reference_GBps(row: dict[str, Any], ceiling_GBps: float) -> float:
+    """What a swap (a :func:`~djinn_core.memory.swap_items.swap_timeline` row) is rated against: the link's rate just
+    around it (``bracket_GBps``), unless it has no brackets or a bracket copy shared the link with a copy the other
+    way (so it ran slower than the link alone): then the run's ceiling, ``ceiling_GBps``."""
+    if "bracket_GBps" not in row or row.get("bracket_overlap_ms", 0.0) > 0:
+        return ceiling_GBps
+    return row["bracket_GBps"]
+
+
 def prompts(n: int, seq: int, vocab: int, device: torch.device | str) -> list[torch.Tensor]:
     """n distinct seeded prompts (token ids), the same for every N, so each session has one solo reference."""
     g = torch.Generator().manual_seed(1234)

@@ -1,0 +1,121 @@
+"""What the host and the GPU were doing around a measurement, to attribute a dip in a copy's rate.
+
+A pinned host-to-device copy's rate wanders (docs/notes/bench.md). Taken before and after a run, a snapshot says
+whether anything that can slow the link moved in between: on the GPU (NVML) its temperature, clocks, power, the
+reasons the driver gives for holding clocks down, the PCIe link's current generation and width, and its replay counter
+(transfers the link had to resend); on the host (``/proc``) CPU time stolen by the hypervisor and spent waiting on
+I/O, pressure stall totals, reclaim and compaction counters, and available memory. :func:`delta` keeps the
+counters' differences and both readings of everything else. Readings a machine does not offer are left out, never
+guessed. Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# /proc/stat's first line: cpu user nice system idle iowait irq softirq steal ... (USER_HZ jiffies)
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+_VMSTAT = ("pgscan_kswapd", "pgscan_direct", "compact_stall", "compact_fail", "thp_fault_alloc", "pgmajfault")
+_MEMINFO = {"MemAvailable": "mem_available_bytes", "MemFree": "mem_free_bytes", "Mlocked": "mlocked_bytes"}
+# keys whose difference means something (monotonic counters); the rest are gauges, kept as (before, after)
+COUNTERS = frozenset({f"cpu_{f}_jiffies" for f in _STAT_FIELDS} | set(_VMSTAT)
+                     | {f"psi_{r}_some_total_us" for r in ("cpu", "memory", "io")} | {"pcie_replays"})
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def host_snapshot(proc: Path | str = "/proc") -> dict[str, float]:
+    """The host's readings from ``proc`` (a ``/proc``-like folder); files it lacks add nothing."""
+    proc = Path(proc)
+    out: dict[str, float] = {}
+    stat = _read(proc / "stat")
+    if stat:
+        first = stat.splitlines()[0].split()
+        if first and first[0] == "cpu":
+            for name, value in zip(_STAT_FIELDS, first[1:]):
+                out[f"cpu_{name}_jiffies"] = float(value)
+    for resource in ("cpu", "memory", "io"):
+        text = _read(proc / "pressure" / resource)
+        for line in (text or "").splitlines():
+            parts = line.split()
+            if parts and parts[0] == "some":
+                fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+                if "total" in fields:
+                    out[f"psi_{resource}_some_total_us"] = float(fields["total"])
+                if "avg10" in fields:
+                    out[f"psi_{resource}_some_avg10"] = float(fields["avg10"])
+    vmstat = _read(proc / "vmstat")
+    for line in (vmstat or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key in _VMSTAT:
+            out[key] = float(value)
+    meminfo = _read(proc / "meminfo")
+    for line in (meminfo or "").splitlines():
+        key, _, rest = line.partition(":")
+        if key in _MEMINFO:
+            words = rest.split()
+            out[_MEMINFO[key]] = float(words[0]) * (1024 if len(words) > 1 and words[1] == "kB" else 1)
+    return out
+
+
+def gpu_snapshot(pynvml: Any, handle: Any) -> dict[str, float]:
+    """The GPU's readings through NVML (``pynvml`` the module, ``handle`` the device's); a reading the device or
+    driver does not support is left out."""
+    reads = {
+        "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+        "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+        "mem_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+        "power_w": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+        "clocks_event_reasons": lambda: _clock_reasons(pynvml, handle),
+        "pcie_replays": lambda: pynvml.nvmlDeviceGetPcieReplayCounter(handle),
+        "pcie_link_gen": lambda: pynvml.nvmlDeviceGetCurrPcieLinkGeneration(handle),
+        "pcie_link_width": lambda: pynvml.nvmlDeviceGetCurrPcieLinkWidth(handle),
+    }
+    out: dict[str, float] = {}
+    for key, read in reads.items():
+        try:
+            out[key] = float(read())
+        except (pynvml.NVMLError, AttributeError) as e:  # not supported here, or an older nvidia-ml-py
+            log.debug("NVML reading %s unavailable: %s", key, e)
+    return out
+
+
+def _clock_reasons(pynvml: Any, handle: Any) -> int:
+    """The bitmask of reasons the driver holds the clocks down (named "clocks event reasons" since driver 535)."""
+    fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+        pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+    return int(fn(handle))
+
+
+def snapshot(device: int | None = None, *, proc: Path | str = "/proc") -> dict[str, float]:
+    """Host readings, plus the GPU's when ``device`` (a CUDA device index) is given and NVML answers."""
+    out = host_snapshot(proc)
+    if device is not None:
+        from djinn_core.bench.vram import nvml_handle  # imports torch
+        from djinn_core.errors import DeviceUnavailable
+
+        try:
+            pynvml, handle = nvml_handle(device)
+        except DeviceUnavailable as e:
+            log.warning("no GPU readings for the link-health snapshot: %s", e)
+        else:
+            out.update(gpu_snapshot(pynvml, handle))
+    return out
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Counters (:data:`COUNTERS`) as ``after - before``; every other reading as ``[before, after]``; keys present
+    in both only."""
+    out: dict[str, Any] = {}
+    for key in sorted(set(before) & set(after)):
+        out[key] = after[key] - before[key] if key in COUNTERS else [before[key], after[key]]
+    return out
