@@ -246,6 +246,9 @@ def swap_timeline(records: Sequence[Span]) -> list[dict[str, Any]]:
     marks += [m for b in brackets for span in b for m in (span.start, span.end)]
     if any(m.event is None for m in marks):
         raise DeviceUnavailable("swap timing needs CUDA events; these swaps ran on the CPU")
+    for r, b in zip(records, brackets):  # every copy done: an event's elapsed time needs both events complete
+        for span in (r, *b):
+            span.end.event.synchronize()
     origin = records[0].start.event
 
     def window(span: Span) -> tuple[float, float]:
