@@ -4,6 +4,7 @@ and both readings of gauges."""
 import pytest
 
 from djinn_core.bench import link_health as lh
+from djinn_core.errors import ConfigError
 
 pytestmark = pytest.mark.cpu
 
@@ -78,3 +79,21 @@ def test_delta_differences_counters_and_keeps_both_readings_of_gauges():
 
 def test_snapshot_without_a_device_reads_the_host_only(tmp_path):
     assert lh.snapshot(proc=_fake_proc(tmp_path)) == lh.host_snapshot(tmp_path)
+
+
+def test_health_sampler_stamps_samples_on_the_host_clock_and_finds_those_around_a_moment():
+    import time
+
+    reads = iter(range(100))
+    with lh.HealthSampler(period_s=0.01, read=lambda: {"cpu_steal_jiffies": float(next(reads))}) as hs:
+        time.sleep(0.06)
+        t = time.perf_counter()
+        time.sleep(0.03)
+    assert len(hs.samples) >= 4 and [s["cpu_steal_jiffies"] for s in hs.samples] == sorted(
+        s["cpu_steal_jiffies"] for s in hs.samples)
+    near = hs.around(t)
+    assert near["before"]["t"] <= t < near["after"]["t"]
+    assert near["delta"]["cpu_steal_jiffies"] == near["after"]["cpu_steal_jiffies"] - near["before"]["cpu_steal_jiffies"]
+    assert hs.around(0.0)["before"] is None and "delta" not in hs.around(0.0)
+    with pytest.raises(ConfigError, match="period_s"):
+        lh.HealthSampler(period_s=0)

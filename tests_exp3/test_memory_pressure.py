@@ -187,9 +187,10 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
     health_before = link_health.snapshot(rig.slab.device.index or 0)
     ceil_before = {d: copy_ceilings.measure(rig.session_bytes, d) for d in ("h2d", "d2h")}
     sampler = vram_sampler(period_s=0.01)
+    health = link_health.HealthSampler(rig.slab.device.index or 0, period_s=1.0)
 
     def run() -> WorkloadResult:
-        with sampler:
+        with sampler, health:
             return run_workload(rt, ps, layer=PAUSE_LAYER, mark=sampler.mark, progress=True)
 
     result = claim.measure(run)
@@ -263,7 +264,7 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
             # each swap against the link just around it, or against the run's ceiling where a bracket copy shared
             # the link with a copy the other way (and so ran slower than the link alone)
             worst = min(rows, key=lambda t: t["GBps"] / swap_reference_GBps(t, ceiling))
-            claim.info(**{f"slowest_swap_{direction}": worst,
+            claim.info(**{f"slowest_swap_{direction}": {**worst, "link_health": health.around(worst["host_start_s"])},
                           f"slowest_swap_{direction}_over_run_ceiling": min(t["GBps"] for t in rows) / ceiling,
                           f"swaps_{direction}_rated_against_run_ceiling":
                               sum(t.get("bracket_overlap_ms", 0.0) > 0 for t in rows)})

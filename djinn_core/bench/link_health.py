@@ -5,13 +5,16 @@ whether anything that can slow the link moved in between: on the GPU (NVML) its 
 reasons the driver gives for holding clocks down, the PCIe link's current generation and width, and its replay counter
 (transfers the link had to resend); on the host (``/proc``) CPU time stolen by the hypervisor and spent waiting on
 I/O, pressure stall totals, reclaim and compaction counters, and available memory. :func:`delta` keeps the
-counters' differences and both readings of everything else. Readings a machine does not offer are left out, never
-guessed. Importing this module imports no torch.
+counters' differences and both readings of everything else; :class:`HealthSampler` takes snapshots through a run,
+on the clock of swap records' host marks. Readings a machine does not offer are left out, never guessed. Importing
+this module imports no torch.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +122,52 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     for key in sorted(set(before) & set(after)):
         out[key] = after[key] - before[key] if key in COUNTERS else [before[key], after[key]]
     return out
+
+
+class HealthSampler:
+    """Snapshots (:func:`snapshot`) every ``period_s`` on a background thread while in use, each stamped with the
+    host's ``time.perf_counter()`` (``t``), the clock of swap records' host marks, so a slow copy can be set beside
+    what the GPU and the host were doing then (:meth:`around`)."""
+
+    def __init__(self, device: int | None = None, period_s: float = 1.0, *, read=None):
+        from djinn_core.validation import check_number
+
+        check_number("period_s", period_s, 0.0, strict_minimum=True)
+        self.period_s = period_s
+        self._read = read if read is not None else (lambda: snapshot(device))
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        sample = self._read()
+        sample["t"] = time.perf_counter()
+        self.samples.append(sample)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def __enter__(self) -> "HealthSampler":
+        self._stop.clear()
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="djinn-link-health", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._sample()
+
+    def around(self, t: float) -> dict[str, Any]:
+        """The samples just before and just after host time ``t`` (``None`` where there is none) and the counters'
+        change between them (:func:`delta`)."""
+        before = max((s for s in self.samples if s["t"] <= t), key=lambda s: s["t"], default=None)
+        after = min((s for s in self.samples if s["t"] > t), key=lambda s: s["t"], default=None)
+        out: dict[str, Any] = {"before": before, "after": after}
+        if before is not None and after is not None:
+            out["delta"] = delta(before, after)
+        return out

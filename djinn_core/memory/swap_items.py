@@ -231,7 +231,8 @@ class SwapStats:
 
 def swap_timeline(records: Sequence[Span]) -> list[dict[str, Any]]:
     """Each swap of ``records`` (:attr:`SwapEngine.records`) as ``{direction, nbytes, ms, GBps, start_ms, overlap_ms,
-    host_issue_ms}``: ``start_ms`` from the first record's start, ``overlap_ms`` the time it shared the link with copies
+    host_issue_ms, host_start_s}``: ``start_ms`` from the first record's start (device clock), ``host_start_s`` the
+    host's ``perf_counter`` when its first copy was issued, ``overlap_ms`` the time it shared the link with copies
     of the other direction (swaps and their brackets: a copy that overlaps one the other way runs slower),
     ``host_issue_ms`` how long the host took to issue its copies (a swap issued slower than its copies run leaves the
     link idle inside its window). A swap taken between two bracket copies (``SwapEngine.bracket``) also has
@@ -267,7 +268,8 @@ def swap_timeline(records: Sequence[Span]) -> list[dict[str, Any]]:
     for r, (d, n, t0, t1), b, ws in zip(records, spans, brackets, bracket_windows):
         ms = t1 - t0
         row = {"direction": d, "nbytes": n, "ms": ms, "GBps": n / ms / 1e6 if ms > 0 else float("nan"),
-               "start_ms": t0, "overlap_ms": shared(d, t0, t1), "host_issue_ms": r.host_ms}
+               "start_ms": t0, "overlap_ms": shared(d, t0, t1), "host_issue_ms": r.host_ms,
+               "host_start_s": r.start.host_s}
         if b:
             b_ms = [u1 - u0 for u0, u1 in ws]
             b_n = sum(span.data["nbytes"] for span in b)
