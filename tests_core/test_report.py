@@ -51,6 +51,24 @@ def test_report_recomputes_verdicts_writes_table_provenance_and_plots(tmp_path):
     assert len(pngs) == 3 and all(f"({n})" in text for n in pngs)
 
 
+def test_report_plots_each_swap_beside_the_copies_around_it(tmp_path):
+    swaps = [{"direction": d, "nbytes": 1_700_000_000, "ms": 31.0 + k % 3, "start_ms": 600.0 * k,
+              **({"bracket_GBps": 54.0} if k % 2 else {})} for k in range(12) for d in ("out", "in")]
+    swaps.append({"direction": "out", "nbytes": 800_000_000, "ms": 15.0, "start_ms": 0.0})  # partial: left out
+    p = _bench_json(tmp_path, [_ratio(1, (0.4,), (0.4,))], info={"swaps": swaps})
+    text = write_report(p, out_dir=tmp_path, name="exp3").read_text()
+    assert "(exp3_test_x_swaps.png)" in text and (tmp_path / "exp3_test_x_swaps.png").is_file()
+
+
+def test_a_report_takes_no_figure_of_a_report_whose_name_extends_its_own(tmp_path):
+    p = _bench_json(tmp_path, [_ratio(1, (0.4,), (0.4,))], name="exp3.json")
+    _bench_json(tmp_path, [_ratio(1, (0.4,), (0.4,))], name="exp3_card.json")
+    for png in ("exp3_timeline.png", "exp3_card_timeline.png"):
+        (tmp_path / png).write_bytes(b"")
+    text = write_report(p, out_dir=tmp_path).read_text()
+    assert "(exp3_timeline.png)" in text and "exp3_card_timeline" not in text
+
+
 def _cpu_json(tmp_path, claims, info=None):
     """A benchmark JSON as the CPU profile writes it: no GPU facts at all."""
     p = _bench_json(tmp_path, claims, info)

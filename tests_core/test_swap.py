@@ -597,3 +597,4 @@ def test_gpu_brackets_sit_right_around_their_swap_on_its_stream(cuda_device):
     tl = swap_timeline(eng.records)
     assert [r["direction"] for r in tl] == ["out", "in"]
     assert all(r["bracket_nbytes"] == 2 * (32 << 20) and r["over_bracket"] > 0 for r in tl)
+    assert all(r["segments"] and set(r["segments"]) <= set(range(4)) for r in tl)  # 256 MiB in 64 MiB segments

@@ -10,7 +10,9 @@ Plots are drawn from what the tests put in ``extra_info``:
 - ``info["vram"]`` (a :meth:`VramSampler.to_dict`) gives a memory timeline with its marks, and a PCIe trace when
   sampled;
 - ``info["layer_timeline"]`` (rows with ``layer``, ``copy_start_ms``, ``copy_end_ms``, ``compute_start_ms``,
-  ``compute_end_ms``) gives a per-layer copy/compute Gantt chart.
+  ``compute_end_ms``) gives a per-layer copy/compute Gantt chart;
+- ``info["swaps"]`` (:func:`djinn_core.memory.swap_items.swap_timeline` rows) gives each swap's rate over the run,
+  one panel per direction, beside the rate of the copies bracketing it where there were any.
 
 A claim must pass in several runs at one clean commit, so a report may have runs beside it: ``<folder>/runs/
 <stem>.run<N>.json`` (N from 2: the report itself is run 1), found by :func:`discover_runs` or named explicitly.
@@ -306,6 +308,39 @@ def _plot_layer_timeline(test: str, rows: list[dict[str, Any]], out_dir: Path, n
     ax.set_title(f"per-layer copy/compute: {test}", fontsize=9)
     fig.tight_layout()
     p = out_dir / f"{name}_{_slug(test.split('::')[-1])}_layers.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def _plot_swaps(test: str, rows: list[dict[str, Any]], out_dir: Path, name: str) -> Path | None:
+    """Each swap's GB/s against its start (s), out and in in two panels; the bracketing copies' GB/s where recorded.
+    Swaps smaller than half the largest (partial ones) are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("ms", 0) > 0]
+    if not rows:
+        return None
+    largest = max(r["nbytes"] for r in rows)
+    rows = [r for r in rows if r["nbytes"] >= largest / 2]
+    fig, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    for ax, direction in zip(axes, ("out", "in")):
+        mine = [r for r in rows if r["direction"] == direction]
+        t = [r["start_ms"] / 1e3 for r in mine]
+        ax.plot(t, [r["nbytes"] / r["ms"] / 1e6 for r in mine], ".", ms=4, label=f"swap-{direction}")
+        br = [r for r in mine if "bracket_GBps" in r]
+        if br:
+            ax.plot([r["start_ms"] / 1e3 for r in br], [r["bracket_GBps"] for r in br], "x", ms=3, alpha=0.6,
+                    color="tab:gray", label="copies right around it")
+        ax.set_ylabel("GB/s")
+        ax.legend(fontsize=7, loc="lower left")
+    axes[-1].set_xlabel("s from the first swap")
+    axes[0].set_title(f"whole-session swaps: {test}", fontsize=9)
+    fig.tight_layout()
+    p = out_dir / f"{name}_{_slug(test.split('::')[-1])}_swaps.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return p
@@ -798,8 +833,15 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
             p = _plot_layer_timeline(test, info["layer_timeline"], out_dir, name)
             if p:
                 plots.append(p)
-    # figures a test wrote itself next to the JSON (named <name>_*.png) belong to the report too
-    plots += sorted(p for p in out_dir.glob(f"{name}_*.png") if p not in plots)
+        if isinstance(info.get("swaps"), list):
+            p = _plot_swaps(test, info["swaps"], out_dir, name)
+            if p:
+                plots.append(p)
+    # figures a test wrote itself next to the JSON (named <name>_*.png) belong to the report too, except those of a
+    # report whose name extends this one (exp3_memory_pressure_card_*.png are not exp3_memory_pressure's)
+    longer = [p.stem + "_" for p in out_dir.glob(f"{name}_*.json")]
+    plots += sorted(p for p in out_dir.glob(f"{name}_*.png")
+                    if p not in plots and not any(p.name.startswith(stem) for stem in longer))
     n_fail = sum(not r.passed for r in rows)
     lines = [f"# Report: {name}", "",
              f"Source: `{json_path.name}`. {len(rows)} claims, {len(rows) - n_fail} pass, {n_fail} fail. "

@@ -211,7 +211,8 @@ class SwapEngine:
                 if not (keep and name in keep):
                     self.slab.free(t, after=ev)
         nbytes = sum(t.nbytes for t in items.values())
-        self._account("out", nbytes, len(items), start, out, pre, bracketed=bool(items))
+        self._account("out", nbytes, len(items), start, out, pre, bracketed=bool(items),
+                      segments={it.block.segment for it in swapped.values()})
         log.debug("swap-out: %d items, %d bytes", len(items), nbytes)
         return SwappedState(self, swapped)
 
@@ -276,13 +277,14 @@ class SwapEngine:
             start, pre = self._issue_torch_copies(state, selected, tensors, deps, events, checks)
         else:
             self._issue_driver_copies(state, selected, tensors, deps, events)
+        segments = {state.items[n].block.segment for n in selected}
         for name in selected:  # bookkeeping after the copies are issued
             it = state.items.pop(name)
             ev = events[name]
             self.slab.fence(tensors[name], ev)  # a compaction issued before the consumer waits must wait for it
             self.host_pool.free(it.block, after=ev)
         nbytes = sum(t.nbytes for t in tensors.values())
-        self._account("in", nbytes, len(selected), start, inn, pre, bracketed=torch_path)
+        self._account("in", nbytes, len(selected), start, inn, pre, bracketed=torch_path, segments=segments)
         log.debug("swap-in: %d items, %d bytes, %d left on host", len(selected), nbytes, len(state.items))
         return ResidentState(tensors, events, state if state.items else None, self.device, checks, self.driver)
 
@@ -473,7 +475,7 @@ class SwapEngine:
         behind ``copied``, counters and (with ``record_timing``) the swap record."""
         it = state.items.pop(name)
         self.host_pool.free(it.block, after=copied)
-        self._account("in", nbytes, 1, start, stream)
+        self._account("in", nbytes, 1, start, stream, segments=(it.block.segment,))
 
     def _bracket(self, direction: str, stream: Any, nbytes: int) -> Span | None:
         """The bracket's reference copy on ``stream`` next to a swap of ``nbytes`` (None without a bracket)."""
@@ -483,14 +485,15 @@ class SwapEngine:
             return self.bracket(direction, stream, nbytes)
 
     def _account(self, direction: str, nbytes: int, items: int, start: Any, stream: Any, pre: Span | None = None,
-                 *, bracketed: bool = False) -> None:
+                 *, bracketed: bool = False, segments: Collection[int] = ()) -> None:
         """Count one swap in ``direction`` ("out" or "in"); with ``start`` (record_timing) keep its Span, ended
-        by an event on ``stream`` now. ``bracketed``: the swap's copies went through a path that took the bracket
-        before them (``pre``), so the bracket is taken again after them and both go in the record."""
+        by an event on ``stream`` now, with the host pool segments its blocks lie in. ``bracketed``: the swap's
+        copies went through a path that took the bracket before them (``pre``), so the bracket is taken again after
+        them and both go in the record."""
         end = make_mark("end", stream) if start is not None else None
         post = self._bracket(direction, stream, nbytes) if bracketed else None
         if start is not None:
-            data: dict[str, Any] = {"nbytes": nbytes, "items": items}
+            data: dict[str, Any] = {"nbytes": nbytes, "items": items, "segments": sorted(segments)}
             if pre is not None and post is not None:
                 data["bracket"] = (pre, post)
             self.records.append(Span(direction, start, end, data))

@@ -231,15 +231,17 @@ class SwapStats:
 
 def swap_timeline(records: Sequence[Span]) -> list[dict[str, Any]]:
     """Each swap of ``records`` (:attr:`SwapEngine.records`) as ``{direction, nbytes, ms, GBps, start_ms, overlap_ms,
-    host_issue_ms, host_start_s}``: ``start_ms`` from the first record's start (device clock), ``host_start_s`` the
-    host's ``perf_counter`` when its first copy was issued, ``overlap_ms`` the time it shared the link with copies
-    of the other direction (swaps and their brackets: a copy that overlaps one the other way runs slower),
-    ``host_issue_ms`` how long the host took to issue its copies (a swap issued slower than its copies run leaves the
-    link idle inside its window). A swap taken between two bracket copies (``SwapEngine.bracket``) also has
-    ``bracket_ms`` (before, after), ``bracket_nbytes``, ``bracket_GBps`` (both copies' bytes over their time: what the
-    link gave just around the swap), ``bracket_overlap_ms`` (their time shared with copies the other way) and
-    ``over_bracket`` (``GBps`` / ``bracket_GBps``). Waits for the last record's events: call it after the run.
-    :class:`DeviceUnavailable` for records without CUDA events."""
+    host_issue_ms, host_start_s, segments}``: ``start_ms`` from the first record's start (device clock),
+    ``host_start_s`` the host's ``perf_counter`` when its first copy was issued, ``overlap_ms`` the time it shared the
+    link with copies of the other direction (swaps and their brackets: a copy that overlaps one the other way runs
+    slower), ``host_issue_ms`` how long the host took to issue its copies (a swap issued slower than its copies run
+    leaves the link idle inside its window), ``segments`` the host pool segments its blocks lie in (where recorded).
+    A swap taken between two bracket copies (``SwapEngine.bracket``) also has ``bracket_ms`` (before, after),
+    ``bracket_nbytes``, ``bracket_GBps`` (both copies' bytes over their time: what the link gave just around the
+    swap), ``bracket_overlap_ms`` (their time shared with copies the other way) and ``over_bracket`` (``GBps`` /
+    ``bracket_GBps``). Waits for the last record's events: call it after the run. :class:`DeviceUnavailable` for
+    records without CUDA events.
+    """
     if not records:
         return []
     marks = [m for r in records for m in (r.start, r.end)]
@@ -270,6 +272,8 @@ def swap_timeline(records: Sequence[Span]) -> list[dict[str, Any]]:
         row = {"direction": d, "nbytes": n, "ms": ms, "GBps": n / ms / 1e6 if ms > 0 else float("nan"),
                "start_ms": t0, "overlap_ms": shared(d, t0, t1), "host_issue_ms": r.host_ms,
                "host_start_s": r.start.host_s}
+        if "segments" in r.data:
+            row["segments"] = list(r.data["segments"])
         if b:
             b_ms = [u1 - u0 for u0, u1 in ws]
             b_n = sum(span.data["nbytes"] for span in b)
