@@ -184,10 +184,11 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
     # resume finds its room ready and never shares the link with an eviction
     reserve = rig.session_bytes + RESERVE_HEAD_BYTES
     rt = BreakpointRuntime(rig.model, slab=rig.slab, swap=swap, free_target_bytes=reserve)
-    health_before = link_health.snapshot(rig.slab.device.index or 0)
+    health_read = link_health.reader(rig.slab.device.index or 0)
+    health_before = health_read()
     ceil_before = {d: copy_ceilings.measure(rig.session_bytes, d) for d in ("h2d", "d2h")}
     sampler = vram_sampler(period_s=0.01)
-    health = link_health.HealthSampler(rig.slab.device.index or 0, period_s=1.0)
+    health = link_health.HealthSampler(period_s=1.0, read=health_read)
 
     def run() -> WorkloadResult:
         with sampler, health:
@@ -195,7 +196,7 @@ def test_paused_sessions_oversubscribe_vram_and_all_complete(sessions, pressure_
 
     result = claim.measure(run)
     ceil_after = {d: copy_ceilings.measure(rig.session_bytes, d) for d in ("h2d", "d2h")}
-    health_after = link_health.snapshot(rig.slab.device.index or 0)
+    health_after = health_read()
     rt.close_all()
 
     demand = demand_bytes(sessions, rig.session_bytes, rig.weight_bytes)

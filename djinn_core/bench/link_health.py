@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +99,31 @@ def _clock_reasons(pynvml: Any, handle: Any) -> int:
     return int(fn(handle))
 
 
-def snapshot(device: int | None = None, *, proc: Path | str = "/proc") -> dict[str, float]:
-    """Host readings, plus the GPU's when ``device`` (a CUDA device index) is given and NVML answers."""
-    out = host_snapshot(proc)
+def reader(device: int | None = None, *, proc: Path | str = "/proc") -> Callable[[], dict[str, float]]:
+    """A function taking snapshots: host readings, plus the GPU's when ``device`` (a CUDA device index) is given and
+    NVML answers (its handle found once, here)."""
+    nvml = None
     if device is not None:
         from djinn_core.bench.vram import nvml_handle  # imports torch
         from djinn_core.errors import DeviceUnavailable
 
         try:
-            pynvml, handle = nvml_handle(device)
+            nvml = nvml_handle(device)
         except DeviceUnavailable as e:
-            log.warning("no GPU readings for the link-health snapshot: %s", e)
-        else:
-            out.update(gpu_snapshot(pynvml, handle))
-    return out
+            log.warning("no GPU readings for the link-health snapshots: %s", e)
+
+    def read() -> dict[str, float]:
+        out = host_snapshot(proc)
+        if nvml is not None:
+            out.update(gpu_snapshot(*nvml))
+        return out
+
+    return read
+
+
+def snapshot(device: int | None = None, *, proc: Path | str = "/proc") -> dict[str, float]:
+    """One snapshot (:func:`reader`)."""
+    return reader(device, proc=proc)()
 
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -125,16 +136,16 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
 
 
 class HealthSampler:
-    """Snapshots (:func:`snapshot`) every ``period_s`` on a background thread while in use, each stamped with the
-    host's ``time.perf_counter()`` (``t``), the clock of swap records' host marks, so a slow copy can be set beside
-    what the GPU and the host were doing then (:meth:`around`)."""
+    """Snapshots (``read``, default :func:`reader` of ``device``) every ``period_s`` on a background thread while in
+    use, each stamped with the host's ``time.perf_counter()`` (``t``), the clock of swap records' host marks, so a
+    slow copy can be set beside what the GPU and the host were doing then (:meth:`around`)."""
 
     def __init__(self, device: int | None = None, period_s: float = 1.0, *, read=None):
         from djinn_core.validation import check_number
 
         check_number("period_s", period_s, 0.0, strict_minimum=True)
         self.period_s = period_s
-        self._read = read if read is not None else (lambda: snapshot(device))
+        self._read = read if read is not None else reader(device)
         self.samples: list[dict[str, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -191,9 +191,7 @@ class SwapEngine:
                 block.fences = []
                 if first:
                     first = False
-                    pre = self._bracket("out", out, sum(sizes))
-                    if self.record_timing:
-                        start = self._timing_start(out)
+                    pre, start = self._before_first_copy("out", out, sum(sizes))
                 src = t.view()
                 cs = checksum(src) if self.checksums else None
                 block.view().copy_(src, non_blocking=out is not None)
@@ -302,9 +300,7 @@ class SwapEngine:
                     self._wait_distinct(inn, (*deps[name], it.event))
                 if first:
                     first = False
-                    pre = self._bracket("in", inn, sum(tensors[n].nbytes for n in selected))
-                    if self.record_timing:
-                        start = self._timing_start(inn)
+                    pre, start = self._before_first_copy("in", inn, sum(tensors[n].nbytes for n in selected))
                 dst = tensors[name].view()
                 dst.copy_(it.block.view(), non_blocking=inn is not None)
                 cs = checksum(dst) if it.checksum is not None else None
@@ -476,6 +472,11 @@ class SwapEngine:
         it = state.items.pop(name)
         self.host_pool.free(it.block, after=copied)
         self._account("in", nbytes, 1, start, stream, segments=(it.block.segment,))
+
+    def _before_first_copy(self, direction: str, stream: Any, nbytes: int) -> tuple[Span | None, Mark | None]:
+        """Right before a swap's first copy, on its stream: the bracket's copy, then the timing start mark (each None
+        when not taken)."""
+        return self._bracket(direction, stream, nbytes), self._timing_start(stream)
 
     def _bracket(self, direction: str, stream: Any, nbytes: int) -> Span | None:
         """The bracket's reference copy on ``stream`` next to a swap of ``nbytes`` (None without a bracket)."""

@@ -230,7 +230,7 @@ class Server(LoopService):
                     raise
                 if early is not None:
                     early.complete(time.perf_counter(), None if place is not None else bufs)
-                    self.counters["in_place" if place is not None else "header_first"] += 1
+                    self.counters["in_place" if place is not None else "header_first_staged"] += 1
                     self.counters["ok"] += 1
                     self._note_device_span(req.client, ev0, ev1)  # after the reply: it never delays one
                     return
@@ -297,7 +297,7 @@ class Server(LoopService):
             "requests": self.counters["requests"], "errors": self.counters["errors"],
             # replies to a channel sent header first, their tensors copied by the device into the channel itself
             # (in place) or through the staging buffer
-            "header_first": {"in_place": self.counters["in_place"], "staged": self.counters["header_first"]},
+            "header_first": {"in_place": self.counters["in_place"], "staged": self.counters["header_first_staged"]},
             "uptime_s": time.monotonic() - self.started_at,
             "limits": {"max_request_bytes": self.config.max_request_bytes, "max_sessions": self.config.max_sessions,
                        "max_sessions_per_client": self.config.per_client_limit,
