@@ -14,7 +14,7 @@ from djinn_core.runtime.decode_graphs import DecodeGraphs
 from djinn_core.errors import ConfigError
 from djinn_core.runtime.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
 from djinn_core.models import build_model, decoder_layers
-from djinn_core.models.llama import GRAPHABLE
+from djinn_core.models.llama import GRAPHABLE, LlamaLayerSplit
 
 ARCHS = ["llama-tiny", "mistral-tiny", "qwen2-tiny"]
 _ROTARY_ORIG = modeling_llama.apply_rotary_pos_emb
@@ -35,6 +35,77 @@ def test_norms_and_mlp_of_every_layer_are_the_graphed_modules(arch):
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_layers_are_split_around_their_attention_and_the_others_are_not(arch):
+    model = build_model(arch, dtype=torch.float32, seed=0)
+    g = DecodeGraphs(model)
+    layers = list(decoder_layers(model))
+    if arch == "llama-tiny":
+        assert [layer for layer, _ in g.splits] == layers
+        assert all(isinstance(sp, LlamaLayerSplit) for _, sp in g.splits)
+    else:  # their attention takes a sliding window: the per-module graphs only
+        assert g.splits == []
+
+
+def _split_forward(split, rotary, calls):
+    def forward(*args, **kwargs):
+        h, cos, sin, ctx = split.bind(args, kwargs)
+        calls.append(1)
+        return split.post(split.attend(*split.pre(h, cos, sin, rotary), ctx), h)
+    return forward
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_split_parts_composed_are_bitwise_the_layer_forward(llama_tiny_fp32, batch):
+    """The parts launch the layer's own operators in its order: decode steps through them equal eager ones bitwise
+    (logits and the KV written), on the CPU's kernels."""
+    model = llama_tiny_fp32
+    ids = torch.randint(0, model.config.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(1))
+    g = DecodeGraphs(model)
+    geo = KVGeometry.for_model(model.config, batch=batch, capacity=9 + 6, dtype=torch.float32)
+    caches = [SlabKVCache(geo, TorchKVAllocator(ids.device)) for _ in range(2)]
+    with torch.no_grad():
+        first = [model(ids, past_key_values=c, use_cache=True).logits[:, -1] for c in caches]
+    assert torch.equal(*first)
+    calls = []
+    tok = first[0].argmax(-1, keepdim=True)
+    for _ in range(5):
+        eager = decode_step(model, caches[0], tok)
+        for layer, split in g.splits:
+            layer.forward = _split_forward(split, modeling_llama.apply_rotary_pos_emb, calls)
+        try:
+            parts = decode_step(model, caches[1], tok)
+        finally:
+            for layer, _ in g.splits:
+                del layer.forward
+        assert torch.equal(parts, eager)
+        tok = eager.argmax(-1, keepdim=True)
+    assert len(calls) == 5 * model.config.num_hidden_layers
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert a.length == b.length == 9 + 5
+        n = a.length
+        assert torch.equal(a.block.view()[:, :, :, :n], b.block.view()[:, :, :, :n])
+
+
+@pytest.mark.cpu
+def test_a_split_binds_only_plain_decode_calls(llama_tiny_fp32):
+    _, split = DecodeGraphs(llama_tiny_fp32).splits[0]
+    h, cos, sin, cache = torch.zeros(1, 1, 8), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), object()
+    bound = split.bind((h,), {"position_embeddings": (cos, sin), "past_key_values": cache, "attention_mask": None,
+                              "position_ids": None, "use_cache": True, "cache_position": 7})
+    assert bound[:3] == (h, cos, sin) and split.cache(bound[3]) is cache
+    assert bound[3][2] == {"position_ids": None, "use_cache": True, "cache_position": 7}  # what the attention gets
+    assert split.bind((h,), {"past_key_values": cache}) is None  # no position embeddings
+    assert split.bind((h,), {"position_embeddings": (cos, sin)}) is None  # no cache
+    assert split.bind((h, None), {"position_embeddings": (cos, sin), "past_key_values": cache}) is None
+    assert split.bind((), {"hidden_states": h, "position_embeddings": (cos, sin),
+                           "past_key_values": cache})[0] is h
+    w = split.weights()
+    assert len(w) == 9 and len(set(w)) == 9  # two norms, q/k/v/o, gate/up/down: each read where it lies
+
+
+@pytest.mark.cpu
 def test_off_cuda_active_is_a_no_op_and_the_model_is_untouched(llama_tiny_fp32):
     model = llama_tiny_fp32
     g = DecodeGraphs(model)
@@ -42,6 +113,7 @@ def test_off_cuda_active_is_a_no_op_and_the_model_is_untouched(llama_tiny_fp32):
     orig = [getattr(home, name) for home, name in g.functions]
     with g.active():
         assert all("forward" not in m.__dict__ for m in g.modules)
+        assert all("forward" not in layer.__dict__ for layer, _ in g.splits)
         assert [getattr(home, name) for home, name in g.functions] == orig
     assert g.graph_count == 0
     rt = BreakpointRuntime(model, slab_bytes=8 << 20)
@@ -86,34 +158,47 @@ def gpu_tiny(cuda_device):
 
 
 @pytest.mark.gpu
-def test_gpu_replayed_decode_is_bitwise_equal_to_eager_and_leaves_the_model_as_it_was(gpu_tiny):
-    model, ids = gpu_tiny
+@pytest.mark.parametrize("arch", ["llama-tiny", "mistral-tiny"])
+def test_gpu_replayed_decode_is_bitwise_equal_to_eager_and_leaves_the_model_as_it_was(arch, cuda_device):
+    model = build_model(arch, device=cuda_device, dtype=torch.float16, seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 37), device=cuda_device,
+                        generator=torch.Generator(device=cuda_device).manual_seed(2))
     g = DecodeGraphs(model)
     eager = _decode(model, ids, 12)
     graphed = _decode(model, ids, 12, g)
     assert torch.equal(graphed, eager)
     layers = model.config.num_hidden_layers
     assert len(g.modules) == 3 * layers and len(g.functions) == 1
-    assert g.captures == len(g.modules) + 1  # one rotary graph serves every layer
-    assert g.replays == 12 * (len(g.modules) + layers)  # every decode step, the capturing one included
+    if g.splits:  # every layer: a graph before its attention and one after
+        assert len(g.splits) == layers
+        assert g.captures == 2 * layers
+        assert g.replays == 12 * 2 * layers  # every decode step, the capturing one included
+    else:
+        assert g.captures == len(g.modules) + 1  # one rotary graph serves every layer
+        assert g.replays == 12 * (len(g.modules) + layers)
     assert all("forward" not in m.__dict__ for m in g.modules)
-    assert getattr(*g.functions[0]) is modeling_llama.apply_rotary_pos_emb is _ROTARY_ORIG
+    assert all("forward" not in layer.__dict__ for layer, _ in g.splits)
+    home, name = g.functions[0]
+    assert getattr(home, name) is getattr(sys.modules[type(decoder_layers(model)[0].self_attn).__module__], name)
+    captures = g.captures
     again = _decode(model, ids, 12, g)  # the captured graphs serve a new cache (other KV addresses) as well
-    assert torch.equal(again, eager) and g.captures == len(g.modules) + 1
+    assert torch.equal(again, eager) and g.captures == captures
 
 
 @pytest.mark.gpu
 def test_gpu_hooks_prefill_and_moved_weights_take_the_eager_path(gpu_tiny):
     model, ids = gpu_tiny
     g = DecodeGraphs(model)
+    layers = model.config.num_hidden_layers
     eager = _decode(model, ids, 4)
     mlp = g.modules[2]
     old = mlp.down_proj.weight
     assert torch.equal(_decode(model, ids, 4, g), eager)
+    assert g.captures == 2 * layers
     mlp.down_proj.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)  # same values, moved
     try:
         assert torch.equal(_decode(model, ids, 4, g), eager)
-        assert g.captures == len(g.modules) + 2  # and the rotary graph; then the MLP again against the new weight
+        assert g.captures == 2 * layers + 2  # the first layer's two graphs again, against the new weight
     finally:
         mlp.down_proj.weight = old
     g = DecodeGraphs(model)
@@ -123,7 +208,9 @@ def test_gpu_hooks_prefill_and_moved_weights_take_the_eager_path(gpu_tiny):
         assert torch.equal(_decode(model, ids, 4, g), eager)
     finally:
         h.remove()
-    assert g.graph_count == len(g.modules)  # all but the hooked module (eager: its hook saw every output), + rotary
+    # the hooked norm's layer runs its own forward (its other norm and MLP as module graphs, the rotary graph; the
+    # hooked norm eager: its hook saw every output); every other layer its two graphs
+    assert g.graph_count == 2 * (layers - 1) + 2 + 1
     assert len(seen) == 1 + 4  # the prefill, then 4 decode steps
     with g.active(), torch.no_grad():  # a prompt of many tokens never replays
         before = g.replays

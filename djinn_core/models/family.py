@@ -73,12 +73,61 @@ class ModelFamily(abc.ABC):
         """``(python module, attribute name)`` of the function the decoder layers' attention looks up at call time
         to apply the rotary embedding as ``fn(q, k, cos, sin) -> (q, k)``; None when there is none to replace."""
 
+    def decode_layer_split(self, layer: "nn.Module", rotary: "tuple[types.ModuleType, str] | None"
+                           ) -> "LayerSplit | None":
+        """One decoder layer's decode step split around its attention (see :class:`LayerSplit`), so that all of it
+        but the attention itself can replay as CUDA graphs; None (the default) when the family does not know the
+        layer's forward op for op. ``rotary`` is :meth:`rotary_function`'s answer for the model."""
+        return None
+
     def __str__(self) -> str:
         types_ = ", ".join(sorted(self.model_types))
         return f"{self.name} (model types {types_})" if types_ else self.name
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
+
+
+class LayerSplit(abc.ABC):
+    """A decoder layer's forward, split in three around its attention, for a decode step (a few positions):
+
+    * ``pre(h, cos, sin, rotary) -> (q, k, v)``: the input norm, the projections and the rotary embedding;
+    * ``attend(q, k, v, ctx) -> attn``: the KV cache's update and the attention over every cached position (the key
+      length grows by a step each time, so this part runs eagerly);
+    * ``post(attn, h) -> h'``: the output projection, the residual, the second norm, the MLP and its residual.
+
+    ``pre`` and ``post`` are pure functions of their tensors' shapes (CUDA-graph replayable); composed, the three
+    launch exactly the kernels of the layer's own forward, in its order, so the result is bitwise equal to it.
+    :meth:`bind` maps the layer's forward arguments to ``(h, cos, sin, ctx)``.
+    """
+
+    @abc.abstractmethod
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> "tuple[Any, Any, Any, Any] | None":
+        """``(h, cos, sin, ctx)`` from the layer's forward arguments; None when they are not a plain decode call."""
+
+    @abc.abstractmethod
+    def pre(self, h: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor", rotary: Any) -> Any:
+        """(q, k, v) of ``h``; ``rotary`` is the function that applies the rotary embedding."""
+
+    @abc.abstractmethod
+    def attend(self, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", ctx: Any) -> "torch.Tensor":
+        """The cache update and the attention (eager)."""
+
+    @abc.abstractmethod
+    def post(self, attn: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        """The layer's output from the attention's output and the layer's input ``h`` (its residual)."""
+
+    @abc.abstractmethod
+    def cache(self, ctx: Any) -> Any:
+        """The KV cache that :meth:`attend` updates (from :meth:`bind`'s ``ctx``)."""
+
+    @abc.abstractmethod
+    def modules(self) -> "tuple[nn.Module, ...]":
+        """Every module whose forward the parts stand in for (their hooks must send the call the eager way)."""
+
+    @abc.abstractmethod
+    def weights(self) -> tuple[int, ...]:
+        """The data pointers of every parameter the graphed parts read, now (a change means a new capture)."""
 
 
 _families: list[ModelFamily] = []

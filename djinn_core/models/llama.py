@@ -12,11 +12,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from djinn_core.errors import ConfigError
-from djinn_core.models.family import ModelFamily, register_family
+from djinn_core.models.family import LayerSplit, ModelFamily, register_family
 
 if TYPE_CHECKING:
     import types
 
+    import torch
     from torch import nn
 
 # sub-modules of a decoder layer whose forward is a fixed sequence of kernels given the input's shape
@@ -81,6 +82,103 @@ class LlamaFamily(ModelFamily):
                 if callable(getattr(home, _ROTARY, None)):
                     return home, _ROTARY
         return None
+
+
+    def decode_layer_split(self, layer: "nn.Module", rotary: "tuple[types.ModuleType, str] | None"
+                           ) -> "LayerSplit | None":
+        if rotary is None or rotary[0] is None:
+            return None
+        return LlamaLayerSplit.of(layer, rotary[0])
+
+
+# decoder layer classes whose forward LlamaLayerSplit follows op for op (transformers 5.x): the layer, its attention,
+# norm and MLP classes. Mistral and Qwen2 pass their attention function more arguments (a sliding window); their
+# layers keep the per-module graphs.
+SPLIT_LAYERS = {"LlamaDecoderLayer": ("LlamaAttention", "LlamaRMSNorm", "LlamaMLP")}
+_ATTN_ARGS = ("attention_mask", "position_embeddings", "past_key_values", "position_ids", "use_cache")
+
+
+class LlamaLayerSplit(LayerSplit):
+    """``LlamaDecoderLayer.forward`` (with ``LlamaAttention.forward``) in three parts: see :class:`LayerSplit`.
+
+    Each part makes the calls the layer's own forward makes, in its order and on the same modules, so the composition
+    launches the same kernels. The attention function is looked up per call, as ``LlamaAttention.forward`` does."""
+
+    def __init__(self, layer: "nn.Module", home: "types.ModuleType"):
+        self.layer = layer
+        self.attn = layer.self_attn
+        self.norm1, self.norm2, self.mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+        self.home = home
+        self._modules = tuple(layer.modules())
+        self._slots = tuple((m._parameters, name) for m in self._modules for name, p in m._parameters.items()
+                            if p is not None)
+
+    @classmethod
+    def of(cls, layer: "nn.Module", home: "types.ModuleType") -> "LlamaLayerSplit | None":
+        """The split of ``layer``, or None unless its classes are the ones it follows (:data:`SPLIT_LAYERS`) and
+        ``home`` (their modeling module) has the attention-function registry the attention looks up."""
+        want = SPLIT_LAYERS.get(type(layer).__name__)
+        parts = (getattr(layer, "self_attn", None), getattr(layer, "input_layernorm", None),
+                 getattr(layer, "mlp", None))
+        if want is None or tuple(type(p).__name__ for p in parts) != want:
+            return None
+        if type(getattr(layer, "post_attention_layernorm", None)).__name__ != want[1]:
+            return None
+        if not (hasattr(home, "ALL_ATTENTION_FUNCTIONS") and callable(getattr(home, "eager_attention_forward", None))):
+            return None
+        return cls(layer, home)
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> "tuple[Any, Any, Any, Any] | None":
+        if len(args) == 1:
+            h = args[0]
+        elif not args and "hidden_states" in kwargs:
+            kwargs = dict(kwargs)
+            h = kwargs.pop("hidden_states")
+        else:
+            return None
+        pe, cache = kwargs.get("position_embeddings"), kwargs.get("past_key_values")
+        if pe is None or cache is None or len(pe) != 2:
+            return None
+        # what LlamaDecoderLayer hands its attention, and the attention its attention function, besides the tensors
+        extra = {k: v for k, v in kwargs.items() if k not in _ATTN_ARGS}
+        extra["position_ids"] = kwargs.get("position_ids")
+        extra["use_cache"] = kwargs.get("use_cache", False)
+        return h, pe[0], pe[1], (kwargs.get("attention_mask"), cache, extra)
+
+    def pre(self, h: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor", rotary: Any) -> Any:
+        attn = self.attn
+        x = type(self.norm1).forward(self.norm1, h)
+        hidden_shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(x).view(hidden_shape).transpose(1, 2)
+        k = attn.k_proj(x).view(hidden_shape).transpose(1, 2)
+        v = attn.v_proj(x).view(hidden_shape).transpose(1, 2)
+        q, k = rotary(q, k, cos, sin)
+        return q, k, v
+
+    def attend(self, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", ctx: Any) -> "torch.Tensor":
+        mask, cache, extra = ctx
+        attn = self.attn
+        k, v = cache.update(k, v, attn.layer_idx)
+        fn = self.home.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                             self.home.eager_attention_forward)
+        out, _ = fn(attn, q, k, v, mask, dropout=0.0 if not attn.training else attn.attention_dropout,
+                    scaling=attn.scaling, **extra)
+        return out
+
+    def post(self, attn_out: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        a = self.attn.o_proj(attn_out.reshape(*h.shape[:-1], -1).contiguous())
+        h = h + a
+        x = type(self.norm2).forward(self.norm2, h)
+        return h + type(self.mlp).forward(self.mlp, x)
+
+    def cache(self, ctx: Any) -> Any:
+        return ctx[1]
+
+    def modules(self) -> "tuple[nn.Module, ...]":
+        return self._modules
+
+    def weights(self) -> tuple[int, ...]:
+        return tuple(-1 if (p := d.get(name)) is None else p.data_ptr() for d, name in self._slots)
 
 
 LLAMA = LlamaFamily()

@@ -41,13 +41,16 @@ import contextlib
 import logging
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from djinn_core.models import family_of
+from djinn_core.models.family import LayerSplit
+from djinn_core.runtime.kv_cache import SlabKVCache
 from djinn_core.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -61,13 +64,17 @@ class _Graph:
     static_in: tuple[torch.Tensor, ...]
     static_out: Any  # a tensor, or a tuple of tensors
     params: tuple[int, ...]  # the module's parameters' data pointers at capture (empty for a function)
-    last_src: list[Any] = field(default_factory=list)  # per input: the tensor last copied in (shared inputs)
 
 
 def _eligible(x: Any, max_tokens: int) -> bool:
     """A CUDA tensor a graph may stand in for: at most ``max_tokens`` positions, contiguous, allocator-aligned."""
     return (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() >= 2 and x.shape[-2] <= max_tokens
             and x.is_contiguous() and not x.data_ptr() % _ALIGN)
+
+
+def _buffer(x: Any) -> bool:
+    """A CUDA tensor a graph's input buffer may take the place of: contiguous and allocator-aligned."""
+    return isinstance(x, torch.Tensor) and x.is_cuda and x.is_contiguous() and not x.data_ptr() % _ALIGN
 
 
 class DecodeGraphs:
@@ -90,7 +97,17 @@ class DecodeGraphs:
         # (python module, attribute): the rotary function the decoder layers' attention looks up at call time
         rotary = family.rotary_function(model)
         self.functions: list[tuple[types.ModuleType, str]] = [] if rotary is None else [rotary]
+        # decoder layers whose whole decode step but the attention replays as two graphs (LayerSplit)
+        self.splits: list[tuple[nn.Module, LayerSplit]] = []
+        for layer in family.decoder_layers(model):
+            split = family.decode_layer_split(layer, rotary)
+            if split is not None:
+                self.splits.append((layer, split))
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
+        self._last: dict[int, tuple[torch.Tensor, Any]] = {}  # id(static input) -> (it, the tensor last copied in)
+        self._shared: dict[tuple[Any, ...], torch.Tensor] = {}  # static inputs every layer's graph reads (cos, sin)
+        self._outputs: dict[int, torch.Tensor] = {}  # id -> a layer graph's output (the next layer's static input)
+        self._rotary: Any = None  # the rotary function in effect when the graphs became active (what layers call)
         self._failed: set[int] = set()  # ids of modules / functions whose capture failed: always eager
         self._depth = 0
         self._saved: list[tuple[types.ModuleType, str, Any]] = []
@@ -121,7 +138,11 @@ class DecodeGraphs:
             for home, name in self.functions:
                 orig = getattr(home, name)
                 self._saved.append((home, name, orig))
+                self._rotary = orig
                 setattr(home, name, self._rotary_wrapper(orig, name))
+            if self._rotary is not None:
+                for layer, split in self.splits:
+                    layer.forward = self._layer_wrapper(layer, split, type(layer).forward.__get__(layer))
         self._depth += 1
         try:
             yield
@@ -130,6 +151,8 @@ class DecodeGraphs:
             if self._depth == 0:
                 for m in self.modules:
                     del m.forward
+                for layer, _ in self.splits:
+                    layer.__dict__.pop("forward", None)
                 while self._saved:
                     home, name, orig = self._saved.pop()
                     setattr(home, name, orig)
@@ -138,6 +161,9 @@ class DecodeGraphs:
         """Drop every captured graph and its memory (they are captured again on next use)."""
         self._graphs.clear()
         self._failed.clear()
+        self._last.clear()
+        self._shared.clear()
+        self._outputs.clear()
         self._pool = None
 
     @property
@@ -145,6 +171,65 @@ class DecodeGraphs:
         return len(self._graphs)
 
     # -- replay --------------------------------------------------------------------------------------------------
+    def _layer_wrapper(self, layer: nn.Module, split: LayerSplit, eager: Callable[..., Any]) -> Callable[..., Any]:
+        """A decoder layer's decode step as ``pre`` graph, eager ``attend``, ``post`` graph (:class:`LayerSplit`).
+        The ``pre`` graph reads the previous layer's ``post`` output in place (captured on it), and every layer's
+        ``pre`` graph reads the step's ``cos`` and ``sin`` from one pair of buffers, copied in once per step."""
+        lid = id(layer)
+        mods = split.modules()
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            bound = split.bind(args, kwargs)
+            if bound is None or lid in self._failed or torch.is_grad_enabled():
+                return eager(*args, **kwargs)
+            h, cos, sin, ctx = bound
+            mt = self.max_tokens
+            if (not (_eligible(h, mt) and _eligible(cos, mt) and _eligible(sin, mt)) or _hooked(mods)
+                    or not isinstance(split.cache(ctx), SlabKVCache)):
+                return eager(*args, **kwargs)
+            key = (lid, "pre", h.shape, h.dtype, cos.shape, cos.dtype, sin.shape)
+            weights = split.weights()
+            g = self._graphs.get(key)
+            if g is not None and g.params != weights:
+                g = None  # a weight moved: capture both parts again
+                self._graphs.pop((lid, "post", h.shape, h.dtype), None)
+            if g is None:
+                rotary = self._rotary
+                static = (h if self._outputs.get(id(h)) is h else None,
+                          self._shared_input(("cos", cos.shape, cos.dtype), cos),
+                          self._shared_input(("sin", sin.shape, sin.dtype), sin))
+                g = self._capture(key, lambda *a: split.pre(*a, rotary), (h, cos, sin), weights,
+                                  f"{type(layer).__name__} (before attention)", static=static)
+                if g is None:
+                    return eager(*args, **kwargs)
+            q, k, v = self._replay(g, (h, cos, sin), shared=(1, 2))
+            attn = split.attend(q, k, v, ctx)
+            resid = g.static_in[0]  # h, as the pre graph read it
+            pkey = (lid, "post", h.shape, h.dtype)
+            gp = self._graphs.get(pkey)
+            if gp is not None and gp.static_in[0].shape != attn.shape:
+                gp = None
+            if gp is None:
+                if not _buffer(attn):
+                    return split.post(attn, resid)
+                gp = self._capture(pkey, split.post, (attn, resid), weights,
+                                   f"{type(layer).__name__} (after attention)", static=(None, resid))
+                if gp is None:
+                    return split.post(attn, resid)
+                self._outputs[id(gp.static_out)] = gp.static_out
+            elif not _buffer(attn):
+                return split.post(attn, resid)
+            return self._replay(gp, (attn, resid))
+
+        return forward
+
+    def _shared_input(self, key: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
+        t = self._shared.get(key)
+        if t is None:
+            with torch.inference_mode(False):
+                t = self._shared[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return t
+
     def _module_wrapper(self, module: nn.Module, eager: Callable[..., Any]) -> Callable[..., Any]:
         mid = id(module)
 
@@ -187,26 +272,37 @@ class DecodeGraphs:
         return rotary
 
     def _replay(self, g: _Graph, args: tuple[torch.Tensor, ...], shared: tuple[int, ...] = ()) -> Any:
+        last = self._last
         for i, (dst, src) in enumerate(zip(g.static_in, args)):
-            if i in shared and g.last_src[i] is src:
-                continue  # copied in for an earlier layer of this step, and held since (so not reused)
+            if src is dst:
+                continue  # the graph reads it in place (the previous layer graph's output)
+            if i in shared:
+                prev = last.get(id(dst))
+                if prev is not None and prev[1] is src:
+                    continue  # copied in for an earlier layer of this step, and held since (so not reused)
+                last[id(dst)] = (dst, src)
             dst.copy_(src)
-            g.last_src[i] = src
         g.graph.replay()
         self.replays += 1
         return g.static_out
 
     def _capture(self, key: tuple[Any, ...], eager: Callable[..., Any], args: tuple[torch.Tensor, ...],
-                 params: tuple[int, ...], what: str) -> _Graph | None:
+                 params: tuple[int, ...], what: str, static: tuple[torch.Tensor | None, ...] = ()) -> _Graph | None:
+        """Capture ``eager(*args)`` as a graph over static copies of ``args``; ``static[i]``, where given, is the
+        buffer the graph reads input ``i`` from instead of a new one (shared, or another graph's output)."""
         x = args[0]
         cur = torch.cuda.current_stream(x.device)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)
         side = self._side
+        given = tuple(static) + (None,) * (len(args) - len(static))
         with torch.inference_mode(False):  # normal tensors: replays may copy into them in or out of inference mode
-            static_in = tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for a in args)
+            static_in = tuple(torch.empty_like(a, memory_format=torch.contiguous_format) if s is None else s
+                              for a, s in zip(args, given))
         for dst, src in zip(static_in, args):
-            dst.copy_(src)
+            if dst is not src:
+                dst.copy_(src)
+                self._last.pop(id(dst), None)
         side.wait_stream(cur)
         graph = torch.cuda.CUDAGraph()
         try:
@@ -229,11 +325,18 @@ class DecodeGraphs:
             return None
         if self._pool is None:
             self._pool = graph.pool()
-        g = _Graph(graph, static_in, static_out, params, [None] * len(args))
+        g = _Graph(graph, static_in, static_out, params)
         self._graphs[key] = g
         self.captures += 1
         log.debug("captured a decode graph of %s for %s", what, [tuple(a.shape) for a in args])
         return g
+
+
+def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+    """Whether a forward hook (global, or on one of ``modules``) would see the calls a graph stands in for."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _param_ptrs(module: nn.Module) -> tuple[int, ...]:
