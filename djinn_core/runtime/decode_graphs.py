@@ -12,6 +12,14 @@ once per step. Which modules and which function those are is the model family's 
 :meth:`~djinn_core.models.family.ModelFamily.rotary_function`), asked once at construction. What the graphs save is
 in ``docs/notes/models.md``.
 
+Where the family knows a decoder layer's forward op for op
+(:meth:`~djinn_core.models.family.ModelFamily.decode_layer_split`, Llama's layers), the whole layer replays instead as
+two graphs around its attention: before it, the input norm, the projections and the rotary embedding; after it, the
+output projection, both residuals, the second norm and the MLP. Only the cache update and the attention run eagerly.
+A layer's first graph reads the previous layer's output in place (it was captured on that buffer), and every
+layer's first graph reads the step's ``cos`` and ``sin`` from one shared pair of buffers, copied in once per step.
+The per-module graphs then serve only a layer that cannot take that path (a hook on one of its modules, say).
+
 A replay runs the kernels the eager code would launch, with the same shapes, strides, alignment and weights, so
 its output is bitwise equal to the eager one. To keep it so, a call goes through a graph only when all of these
 hold, and runs eagerly otherwise:
@@ -21,8 +29,11 @@ hold, and runs eagerly otherwise:
 * positional CUDA tensor arguments only (one for a module, ``q, k, cos, sin`` for the rotary function), each
   contiguous, at most ``max_tokens`` positions, 512-byte aligned (the caching allocator's alignment, which the
   captured input buffers have: kernels choose vectorised paths by alignment);
-* no gradient recording, and no hooks on the module (a hook could keep the returned tensor);
-* the module's parameters are where they were at capture (a moved or reloaded weight means a new capture).
+* no gradient recording, and no hooks on the module (a hook could keep the returned tensor); for a split layer, none
+  on any of its modules and no global forward hook, and its cache is a
+  :class:`~djinn_core.runtime.kv_cache.SlabKVCache` (which copies the key and value in);
+* the module's parameters are where they were at capture (a moved or reloaded weight means a new capture; for a
+  split layer, any of the layer's).
 
 Returned tensors are the graph's output buffers, overwritten at its next replay: safe for the decoder layer, which
 consumes them at once, and for a cache that copies K/V in (:class:`~djinn_core.runtime.kv_cache.SlabKVCache`, what the
