@@ -14,6 +14,7 @@ from djinn_core.runtime.decode_graphs import DecodeGraphs
 from djinn_core.errors import ConfigError
 from djinn_core.runtime.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
 from djinn_core.models import build_model, decoder_layers
+from djinn_core.models.architectures import architecture_config
 from djinn_core.models.llama import GRAPHABLE, LlamaLayerSplit
 
 ARCHS = ["llama-tiny", "mistral-tiny", "qwen2-tiny"]
@@ -36,15 +37,13 @@ def test_norms_and_mlp_of_every_layer_are_the_graphed_modules(arch):
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("arch", ARCHS)
-def test_llama_layers_are_split_around_their_attention_and_the_others_are_not(arch):
+def test_every_layer_of_the_llama_family_is_split_around_its_attention(arch):
     model = build_model(arch, dtype=torch.float32, seed=0)
     g = DecodeGraphs(model)
     layers = list(decoder_layers(model))
-    if arch == "llama-tiny":
-        assert [layer for layer, _ in g.splits] == layers
-        assert all(isinstance(sp, LlamaLayerSplit) for _, sp in g.splits)
-    else:  # their attention takes a sliding window: the per-module graphs only
-        assert g.splits == []
+    assert [layer for layer, _ in g.splits] == layers
+    assert all(isinstance(sp, LlamaLayerSplit) for _, sp in g.splits)
+    assert DecodeGraphs(model, split_layers=False).splits == []
 
 
 def _split_forward(split, rotary, calls):
@@ -56,11 +55,16 @@ def _split_forward(split, rotary, calls):
 
 
 @pytest.mark.cpu
-@pytest.mark.parametrize("batch", [1, 3])
-def test_the_split_parts_composed_are_bitwise_the_layer_forward(llama_tiny_fp32, batch):
+@pytest.mark.parametrize("arch,batch,window", [("llama-tiny", 1, None), ("llama-tiny", 3, None),
+                                               ("mistral-tiny", 2, None), ("mistral-tiny", 2, 8),
+                                               ("qwen2-tiny", 2, None)])
+def test_the_split_parts_composed_are_bitwise_the_layer_forward(arch, batch, window):
     """The parts launch the layer's own operators in its order: decode steps through them equal eager ones bitwise
-    (logits and the KV written), on the CPU's kernels."""
-    model = llama_tiny_fp32
+    (logits and the KV written), on the CPU's kernels; with a sliding window shorter than the sequence too."""
+    cfg = architecture_config(arch)
+    if window is not None:
+        cfg.sliding_window = window
+    model = build_model(cfg, dtype=torch.float32, seed=0)
     ids = torch.randint(0, model.config.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(1))
     g = DecodeGraphs(model)
     geo = KVGeometry.for_model(model.config, batch=batch, capacity=9 + 6, dtype=torch.float32)
@@ -72,8 +76,9 @@ def test_the_split_parts_composed_are_bitwise_the_layer_forward(llama_tiny_fp32,
     tok = first[0].argmax(-1, keepdim=True)
     for _ in range(5):
         eager = decode_step(model, caches[0], tok)
+        rotary = getattr(*g.functions[0])
         for layer, split in g.splits:
-            layer.forward = _split_forward(split, modeling_llama.apply_rotary_pos_emb, calls)
+            layer.forward = _split_forward(split, rotary, calls)
         try:
             parts = decode_step(model, caches[1], tok)
         finally:
@@ -158,12 +163,13 @@ def gpu_tiny(cuda_device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["llama-tiny", "mistral-tiny"])
-def test_gpu_replayed_decode_is_bitwise_equal_to_eager_and_leaves_the_model_as_it_was(arch, cuda_device):
+@pytest.mark.parametrize("arch,split", [("llama-tiny", True), ("mistral-tiny", True), ("qwen2-tiny", True),
+                                        ("llama-tiny", False)])
+def test_gpu_replayed_decode_is_bitwise_equal_to_eager_and_leaves_the_model_as_it_was(arch, split, cuda_device):
     model = build_model(arch, device=cuda_device, dtype=torch.float16, seed=3)
     ids = torch.randint(0, model.config.vocab_size, (2, 37), device=cuda_device,
                         generator=torch.Generator(device=cuda_device).manual_seed(2))
-    g = DecodeGraphs(model)
+    g = DecodeGraphs(model, split_layers=split)
     eager = _decode(model, ids, 12)
     graphed = _decode(model, ids, 12, g)
     assert torch.equal(graphed, eager)

@@ -91,21 +91,27 @@ class LlamaFamily(ModelFamily):
         return LlamaLayerSplit.of(layer, rotary[0])
 
 
-# decoder layer classes whose forward LlamaLayerSplit follows op for op (transformers 5.x): the layer, its attention,
-# norm and MLP classes. Mistral and Qwen2 pass their attention function more arguments (a sliding window); their
-# layers keep the per-module graphs.
-SPLIT_LAYERS = {"LlamaDecoderLayer": ("LlamaAttention", "LlamaRMSNorm", "LlamaMLP")}
+# decoder layer classes whose forward LlamaLayerSplit follows op for op (transformers 5.x): the layer -> its attention,
+# norm and MLP classes, and where its attention reads the sliding window it hands the attention function (Mistral:
+# its config's, if any; Qwen2: its own attribute; Llama hands none)
+SPLIT_LAYERS = {
+    "LlamaDecoderLayer": ("LlamaAttention", "LlamaRMSNorm", "LlamaMLP", None),
+    "MistralDecoderLayer": ("MistralAttention", "MistralRMSNorm", "MistralMLP", "config"),
+    "Qwen2DecoderLayer": ("Qwen2Attention", "Qwen2RMSNorm", "Qwen2MLP", "attention"),
+}
 _ATTN_ARGS = ("attention_mask", "position_embeddings", "past_key_values", "position_ids", "use_cache")
 
 
 class LlamaLayerSplit(LayerSplit):
-    """``LlamaDecoderLayer.forward`` (with ``LlamaAttention.forward``) in three parts: see :class:`LayerSplit`.
+    """``LlamaDecoderLayer.forward`` (with ``LlamaAttention.forward``), and Mistral's and Qwen2's, which differ only
+    in the sliding window their attention hands its attention function, in three parts: see :class:`LayerSplit`.
 
     Each part makes the calls the layer's own forward makes, in its order and on the same modules, so the composition
     launches the same kernels. The attention function is looked up per call, as ``LlamaAttention.forward`` does."""
 
-    def __init__(self, layer: "nn.Module", home: "types.ModuleType"):
+    def __init__(self, layer: "nn.Module", home: "types.ModuleType", window: str | None = None):
         self.layer = layer
+        self.window = window
         self.attn = layer.self_attn
         self.norm1, self.norm2, self.mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
         self.home = home
@@ -120,13 +126,13 @@ class LlamaLayerSplit(LayerSplit):
         want = SPLIT_LAYERS.get(type(layer).__name__)
         parts = (getattr(layer, "self_attn", None), getattr(layer, "input_layernorm", None),
                  getattr(layer, "mlp", None))
-        if want is None or tuple(type(p).__name__ for p in parts) != want:
+        if want is None or tuple(type(p).__name__ for p in parts) != want[:3]:
             return None
         if type(getattr(layer, "post_attention_layernorm", None)).__name__ != want[1]:
             return None
         if not (hasattr(home, "ALL_ATTENTION_FUNCTIONS") and callable(getattr(home, "eager_attention_forward", None))):
             return None
-        return cls(layer, home)
+        return cls(layer, home, want[3])
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> "tuple[Any, Any, Any, Any] | None":
         if len(args) == 1:
@@ -161,8 +167,12 @@ class LlamaLayerSplit(LayerSplit):
         k, v = cache.update(k, v, attn.layer_idx)
         fn = self.home.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
                                                              self.home.eager_attention_forward)
-        out, _ = fn(attn, q, k, v, mask, dropout=0.0 if not attn.training else attn.attention_dropout,
-                    scaling=attn.scaling, **extra)
+        dropout = 0.0 if not attn.training else attn.attention_dropout
+        if self.window is None:
+            out, _ = fn(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, **extra)
+        else:
+            window = attn.sliding_window if self.window == "attention" else getattr(attn.config, "sliding_window", None)
+            out, _ = fn(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, sliding_window=window, **extra)
         return out
 
     def post(self, attn_out: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":

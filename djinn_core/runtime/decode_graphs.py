@@ -13,9 +13,10 @@ once per step. Which modules and which function those are is the model family's 
 in ``docs/notes/models.md``.
 
 Where the family knows a decoder layer's forward op for op
-(:meth:`~djinn_core.models.family.ModelFamily.decode_layer_split`, Llama's layers), the whole layer replays instead as
-two graphs around its attention: before it, the input norm, the projections and the rotary embedding; after it, the
-output projection, both residuals, the second norm and the MLP. Only the cache update and the attention run eagerly.
+(:meth:`~djinn_core.models.family.ModelFamily.decode_layer_split`: Llama, Mistral and Qwen2 layers), the whole layer
+replays instead as two graphs around its attention: before it, the input norm, the projections and the rotary
+embedding; after it, the output projection, both residuals, the second norm and the MLP. Only the cache update and
+the attention run eagerly.
 A layer's first graph reads the previous layer's output in place (it was captured on that buffer), and every
 layer's first graph reads the step's ``cos`` and ``sin`` from one shared pair of buffers, copied in once per step.
 The per-module graphs then serve only a layer that cannot take that path (a hook on one of its modules, say).
@@ -93,12 +94,12 @@ class DecodeGraphs:
     docstring).
 
     Use :meth:`for_model` (one instance per model, shared by every runtime over it). ``enabled=False`` (or a model
-    off CUDA) makes :meth:`active` a no-op.
+    off CUDA) makes :meth:`active` a no-op; ``split_layers=False`` keeps every layer on the per-module graphs.
     """
 
     _registry: "weakref.WeakKeyDictionary[nn.Module, DecodeGraphs]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, model: nn.Module, *, max_tokens: int = 1, enabled: bool = True):
+    def __init__(self, model: nn.Module, *, max_tokens: int = 1, enabled: bool = True, split_layers: bool = True):
         self.max_tokens = check_int("max_tokens", max_tokens, minimum=1)
         p = next(model.parameters(), None)
         self.enabled = bool(enabled) and p is not None and p.device.type == "cuda"
@@ -110,7 +111,7 @@ class DecodeGraphs:
         self.functions: list[tuple[types.ModuleType, str]] = [] if rotary is None else [rotary]
         # decoder layers whose whole decode step but the attention replays as two graphs (LayerSplit)
         self.splits: list[tuple[nn.Module, LayerSplit]] = []
-        for layer in family.decoder_layers(model):
+        for layer in family.decoder_layers(model) if split_layers else ():
             split = family.decode_layer_split(layer, rotary)
             if split is not None:
                 self.splits.append((layer, split))
