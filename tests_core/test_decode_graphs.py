@@ -4,6 +4,7 @@ that replays are bitwise equal to eager decoding and fall back to eager where th
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,6 +112,23 @@ def test_a_split_binds_only_plain_decode_calls(llama_tiny_fp32):
 
 
 @pytest.mark.cpu
+def test_split_layers_capture_into_one_pool_only_in_layer_order(llama_tiny_fp32):
+    """Graphs sharing a pool may reuse each other's freed capture memory, which is safe only when they replay in
+    capture order: a capture out of layer order starts a new generation (a new pool, the old graphs dropped)."""
+    g = DecodeGraphs(llama_tiny_fp32)
+    shape = ((1, 1, 128), torch.float16)
+    first = g._generation(shape, 0)
+    assert g._generation(shape, 1) is first and g._generation(shape, 4) is first and first.last == 4
+    first.keys.append("k")
+    g._graphs["k"] = SimpleNamespace(static_out=None)
+    second = g._generation(shape, 2)  # behind layer 4: out of order
+    assert second is not first and second.pool is not first.pool and second.last == 2
+    assert "k" not in g._graphs  # the old generation's graphs are gone
+    other = g._generation(((2, 1, 128), torch.float16), 0)  # another input shape: a generation of its own
+    assert other is not second and g._generation(shape, 3) is second
+
+
+@pytest.mark.cpu
 def test_off_cuda_active_is_a_no_op_and_the_model_is_untouched(llama_tiny_fp32):
     model = llama_tiny_fp32
     g = DecodeGraphs(model)
@@ -204,7 +222,8 @@ def test_gpu_hooks_prefill_and_moved_weights_take_the_eager_path(gpu_tiny):
     mlp.down_proj.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)  # same values, moved
     try:
         assert torch.equal(_decode(model, ids, 4, g), eager)
-        assert g.captures == 2 * layers + 2  # the first layer's two graphs again, against the new weight
+        # the first layer's graphs against the new weight, captured out of layer order: every layer's afresh
+        assert g.captures == 4 * layers
     finally:
         mlp.down_proj.weight = old
     g = DecodeGraphs(model)
@@ -218,6 +237,9 @@ def test_gpu_hooks_prefill_and_moved_weights_take_the_eager_path(gpu_tiny):
     # hooked norm eager: its hook saw every output); every other layer its two graphs
     assert g.graph_count == 2 * (layers - 1) + 2 + 1
     assert len(seen) == 1 + 4  # the prefill, then 4 decode steps
+    # the hook gone, the first layer's graphs would come after the others': all are captured again, in layer order
+    assert torch.equal(_decode(model, ids, 4, g), eager)
+    assert g.graph_count == 2 * layers + 2 + 1
     with g.active(), torch.no_grad():  # a prompt of many tokens never replays
         before = g.replays
         model(ids, use_cache=False)

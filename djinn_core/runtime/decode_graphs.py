@@ -78,6 +78,31 @@ class _Graph:
     params: tuple[int, ...]  # the module's parameters' data pointers at capture (empty for a function)
 
 
+@dataclass(eq=False)
+class _Pool:
+    """A private memory pool of the caching allocator, shared by the graphs captured into it (None before the
+    first)."""
+
+    handle: Any = None
+
+
+@dataclass(eq=False)
+class _Generation:
+    """The split layers' graphs of one input shape, captured in layer order into one pool of their own.
+
+    Graphs sharing a pool may reuse each other's freed capture memory: a graph captured later may place its output
+    where an earlier one keeps intermediates. That is safe only if the graphs replay in the order they were captured,
+    which a decode step's layer order gives as long as captures happened in layer order too. A capture out of that
+    order (a layer that was hooked at first, or whose weights moved) starts a new generation instead."""
+
+    pool: _Pool
+    last: int = -1  # index of the split layer captured last
+    keys: list = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.keys = []
+
+
 def _eligible(x: Any, max_tokens: int) -> bool:
     """A CUDA tensor a graph may stand in for: at most ``max_tokens`` positions, contiguous, allocator-aligned."""
     return (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() >= 2 and x.shape[-2] <= max_tokens
@@ -123,7 +148,8 @@ class DecodeGraphs:
         self._failed: set[int] = set()  # ids of modules / functions whose capture failed: always eager
         self._depth = 0
         self._saved: list[tuple[types.ModuleType, str, Any]] = []
-        self._pool: Any = None
+        self._pool = _Pool()  # the per-module and rotary graphs'
+        self._generations: dict[tuple[Any, ...], _Generation] = {}  # the split layers' graphs, per input shape
         self._side: torch.cuda.Stream | None = None
         self.captures = 0
         self.replays = 0
@@ -153,8 +179,8 @@ class DecodeGraphs:
                 self._rotary = orig
                 setattr(home, name, self._rotary_wrapper(orig, name))
             if self._rotary is not None:
-                for layer, split in self.splits:
-                    layer.forward = self._layer_wrapper(layer, split, type(layer).forward.__get__(layer))
+                for idx, (layer, split) in enumerate(self.splits):
+                    layer.forward = self._layer_wrapper(idx, layer, split, type(layer).forward.__get__(layer))
         self._depth += 1
         try:
             yield
@@ -176,19 +202,23 @@ class DecodeGraphs:
         self._last.clear()
         self._shared.clear()
         self._outputs.clear()
-        self._pool = None
+        self._generations.clear()
+        self._pool = _Pool()
 
     @property
     def graph_count(self) -> int:
         return len(self._graphs)
 
     # -- replay --------------------------------------------------------------------------------------------------
-    def _layer_wrapper(self, layer: nn.Module, split: LayerSplit, eager: Callable[..., Any]) -> Callable[..., Any]:
+    def _layer_wrapper(self, idx: int, layer: nn.Module, split: LayerSplit,
+                       eager: Callable[..., Any]) -> Callable[..., Any]:
         """A decoder layer's decode step as ``pre`` graph, eager ``attend``, ``post`` graph (:class:`LayerSplit`).
         The ``pre`` graph reads the previous layer's ``post`` output in place (captured on it), and every layer's
-        ``pre`` graph reads the step's ``cos`` and ``sin`` from one pair of buffers, copied in once per step."""
+        ``pre`` graph reads the step's ``cos`` and ``sin`` from one pair of buffers, copied in once per step.
+        ``idx``: the layer's place among the split layers (captures go in that order, see :class:`_Generation`)."""
         lid = id(layer)
         mods = split.modules()
+        what = type(layer).__name__
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             bound = split.bind(args, kwargs)
@@ -199,41 +229,60 @@ class DecodeGraphs:
             if (not (_eligible(h, mt) and _eligible(cos, mt) and _eligible(sin, mt)) or _hooked(mods)
                     or not isinstance(split.cache(ctx), SlabKVCache)):
                 return eager(*args, **kwargs)
-            key = (lid, "pre", h.shape, h.dtype, cos.shape, cos.dtype, sin.shape)
+            shape = (h.shape, h.dtype, cos.shape, cos.dtype, sin.shape)
+            key, pkey = (lid, "pre", shape), (lid, "post", shape)
             weights = split.weights()
             g = self._graphs.get(key)
-            if g is not None and g.params != weights:
-                g = None  # a weight moved: capture both parts again
-                self._graphs.pop((lid, "post", h.shape, h.dtype), None)
-            if g is None:
+            if g is None or g.params != weights:  # not captured yet, or a weight moved since
+                gen = self._generation(shape, idx)
                 rotary = self._rotary
                 static = (h if self._outputs.get(id(h)) is h else None,
                           self._shared_input(("cos", cos.shape, cos.dtype), cos),
                           self._shared_input(("sin", sin.shape, sin.dtype), sin))
                 g = self._capture(key, lambda *a: split.pre(*a, rotary), (h, cos, sin), weights,
-                                  f"{type(layer).__name__} (before attention)", static=static)
+                                  f"{what} (before attention)", static=static, pool=gen.pool)
                 if g is None:
                     return eager(*args, **kwargs)
+                gen.keys.append(key)
             q, k, v = self._replay(g, (h, cos, sin), shared=(1, 2))
             attn = split.attend(q, k, v, ctx)
             resid = g.static_in[0]  # h, as the pre graph read it
-            pkey = (lid, "post", h.shape, h.dtype)
+            if not _buffer(attn):  # the attention's output cannot stand in for a graph input: eager from now on
+                self._failed.add(lid)
+                return split.post(attn, resid)
             gp = self._graphs.get(pkey)
-            if gp is not None and gp.static_in[0].shape != attn.shape:
-                gp = None
-            if gp is None:
-                if not _buffer(attn):
+            if gp is None or gp.static_in[0].shape != attn.shape:
+                gen = self._generations.get(shape)
+                if gp is not None or gen is None or gen.last != idx:
+                    # not right behind its pre graph: run it eagerly now, capture every layer afresh next step
+                    self._drop(shape)
                     return split.post(attn, resid)
-                gp = self._capture(pkey, split.post, (attn, resid), weights,
-                                   f"{type(layer).__name__} (after attention)", static=(None, resid))
+                gp = self._capture(pkey, split.post, (attn, resid), weights, f"{what} (after attention)",
+                                   static=(None, resid), pool=gen.pool)
                 if gp is None:
                     return split.post(attn, resid)
+                gen.keys.append(pkey)
                 self._outputs[id(gp.static_out)] = gp.static_out
-            elif not _buffer(attn):
-                return split.post(attn, resid)
             return self._replay(gp, (attn, resid))
 
         return forward
+
+    def _generation(self, shape: tuple[Any, ...], idx: int) -> _Generation:
+        """The generation the split layer ``idx`` captures into for inputs of ``shape``: the current one while
+        captures follow layer order, else a new one (the old one's graphs dropped)."""
+        gen = self._generations.get(shape)
+        if gen is None or idx <= gen.last:
+            self._drop(shape)
+            gen = self._generations[shape] = _Generation(_Pool())
+        gen.last = idx
+        return gen
+
+    def _drop(self, shape: tuple[Any, ...]) -> None:
+        gen = self._generations.pop(shape, None)
+        for key in gen.keys if gen is not None else ():
+            g = self._graphs.pop(key, None)
+            if g is not None:
+                self._outputs.pop(id(g.static_out), None)
 
     def _shared_input(self, key: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
         t = self._shared.get(key)
@@ -299,9 +348,12 @@ class DecodeGraphs:
         return g.static_out
 
     def _capture(self, key: tuple[Any, ...], eager: Callable[..., Any], args: tuple[torch.Tensor, ...],
-                 params: tuple[int, ...], what: str, static: tuple[torch.Tensor | None, ...] = ()) -> _Graph | None:
+                 params: tuple[int, ...], what: str, static: tuple[torch.Tensor | None, ...] = (),
+                 pool: _Pool | None = None) -> _Graph | None:
         """Capture ``eager(*args)`` as a graph over static copies of ``args``; ``static[i]``, where given, is the
-        buffer the graph reads input ``i`` from instead of a new one (shared, or another graph's output)."""
+        buffer the graph reads input ``i`` from instead of a new one (shared, or another graph's output). The
+        graph's memory comes from ``pool`` (default: the per-module graphs' pool)."""
+        pool = self._pool if pool is None else pool
         x = args[0]
         cur = torch.cuda.current_stream(x.device)
         if self._side is None:
@@ -320,7 +372,7 @@ class DecodeGraphs:
         try:
             with torch.cuda.stream(side):
                 eager(*static_in)  # warm-up on the capture stream (library handles, workspaces)
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                graph.capture_begin(pool=pool.handle, capture_error_mode="thread_local")
                 try:
                     static_out = eager(*static_in)
                 finally:
@@ -335,8 +387,8 @@ class DecodeGraphs:
         if not outs or not all(isinstance(t, torch.Tensor) for t in outs):
             self._failed.add(key[0])
             return None
-        if self._pool is None:
-            self._pool = graph.pool()
+        if pool.handle is None:
+            pool.handle = graph.pool()
         g = _Graph(graph, static_in, static_out, params)
         self._graphs[key] = g
         self.captures += 1
