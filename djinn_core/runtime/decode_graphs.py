@@ -115,8 +115,8 @@ def _buffer(x: Any) -> bool:
 
 
 class DecodeGraphs:
-    """Graph capture and replay for one model's decoder-layer norms, MLPs and rotary embedding (see the module
-    docstring).
+    """Graph capture and replay for one model's decoder layers: split layers as two graphs around their attention,
+    else their norms, MLPs and rotary embedding (see the module docstring).
 
     Use :meth:`for_model` (one instance per model, shared by every runtime over it). ``enabled=False`` (or a model
     off CUDA) makes :meth:`active` a no-op; ``split_layers=False`` keeps every layer on the per-module graphs.

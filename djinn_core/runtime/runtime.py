@@ -47,9 +47,10 @@ class BreakpointRuntime:
             ``free_target_bytes`` finds its room ready, shares the host link with no eviction, and no eviction sits
             on its critical path. One session's state is the natural value.
         eviction: the policy that picks eviction victims (default :class:`~djinn_core.memory.residency.LRU`).
-        decode_graphs: replay each decoder layer's norms, MLP and rotary embedding as CUDA graphs during
-            ``generate`` (bitwise equal to eager; see :mod:`djinn_core.runtime.decode_graphs`). On by default on
-            CUDA; the graphs are shared by every runtime over the same model.
+        decode_graphs: replay each decoder layer's decode step but its attention as CUDA graphs during
+            ``generate`` (two per layer where the model family knows how the layer splits, else its norms, MLP and
+            rotary embedding; bitwise equal to eager; see :mod:`djinn_core.runtime.decode_graphs`). On by default
+            on CUDA; the graphs are shared by every runtime over the same model.
     """
 
     def __init__(self, model: nn.Module, *, slab: Slab | None = None, host_pool: HostPool | None = None,
