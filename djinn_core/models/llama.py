@@ -83,7 +83,6 @@ class LlamaFamily(ModelFamily):
                     return home, _ROTARY
         return None
 
-
     def decode_layer_split(self, layer: "nn.Module", rotary: "tuple[types.ModuleType, str] | None"
                            ) -> "LayerSplit | None":
         if rotary is None or rotary[0] is None:
