@@ -42,10 +42,9 @@ def swaps_bracketed(claim: Any, *, direction: str, bracketed: int, swaps: int,
     """Every whole-session swap of ``direction`` was timed between its two bracket copies
     (:class:`djinn_core.bench.ceilings.LinkBracket`), and there was at least one, before a claim that rates each swap
     against the link around it."""
-    return claim.precondition(f"swaps_{direction}_bracketed", value=bracketed / swaps if swaps else 0.0, op="==",
-                              bound=1.0, unit="fraction",
-                              what=f"whole-session swaps {direction} timed between a copy right before and one right "
-                                   f"after ({bracketed} of {swaps})", params=params)
+    return every_pair_measured(claim, f"swaps_{direction}_bracketed", measured=bracketed, pairs=swaps,
+                               what=f"whole-session swaps {direction} timed between a copy right before and one "
+                                    f"right after ({bracketed} of {swaps})", params=params)
 
 
 def peer_ran(claim: Any, *, peer: str, timing: TimingStats | None = None, value: float | None = None,
@@ -77,7 +76,7 @@ def at_least(claim: Any, name: str, *, value: float, bound: float, unit: str, wh
 
 def every_pair_measured(claim: Any, name: str, *, measured: int, pairs: int, what: str,
                         params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A paired claim's every pair has what it needs (e.g. both resumes' device spans): ``measured`` of ``pairs``,
-    all of them, and at least one pair."""
+    """A paired claim's every pair (or every item: every swap bracketed) has what it needs (e.g. both resumes'
+    device spans): ``measured`` of ``pairs``, all of them, and at least one pair."""
     return claim.precondition(name, value=measured / pairs if pairs else 0.0, op="==", bound=1.0, unit="fraction",
                               what=what, params=params)

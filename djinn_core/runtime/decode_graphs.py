@@ -44,7 +44,8 @@ routing decided on the host, is not among them. The rotary wrapper replaces a na
 duration of :meth:`DecodeGraphs.active`, so it is process-wide while active: the runtime decodes on one thread.
 
 Captures happen on first use (one per module or function and input shapes), on a side stream ordered after the
-current one, without a device synchronize; their memory comes from one private pool of the caching allocator.
+current one, without a device synchronize; their memory comes from private pools of the caching allocator: one for
+the per-module graphs, one per generation of the split layers' graphs (:class:`_Generation`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import contextlib
 import logging
 import types
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -97,10 +98,7 @@ class _Generation:
 
     pool: _Pool
     last: int = -1  # index of the split layer captured last
-    keys: list = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.keys = []
+    keys: list = field(default_factory=list)  # its graphs' keys in DecodeGraphs._graphs
 
 
 def _eligible(x: Any, max_tokens: int) -> bool:
