@@ -56,15 +56,6 @@ KNOWN_SHORTFALLS: dict[str, str] = {
     "exp3_memory_pressure::tests_exp3/test_memory_pressure.py::test_paused_sessions_oversubscribe_vram_and_all_"
     "complete[N=64]::swap_out_bandwidth_worst_over_ceiling[sessions=64,model=llama2-13b,prompt_tokens=2048,layer=20,"
     "swaps=100]": "measured slowest swap-out 0.893x of the pinned D2H ceiling < 0.9x",
-    # H200, 2026-11-30, commit 05d4874, the whole card (150.1 GB budget), N=126 (demand 1.60x): the slowest of the 126
-    # whole-session swap-ins took 37.91 ms, 0.875 of the pinned H2D ceiling measured before and after the run (52.07
-    # and 51.39 GB/s); it shared the link with no swap-out and its host issue took 1.8 ms. The median swap-in is 1.009x
-    # that ceiling. From the end of N=64 on, every H2D copy in that process jittered, the ceiling's own too (32.1-36.0
-    # ms against 30.8-31.3 before), while D2H stayed at 30.9-31.1 ms. The 80 GB run of the same commit passed (slowest
-    # swap-in 0.950-1.023x).
-    "exp3_memory_pressure_card::tests_exp3/test_memory_pressure.py::test_paused_sessions_oversubscribe_vram_and_all_"
-    "complete[N=126]::swap_in_bandwidth_worst_over_ceiling[sessions=126,model=llama2-13b,prompt_tokens=2048,layer=20,"
-    "swaps=126]": "measured slowest swap-in 0.875x of the pinned H2D ceiling < 0.9x",
 }
 
 # "<run file name>::<ClaimRow.key>" -> reason quoting the measured figure; as KNOWN_SHORTFALLS, for the runs
