@@ -7,7 +7,7 @@ import json
 import pytest
 
 from djinn_core.bench.merge import merge_parts
-from djinn_core.bench.report import claim_rows, load_benchmark_json
+from djinn_core.bench.report import claim_rows, load_benchmark_json, write_report
 from djinn_core.cli import main
 from djinn_core.errors import ConfigError
 
@@ -39,6 +39,14 @@ def test_parts_join_into_one_report_that_names_them(tmp_path):
     assert [p["file"] for p in parts] == ["a.json", "b.json"] and parts[1]["gpu_uuid"] == "GPU-2"
     assert parts[0]["tests"] == ["tests_exp3/f.py::t1", "tests_exp3/f.py::t2"]
     assert data["datetime"] == "2026-11-30T10:00:00"  # the earliest part
+    md = write_report(out, out_dir=tmp_path).read_text()
+    assert "- parts: 2, joined by `djinn merge`" in md
+    assert "`b.json`: 2026-11-30T10:00:00, GPU-2, 1 test (t3)" in md and "`a.json`" in md
+
+
+def test_a_report_of_one_run_lists_no_parts(tmp_path):
+    md = write_report(_part(tmp_path, "a.json", ["t1"]), out_dir=tmp_path).read_text()
+    assert "parts:" not in md
 
 
 @pytest.mark.parametrize("field, other, match", [

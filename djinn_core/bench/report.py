@@ -140,6 +140,21 @@ def provenance(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def parts_lines(data: dict[str, Any]) -> list[str]:
+    """One Markdown line per part of a merged report (``djinn merge``): its file, date, GPU and tests. Parts may come
+    from different lent machines of one kind; the date above is the earliest part's."""
+    parts = (data.get("machine_info", {}).get("djinn", {}) or {}).get("parts") or []
+    if not parts:
+        return []
+    lines = [f"- parts: {len(parts)}, joined by `djinn merge`"]
+    for part in parts:
+        tests = part.get("tests") or []
+        names = ", ".join(t.rsplit("::", 1)[-1] for t in tests)
+        lines.append(f"  - `{part.get('file')}`: {part.get('datetime')}, {part.get('gpu_uuid')}, "
+                     f"{len(tests)} test{'s' if len(tests) != 1 else ''} ({names})")
+    return lines
+
+
 def _budget_words(budget: dict[str, Any] | None) -> str | None:
     """The run's VRAM budget in one line: spelling, bytes, source, and whether torch's allocator was capped."""
     if not budget:
@@ -851,6 +866,7 @@ def write_report(json_path: str | Path, out_dir: str | Path | None = None, name:
         lines += [spread_section(spread)]
     lines += ["## Provenance", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in prov.items() if v is not None and v != ""]
+    lines += parts_lines(data)
     pressure_path = json_path.parent / PRESSURE_JSON
     caps = capabilities_table(data, load_benchmark_json(pressure_path) if pressure_path.exists() else None)
     if caps:
