@@ -11,8 +11,8 @@ from djinn_core.cli import main
 
 pytestmark = pytest.mark.cpu
 
-EXPECTED = {"cold_after_spin", "cpu_speed", "determinism", "host_wake", "launch_under_dma", "next_token", "next_token_host",
-            "resume_host", "rpc_host", "rpc_placement", "rpc_spin", "launch_after_spin", "wire_cost", "zmq_idle"}
+EXPECTED = {"cold_after_spin", "cpu_speed", "determinism", "host_wake", "launch_under_dma", "next_token",
+            "next_token_host", "restore_depth", "resume_host", "rpc_host", "rpc_placement", "rpc_spin", "launch_after_spin", "wire_cost", "zmq_idle"}
 
 
 def test_the_probe_list_is_what_the_package_holds():
