@@ -261,6 +261,33 @@ def test_report_records_the_spread_over_its_runs_in_a_section(tmp_path):
     assert "3 claims, 3 pass, 0 fail" in text  # the claims table is still the report's own run
 
 
+def test_the_spread_lists_the_claims_nearest_their_bounds_and_flags_a_swing_as_large_as_the_headroom(tmp_path):
+    main, run2, run3 = _three_runs(tmp_path)
+    spread = run_spread(main, [run2, run3])
+    by_claim = {r.claim: r for r in spread.rows}
+    le, ge = by_claim["resume_vs_manual"], by_claim["speedup_over_recompute"]
+    assert le.headroom == pytest.approx(0.04) and le.swing == pytest.approx(0.16)  # (1.25 - 1.2) / 1.25; 0.2 / 1.25
+    assert ge.headroom == pytest.approx(-0.1) and ge.swing == pytest.approx(0.6)  # run 2's 1.8 is past 2x
+    assert by_claim["load_no_session_lost"].headroom is None  # ==: no relative headroom
+    text = write_report(main, out_dir=tmp_path / "rep", name="exp", runs=[run2, run3]).read_text()
+    table = text.split("Nearest their bounds over the 3 runs")[1].split("\n## ")[0]
+    assert table.index("speedup_over_recompute") < table.index("resume_vs_manual")  # nearest first
+    assert "| speedup_over_recompute | layer=40 | `exp.run2.json` (1.8) | >= 2 | -10.0% | 60.0% | failed |" in table
+    assert ("| resume_vs_manual | layer=1 | `exp.run2.json` (1.2) | <= 1.25 | +4.0% | 16.0% | **the swing is as large "
+            "as the headroom: it may fail on the next run** |") in table
+    assert "load_no_session_lost" not in table
+
+
+def test_runs_that_agree_are_noted_as_the_same_in_every_run(tmp_path):
+    folder = tmp_path / "h200"
+    main = _run_json(folder, "exp.json", [_speedup(2.5)])
+    run2 = _run_json(folder / "runs", "exp.run2.json", [_speedup(2.5)])
+    (row,) = run_spread(main, [run2]).rows
+    assert row.swing == 0 and row.headroom == pytest.approx(0.25)
+    text = write_report(main, out_dir=tmp_path / "rep", name="exp", runs=[run2]).read_text()
+    assert "| +25.0% | 0.0% | the same in every run |" in text
+
+
 @pytest.mark.parametrize("change,why", [
     (dict(commit="def456"), "commit def456.*share one commit"),
     (dict(dirty=True), "dirty=True"),

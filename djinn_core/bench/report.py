@@ -688,6 +688,22 @@ class SpreadRow:
         return sorted({r.bound for _, r in self.recorded})
 
     @property
+    def headroom(self) -> float | None:
+        """How far the worst run lies inside its bound, relative to the bound: for ``<=`` (bound - ratio) / |bound|,
+        for ``>=`` (ratio - bound) / |bound|; negative past it. None for ``==`` claims and a bound of 0 (no relative
+        measure)."""
+        _, row = self.worst
+        if self.op not in ("<=", "<", ">=", ">") or row.bound == 0 or math.isnan(row.ratio):
+            return None
+        return -_shortfall(self.op, row.ratio, row.bound) / abs(row.bound)
+
+    @property
+    def swing(self) -> float:
+        """(max - min) of the ratio over the runs, relative to the worst run's bound (0 when the runs agree)."""
+        bound = self.worst[1].bound
+        return (self.max - self.min) / abs(bound) if bound else math.nan
+
+    @property
     def worst(self) -> tuple[str, ClaimRow]:
         """``(file, row)`` of the run closest to failing, or failing: a failing run first, then by the op (for ``<=``
         the ratio farthest above its bound, the largest when the bound is one; for ``>=`` the farthest below, the
@@ -815,7 +831,37 @@ def spread_section(spread: RunSpread) -> str:
         worst_cell = f"`{worst_file}` ({_fmt(worst.ratio)}{unit}{'' if worst.passed else ', **FAIL**'})"
         lines.append(f"| {claim} | {params} | {counts} | {_fmt(r.min)}{unit} | {_fmt(r.median)}{unit} "
                      f"| {_fmt(r.max)}{unit} | {bound} | {worst_cell} |")
+    lines += margins_lines(spread)
     return "\n".join(lines) + "\n"
+
+
+NEAREST = 8  # rows of the "nearest their bounds" table
+
+
+def margins_lines(spread: RunSpread, top: int = NEAREST) -> list[str]:
+    """The ``top`` claims whose worst run lies nearest its bound (relative headroom; ``<=`` and ``>=`` claims with a
+    nonzero bound), with how far the runs swung: a claim whose swing is as large as its headroom may fail on the next
+    run. Empty when no claim has a relative headroom."""
+    rated = sorted(((r.headroom, r) for r in spread.rows if r.headroom is not None), key=lambda hr: hr[0])[:top]
+    if not rated:
+        return []
+    lines = ["", f"Nearest their bounds over the {len(spread.runs)} runs (headroom: how far the worst run lies inside "
+                 "its bound, relative to the bound; swing: max - min over the runs, relative to the bound):", "",
+             "| claim | parameters | worst run | bound | headroom | swing | note |", "|---|---|---|---|---|---|---|"]
+    for headroom, r in rated:
+        params = ", ".join(f"{k}={v}" for k, v in r.params.items()) or "none"
+        worst_file, worst = r.worst
+        if headroom < 0:
+            note = "failed"
+        elif r.swing >= headroom and r.swing > 0:
+            note = "**the swing is as large as the headroom: it may fail on the next run**"
+        elif r.swing == 0:
+            note = "the same in every run"
+        else:
+            note = ""
+        lines.append(f"| {r.claim} | {params} | `{worst_file}` ({_fmt(worst.ratio)}) | {r.op} {_fmt(worst.bound)} "
+                     f"| {headroom:+.1%} | {r.swing:.1%} | {note} |")
+    return lines
 
 
 def write_report(json_path: str | Path, out_dir: str | Path | None = None, name: str | None = None,
