@@ -331,3 +331,39 @@ def test_spare_head_never_evicts_and_is_dropped_before_any_session():
     assert y.resume() is not None and torch.equal(y.generate(NEW), plain_run(model, ids, NEW)[1])
     rt.close_all()
     assert rt.slab.stats.used == 0
+
+
+@pytest.mark.parametrize("head_out", BreakpointRuntime.HEAD_OUT)
+def test_the_head_goes_out_where_asked_and_results_stay_bitwise(tiny, head_out):
+    """A pause copies the head first or last among its copies to the host; every depth, a restore-then-edit and a
+    fork of a paused checkpoint stay bitwise equal to the uninterrupted run either way."""
+    model, ids = tiny
+    runtime = BreakpointRuntime(model, slab_bytes=32 << 20, head_out=head_out)
+    try:
+        ref = plain_run(model, ids, NEW)
+        n = model.config.num_hidden_layers
+        for layer in range(n + 1):
+            _assert_same(_run(runtime, ids, layer, pause=True), ref)
+        s = runtime.open(ids, max_new_tokens=NEW)
+        s.run_to(3)
+        s.pause()
+        names = list(s._swapped.items)
+        assert names.index(HEAD) == (0 if head_out == "first" else len(names) - 1) and len(names) == 3 + 1
+        v = _steer(model.config.hidden_size, 2.0)
+        s.restore().hidden.sub_(v)
+        s.pause()
+        (f,) = s.fork(1)
+        edited = plain_run(model, ids, NEW, layer=3, edit=lambda h: h - v)
+        for x in (s, f):
+            x.resume()
+            assert torch.equal(x.generate(NEW), edited[1])
+            x.close()
+        runtime.check_invariants()
+    finally:
+        runtime.close_all()
+    assert runtime.slab.stats.used == 0 and runtime.host_pool.stats.used == 0
+
+
+def test_an_unknown_head_order_is_a_config_error_before_anything_is_allocated(tiny):
+    with pytest.raises(ConfigError, match="head_out"):
+        BreakpointRuntime(tiny[0], slab_bytes=1 << 40, head_out="middle")  # a 1 TiB slab would fail if allocated

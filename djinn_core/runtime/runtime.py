@@ -51,11 +51,21 @@ class BreakpointRuntime:
             ``generate`` (two per layer where the model family knows how the layer splits, else its norms, MLP and
             rotary embedding; bitwise equal to eager; see :mod:`djinn_core.runtime.decode_graphs`). On by default
             on CUDA; the graphs are shared by every runtime over the same model.
+        head_out: where a pause copies the checkpoint's head (hidden state and layer kwargs) among its copies to the
+            host: ``"first"`` (default: a restore soon after the pause waits only for the head's copy) or ``"last"``
+            (after the KV: the head is the last thing the pause writes to the host before the restore reads it
+            back). Results are bitwise the same either way.
     """
+
+    HEAD_OUT = ("first", "last")
 
     def __init__(self, model: nn.Module, *, slab: Slab | None = None, host_pool: HostPool | None = None,
                  slab_bytes: int | None = None, swap: SwapEngine | None = None, trace: bool = False,
-                 free_target_bytes: int = 0, eviction: EvictionPolicy | None = None, decode_graphs: bool = True):
+                 free_target_bytes: int = 0, eviction: EvictionPolicy | None = None, decode_graphs: bool = True,
+                 head_out: str = "first"):
+        if head_out not in self.HEAD_OUT:
+            raise ConfigError(f"head_out must be one of {self.HEAD_OUT}, got {head_out!r}")
+        self.head_out = head_out
         self.parts = model_parts(model)  # checked once: the layers, norm and head every replay runs
         self.layers = self.parts.layers
         self.model = model

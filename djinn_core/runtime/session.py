@@ -235,8 +235,11 @@ class BreakpointSession:
         rt = self.runtime
         self.cache.wait_ready()  # a restored-but-unused KV block may still be arriving
         rt.residency.prepare_spare(self._head.nbytes)  # before this pause frees anything (no fence on it)
-        items: dict[Any, SlabTensor] = {HEAD: self._head.buf}
-        self._swap_out(items, range(self.layer))
+        head: dict[Any, SlabTensor] = {HEAD: self._head.buf}
+        if rt.head_out == "first":
+            self._swap_out(head, range(self.layer))
+        else:  # the head's copy after the KV's: the last bytes this pause writes to the host
+            self._swap_out({}, range(self.layer), tail=head)
         self._ready_next = timing_event(rt.swap.out_stream)
         self.cache.release(range(self.layer, self.num_layers))  # empty blocks of a restored checkpoint
         self._head = None
@@ -244,9 +247,11 @@ class BreakpointSession:
         rt.residency.touch(self)
         log.debug("session %d: paused (%d bytes to host)", self.id, self._swapped.nbytes)
 
-    def _swap_out(self, items: dict[Any, SlabTensor], layers: Iterable[int]) -> None:
-        """Swap ``items`` and the KV blocks of ``layers`` out; free what this session alone holds (fenced by the
-        copies), drop its reference to shared blocks (fenced, kept for their other holders)."""
+    def _swap_out(self, items: dict[Any, SlabTensor], layers: Iterable[int],
+                  tail: dict[Any, SlabTensor] | None = None) -> None:
+        """Swap ``items``, the KV blocks of ``layers``, then ``tail``, out, copied in that order; free what this
+        session alone holds (fenced by the copies), drop its reference to shared blocks (fenced, kept for their other
+        holders)."""
         shared = []
         kv, cache_layers = self._kv, self.cache.layers
         for i in layers:
@@ -254,6 +259,8 @@ class BreakpointSession:
             items[kv[i]] = block.handle
             if block.refs > 1:
                 shared.append(kv[i])
+        if tail:
+            items.update(tail)
         self._swapped = self.runtime.swap.swap_out(items, free_source=True, keep=shared)
         for i in layers:
             block = self.cache.detach(i)  # an own block was freed by the swap engine, fenced by its copy

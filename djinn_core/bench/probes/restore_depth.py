@@ -10,9 +10,11 @@ restore's depth dependence (recently written host lines are still in the host's 
 IOMMU's).
 
 Part 2 (``--runtime``): the resume-latency claim's runtime (8 GiB slab, 4 GiB host pool) on the Llama-2-13B
-architecture; per L, each repeat pauses, drains, and calls ``restore()``: the host time of the call, the device time
-to ``ready_event`` (what the claim times) and to an event recorded right after the call returned (the claim's
-``djinn_host_return_ms``), and the restore's own tracer marks.
+architecture, twice: pausing with the head first (the default) and last (``head_out="last"``). Per L, the claim's own
+timing of each (``time_restore_against_manual``) and the claim's max/min over L for each order. Then, head first, each
+repeat pauses, drains and calls ``restore()``: the host time of the call, the device time to ``ready_event`` (what the
+claim times) and to an event recorded right after the call returned (the claim's ``djinn_host_return_ms``), and the
+restore's own tracer marks.
 """
 
 from __future__ import annotations
@@ -100,23 +102,44 @@ def _buffers_part(layers: list[int], repeats: int) -> None:
 
 
 def _runtime_part(layers: list[int], repeats: int) -> None:
+    from djinn_core.bench.experiments.resume_latency import time_restore_against_manual
     from djinn_core.bench.probes._setup import llama2_13b_runtime
+    from djinn_core.memory.host_pool import HostPool
+    from djinn_core.memory.slab import Slab
+    from djinn_core.runtime import BreakpointRuntime
 
-    _, rt, ids = llama2_13b_runtime(slab_bytes=8 << 30, host_pool_bytes=4 << 30)
+    model, first, ids = llama2_13b_runtime(slab_bytes=8 << 30, host_pool_bytes=4 << 30)
+    last = BreakpointRuntime(model, slab=Slab(8 << 30, ids.device), host_pool=HostPool(4 << 30), head_out="last")
     stream = torch.cuda.current_stream()
-    print(f"{'L':>3s} {'traced':>6s} {'host_call_ms':>12s} {'ready_ms':>9s} {'returned_ms':>11s}  "
-          "restore marks (host ms from the call)")
+    print("\nthe claim's timing (time_restore_against_manual, medians): djinn = restore until layer L may run, "
+          "manual = the hidden state copied back by hand after the same offload")
+    print(f"{'L':>3s} {'head_out':>8s} {'djinn_ms':>9s} {'manual_ms':>9s} {'returned_ms':>11s}")
+    per: dict[str, list[float]] = {"first": [], "last": []}
     for L in layers:
-        s = rt.open(ids, max_new_tokens=1)
+        for rt in (first, last):
+            s = rt.open(ids, max_new_tokens=1)
+            hidden = s.run_to(L).hidden.clone()
+            t = time_restore_against_manual(s, hidden, repeats=repeats)
+            s.close()
+            per[rt.head_out].append(t["djinn"].median_ms)
+            print(f"{L:3d} {rt.head_out:>8s} {t['djinn'].median_ms:9.3f} {t['manual'].median_ms:9.3f} "
+                  f"{t['djinn_host'].median_ms:11.3f}", flush=True)
+    print("djinn max/min over L (the claim, bound 1.3): " +
+          ", ".join(f"head {k} {max(v) / min(v):.3f}" for k, v in per.items()))
+
+    print(f"\nrestore() itself (head first): {'L':>3s} {'traced':>6s} {'host_call_ms':>12s} {'ready_ms':>9s} "
+          f"{'returned_ms':>11s}  restore marks (host ms from the call)")
+    for L in layers:
+        s = first.open(ids, max_new_tokens=1)
         s.run_to(L)
         for traced in (False, True):  # the untraced pass gives the times, the traced one where the host spends them
-            rt.tracer.enabled = traced
+            first.tracer.enabled = traced
             host, ready, returned, marks = [], [], [], {}
             for i in range(repeats + 3):
                 s.pause()
                 stream.synchronize()
-                rt.swap.out_stream.synchronize()
-                rt.tracer.clear()
+                first.swap.out_stream.synchronize()
+                first.tracer.clear()
                 t0 = time.perf_counter()
                 start = _event(stream)
                 s.restore()
@@ -129,12 +152,12 @@ def _runtime_part(layers: list[int], repeats: int) -> None:
                     host.append((t1 - t0) * 1e3)
                     ready.append(r)
                     returned.append(e)
-                    for m in rt.tracer.marks:
+                    for m in first.tracer.marks:
                         marks.setdefault(m.label, []).append((m.host_s - t0) * 1e3)
             mk = " ".join(f"{k}={statistics.median(v):.3f}" for k, v in marks.items())
-            print(f"{L:3d} {str(traced):>6s} {statistics.median(host):12.3f} {statistics.median(ready):9.3f} "
+            print(f"{'':30s} {L:3d} {str(traced):>6s} {statistics.median(host):12.3f} {statistics.median(ready):9.3f} "
                   f"{statistics.median(returned):11.3f}  {mk}", flush=True)
-        rt.tracer.enabled = False
+        first.tracer.enabled = False
         s.close()
 
 
