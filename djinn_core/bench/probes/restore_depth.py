@@ -3,8 +3,8 @@
 Part 1, buffers only: each repeat drains a device-to-host copy of ``S`` bytes (the KV of ``L`` layers of the
 Llama-2-13B architecture at 2048 tokens, L in ``--layers``) into pinned memory, then times on the GPU one 20 MiB
 host-to-device copy (the head), from the start event, median of ``--repeats``. The 20 MiB come from: ``cold``, a
-pinned buffer the D2H did not touch; ``first``, a region the D2H wrote before the KV (today's pause order: the head is
-the first item out); ``last``, a region it wrote after the KV; ``tight``, the cold buffer in a tight loop, no D2H
+pinned buffer the D2H did not touch; ``first``, a region the D2H wrote before the KV (the default pause order: the head
+is the first item out); ``last``, a region it wrote after the KV; ``tight``, the cold buffer in a tight loop, no D2H
 before it. If ``last`` stays flat over L while ``first`` and ``cold`` grow, the order of the pause's copies sets the
 restore's depth dependence (recently written host lines are still in the host's cache, or their translations in the
 IOMMU's).
@@ -34,7 +34,7 @@ KV_BYTES_PER_LAYER = 2 * 2048 * 5120 * 2  # K and V, 2048 tokens, hidden 5120, f
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[1, 10, 20, 30, 40])
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per condition (after 3 warm-ups)")
-    p.add_argument("--runtime", action="store_true", help="also part 2: restore() on the 13B runtime")
+    p.add_argument("--runtime", action="store_true", help="also part 2: the claim's restore with each head order on the 13B runtime, and restore() itself")
 
 
 def _ms(a: torch.cuda.Event, b: torch.cuda.Event) -> float:
