@@ -11,6 +11,7 @@ from djinn_core.errors import (ChecksumMismatch, CheckpointStateError, ConfigErr
 from djinn_core.memory.host_pool import HostPool
 from djinn_core.memory.slab import Slab
 from djinn_core.memory.swap import SwapEngine, SwappedState, checksum
+from djinn_core.trace import Tracer
 
 KiB = 1024
 
@@ -91,6 +92,18 @@ def test_swap_in_follows_the_order_and_can_bring_back_a_subset_first():
         assert _same_bytes(rest.tensors[name].view(), ref[name])
     with pytest.raises(CheckpointStateError):
         eng.swap_in(state)
+
+
+@pytest.mark.cpu
+def test_a_host_tracer_marks_each_step_of_a_swap_in_and_nothing_without_one():
+    eng = _engine()
+    handles, _ = _put(eng, ITEMS)
+    state = eng.swap_out(handles)
+    eng.swap_in(state, names=["hidden"]).wait_all()  # no tracer: nothing to mark
+    eng.host_tracer = Tracer(enabled=True)
+    eng.swap_in(state).wait_all()
+    assert [m.label for m in eng.host_tracer.marks] == [f"in.allocated_{len(ITEMS) - 1}", "in.copies_issued",
+                                                        "in.accounted"]
 
 
 @pytest.mark.cpu

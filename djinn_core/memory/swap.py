@@ -103,7 +103,8 @@ class SwapEngine:
         # driver_copies: swap_in_into issues its waits, copy and event through the CUDA driver (pinned pools only)
         self.driver: DriverCopier | None = (driver_copier(self.device)
                                             if driver_copies and self._cuda and host_pool.pinned else None)
-        # diagnostics: an enabled host-time Tracer here gets a mark at each step of swap_in_now / swap_in_into
+        # diagnostics: an enabled host-time Tracer here gets a mark at each step of swap_in, swap_in_now and
+        # swap_in_into
         self.host_tracer: Tracer | None = None
         # measurement: reference copies right around each swap_out / swap_in (module docstring: link brackets)
         self.bracket: Bracket | None = None
@@ -245,6 +246,7 @@ class SwapEngine:
         inn = self.in_stream
         cur = torch.cuda.current_stream(self.device) if inn is not None else None
         epoch = self.slab.stream_epoch
+        marks = self.host_tracer
         tensors: dict[str, SlabTensor] = {}
         deps: dict[str, list[Any]] = {}
         events: dict[str, Any] = {}
@@ -262,6 +264,8 @@ class SwapEngine:
                     self.slab.fence(t, ev)
                 self.slab.free(t)
             raise
+        if marks is not None:
+            marks.mark(f"in.allocated_{len(selected)}{'_compacted' if epoch != self.slab.stream_epoch else ''}")
         # 2. the copies, on the in stream, in order. It waits for the current stream's work when the allocations
         # queued some, or when no ``after`` event says which earlier work the destinations depend on.
         if inn is not None:
@@ -275,6 +279,8 @@ class SwapEngine:
             start, pre = self._issue_torch_copies(state, selected, tensors, deps, events, checks)
         else:
             self._issue_driver_copies(state, selected, tensors, deps, events)
+        if marks is not None:
+            marks.mark("in.copies_issued")
         segments = {state.items[n].block.segment for n in selected}
         for name in selected:  # bookkeeping after the copies are issued
             it = state.items.pop(name)
@@ -283,6 +289,8 @@ class SwapEngine:
             self.host_pool.free(it.block, after=ev)
         nbytes = sum(t.nbytes for t in tensors.values())
         self._account("in", nbytes, len(selected), start, inn, pre, bracketed=torch_path, segments=segments)
+        if marks is not None:
+            marks.mark("in.accounted")
         log.debug("swap-in: %d items, %d bytes, %d left on host", len(selected), nbytes, len(state.items))
         return ResidentState(tensors, events, state if state.items else None, self.device, checks, self.driver)
 

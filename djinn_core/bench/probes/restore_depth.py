@@ -134,6 +134,7 @@ def _runtime_part(layers: list[int], repeats: int) -> None:
         s.run_to(L)
         for traced in (False, True):  # the untraced pass gives the times, the traced one where the host spends them
             first.tracer.enabled = traced
+            first.swap.host_tracer = first.tracer if traced else None  # marks inside the swap engine's calls too
             host, ready, returned, marks = [], [], [], {}
             for i in range(repeats + 3):
                 s.pause()
@@ -158,6 +159,7 @@ def _runtime_part(layers: list[int], repeats: int) -> None:
             print(f"{'':30s} {L:3d} {str(traced):>6s} {statistics.median(host):12.3f} {statistics.median(ready):9.3f} "
                   f"{statistics.median(returned):11.3f}  {mk}", flush=True)
         first.tracer.enabled = False
+        first.swap.host_tracer = None
         s.close()
 
 
