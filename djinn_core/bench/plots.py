@@ -14,15 +14,29 @@ if TYPE_CHECKING:
 GiB = 2**30
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (imported only when a plot is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Lay ``fig`` out, write it to ``path`` and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:80]
 
 
 def _plot_claims(rows: list[ClaimRow], out_dir: Path, name: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     by_claim: dict[str, list[ClaimRow]] = {}
@@ -64,19 +78,14 @@ def _plot_claims(rows: list[ClaimRow], out_dir: Path, name: str) -> list[Path]:
         ax.set_title(claim)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
         p = out_dir / f"{name}_{_slug(claim)}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        _save(plt, fig, p)
         paths.append(p)
     return paths
 
 
 def _plot_vram(test: str, vram: dict[str, Any], out_dir: Path, name: str, budget: float | None) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     tl = vram.get("timeline") or []
     if not tl:
@@ -108,18 +117,13 @@ def _plot_vram(test: str, vram: dict[str, Any], out_dir: Path, name: str, budget
         ax2.legend(fontsize=7)
         ax2.grid(alpha=0.3)
     axes[-1][0].set_xlabel("s")
-    fig.tight_layout()
     p = out_dir / f"{name}_{_slug(test.split('::')[-1])}_vram.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, p)
     return p
 
 
 def _plot_layer_timeline(test: str, rows: list[dict[str, Any]], out_dir: Path, name: str) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if not rows:
         return None
@@ -135,20 +139,15 @@ def _plot_layer_timeline(test: str, rows: list[dict[str, Any]], out_dir: Path, n
     ax.invert_yaxis()
     ax.legend(fontsize=7)
     ax.set_title(f"per-layer copy/compute: {test}", fontsize=9)
-    fig.tight_layout()
     p = out_dir / f"{name}_{_slug(test.split('::')[-1])}_layers.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, p)
     return p
 
 
 def _plot_swaps(test: str, rows: list[dict[str, Any]], out_dir: Path, name: str) -> Path | None:
     """Each swap's GB/s against its start (s), out and in in two panels; the bracketing copies' GB/s where recorded.
     Swaps smaller than half the largest (partial ones) are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = [r for r in rows if r.get("ms", 0) > 0]
     if not rows:
@@ -168,10 +167,8 @@ def _plot_swaps(test: str, rows: list[dict[str, Any]], out_dir: Path, name: str)
         ax.legend(fontsize=7, loc="lower left")
     axes[-1].set_xlabel("s from the first swap")
     axes[0].set_title(f"whole-session swaps: {test}", fontsize=9)
-    fig.tight_layout()
     p = out_dir / f"{name}_{_slug(test.split('::')[-1])}_swaps.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, p)
     return p
 
 
@@ -184,10 +181,7 @@ def _timings(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _plot_timings(data: dict[str, Any], out_dir: Path, name: str, limit: int = 12) -> Path | None:
     """Every timing a benchmark recorded in its info, as box plots of the raw samples (ms), one panel per benchmark
     (the first ``limit``): what was timed and how much it varied, asserted or not."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     panels = [(b.get("name", "?"), t) for b in data.get("benchmarks", [])
               if (t := _timings((b.get("extra_info") or {}).get("info") or {}))][:limit]
@@ -206,10 +200,8 @@ def _plot_timings(data: dict[str, Any], out_dir: Path, name: str, limit: int = 1
         ax.set_title(test, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
     p = out_dir / f"{name}_timings.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, p)
     return p
 
 
@@ -222,10 +214,7 @@ CROSSOVER_OPTIONAL = {"manual copy in a tight loop (warm host)": "manual_tight_l
 
 def _plot_crossover(data: dict[str, Any], out_dir: Path, name: str) -> Path | None:
     """Latency to continue from layer L, every method against depth, from the resume benchmarks' info."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     points: dict[str, list[tuple[int, float]]] = {}
     for bench in data.get("benchmarks", []):
@@ -248,10 +237,8 @@ def _plot_crossover(data: dict[str, Any], out_dir: Path, name: str) -> Path | No
     ax.set_title("resume latency vs depth")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     p = out_dir / f"{name}_crossover.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, p)
     return p
 
 
@@ -318,10 +305,7 @@ def _plot_batched_decode(data: dict[str, Any], out_dir: Path, name: str) -> Path
 
 def _line_plot(points: dict[str, list[tuple[int, float]]], path: Path, *, xlabel: str, ylabel: str, title: str,
                dashed: tuple[str, ...] = (), logx: bool = False) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, pts in points.items():
@@ -336,9 +320,7 @@ def _line_plot(points: dict[str, list[tuple[int, float]]], path: Path, *, xlabel
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
