@@ -25,6 +25,9 @@ import time
 
 import torch
 
+from djinn_core.bench.timing import event_ms
+from djinn_core.trace import timing_event
+
 DEVICE = "cuda"
 
 HEAD_BYTES = 20 << 20
@@ -35,17 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[1, 10, 20, 30, 40])
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per condition (after 3 warm-ups)")
     p.add_argument("--runtime", action="store_true", help="also part 2: the claim's restore with each head order on the 13B runtime, and restore() itself")
-
-
-def _ms(a: torch.cuda.Event, b: torch.cuda.Event) -> float:
-    b.synchronize()
-    return float(a.elapsed_time(b))
-
-
-def _event(stream) -> torch.cuda.Event:
-    ev = torch.cuda.Event(enable_timing=True)
-    ev.record(stream)
-    return ev
 
 
 def _buffers_part(layers: list[int], repeats: int) -> None:
@@ -70,11 +62,11 @@ def _buffers_part(layers: list[int], repeats: int) -> None:
 
     def head_copy(src: torch.Tensor) -> tuple[float, float]:
         t0 = time.perf_counter()
-        start = _event(stream)
+        start = timing_event(stream)
         target.copy_(src, non_blocking=True)
         t1 = time.perf_counter()
-        end = _event(stream)
-        return _ms(start, end), (t1 - t0) * 1e6
+        end = timing_event(stream)
+        return event_ms(start, end), (t1 - t0) * 1e6
 
     tight = []
     for i in range(repeats + 3):
@@ -142,11 +134,11 @@ def _runtime_part(layers: list[int], repeats: int) -> None:
                 first.swap.out_stream.synchronize()
                 first.tracer.clear()
                 t0 = time.perf_counter()
-                start = _event(stream)
+                start = timing_event(stream)
                 s.restore()
                 t1 = time.perf_counter()
-                end = _event(stream)
-                r, e = _ms(start, s.ready_event), _ms(start, end)
+                end = timing_event(stream)
+                r, e = event_ms(start, s.ready_event), event_ms(start, end)
                 s.cache.wait_ready()
                 torch.cuda.synchronize()
                 if i >= 3:
