@@ -210,8 +210,8 @@ class SwapEngine:
                 if not (keep and name in keep):
                     self.slab.free(t, after=ev)
         nbytes = sum(t.nbytes for t in items.values())
-        self._account("out", nbytes, len(items), start, out, pre, bracketed=bool(items),
-                      segments={it.block.segment for it in swapped.values()})
+        segments = {it.block.segment for it in swapped.values()} if start is not None else ()  # for the record only
+        self._account("out", nbytes, len(items), start, out, pre, bracketed=bool(items), segments=segments)
         log.debug("swap-out: %d items, %d bytes", len(items), nbytes)
         return SwappedState(self, swapped)
 
@@ -281,7 +281,7 @@ class SwapEngine:
             self._issue_driver_copies(state, selected, tensors, deps, events)
         if marks is not None:
             marks.mark("in.copies_issued")
-        segments = {state.items[n].block.segment for n in selected}
+        segments = {state.items[n].block.segment for n in selected} if start is not None else ()  # for the record
         for name in selected:  # bookkeeping after the copies are issued
             it = state.items.pop(name)
             ev = events[name]
