@@ -101,15 +101,14 @@ class _Generation:
     keys: list = field(default_factory=list)  # its graphs' keys in DecodeGraphs._graphs
 
 
-def _eligible(x: Any, max_tokens: int) -> bool:
-    """A CUDA tensor a graph may stand in for: at most ``max_tokens`` positions, contiguous, allocator-aligned."""
-    return (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() >= 2 and x.shape[-2] <= max_tokens
-            and x.is_contiguous() and not x.data_ptr() % _ALIGN)
-
-
 def _buffer(x: Any) -> bool:
     """A CUDA tensor a graph's input buffer may take the place of: contiguous and allocator-aligned."""
     return isinstance(x, torch.Tensor) and x.is_cuda and x.is_contiguous() and not x.data_ptr() % _ALIGN
+
+
+def _eligible(x: Any, max_tokens: int) -> bool:
+    """A CUDA tensor a graph may stand in for: a :func:`_buffer` of at most ``max_tokens`` positions."""
+    return _buffer(x) and x.dim() >= 2 and x.shape[-2] <= max_tokens
 
 
 class DecodeGraphs:
