@@ -13,73 +13,133 @@ timed regions. The methods, at one depth L of one session:
 * resume-to-next-token: from ``resume()`` to the logits of the first decode step (the first step that needs every
   restored KV byte), split into phases.
 
-:func:`measure_resume_at_depth` runs them all, in that order, for one L.
+:func:`measure_resume_at_depth` runs them all, in that order, for one L. :func:`time_restore_across_depths` times
+Djinn's restore and the manual copy-back at every depth round by round, for a claim across depths.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from djinn_core.bench.ceilings import CopyCeiling
 from djinn_core.bench.timing import GCMeter, TimingStats, event_ms, time_cuda
 from djinn_core.bench.vram import VramSampler
+from djinn_core.errors import ConfigError
 from djinn_core.runtime import capture_at
+from djinn_core.runtime.checkpoint import SessionState
 from djinn_core.runtime.kv_cache import KVGeometry, SlabKVCache, TorchKVAllocator
+from djinn_core.trace import timing_event
 
 WARMUP, REPEATS = 3, 20
 PAUSE_S = 0.2  # how long the eager baseline's pause lasts while its memory is sampled
 
 
+class _RestorePair:
+    """Djinn's restore and the manual copy-back of one paused session, each as the first thing after the same drained
+    offload.
+
+    :meth:`once` pauses the session (its KV and hidden state go to the host, as a manual offload of the same state
+    would move them) and waits for those copies to land; then copies the hidden state back by hand from a pinned
+    buffer (``manual``); restores; pauses and drains again; and restores (``djinn``: until layer L can compute,
+    ``session.ready_event``; ``djinn_host``: until an event recorded right after restore() returned). Both start from
+    the same machine state: after a large device-to-host copy the host's first CUDA calls are slower than in a tight
+    loop (see ``docs/notes/bench.md``), so a baseline timed only in a loop would compare a cold restore against a warm
+    copy. Event-timed on the current stream from a start event recorded right before each; on the CPU (behaviour
+    tests) the same calls run and the host clock times them."""
+
+    def __init__(self, session: Any, hidden: torch.Tensor):
+        self.session = session
+        cuda = hidden.device.type == "cuda"
+        self.stream = torch.cuda.current_stream(hidden.device) if cuda else None
+        self.pinned = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=cuda).copy_(hidden.cpu())
+        self.target = torch.empty_like(hidden)
+
+    def _offloaded(self) -> None:
+        if self.session.state is SessionState.PAUSED:  # paused before its first sample: back in, untimed, first
+            self.session.restore()
+            self.session.cache.wait_ready()
+        self.session.pause()
+        if self.stream is not None:
+            self.stream.synchronize()
+            self.session.runtime.swap.out_stream.synchronize()
+
+    def _stamp(self) -> Any:
+        return time.perf_counter() if self.stream is None else timing_event(self.stream)
+
+    def _ms(self, start: Any, end: Any) -> float:
+        return (end - start) * 1e3 if self.stream is None else event_ms(start, end)
+
+    def once(self) -> dict[str, float]:
+        s = self.session
+        self._offloaded()
+        start = self._stamp()
+        self.target.copy_(self.pinned, non_blocking=self.stream is not None)
+        manual = self._ms(start, self._stamp())
+        s.restore()
+        s.cache.wait_ready()
+
+        self._offloaded()
+        start = self._stamp()
+        s.restore()
+        end = self._stamp()
+        ready = end if self.stream is None else s.ready_event
+        out = {"manual": manual, "djinn": self._ms(start, ready), "djinn_host": self._ms(start, end)}
+        s.cache.wait_ready()
+        return out
+
+
 def time_restore_against_manual(session: Any, hidden: torch.Tensor, warmup: int = WARMUP,
                                 repeats: int = REPEATS) -> dict[str, TimingStats]:
-    """Djinn's restore and the manual copy-back, each as the first thing after the same drained offload (ms).
-
-    Per repeat, twice: the session is paused (its KV and hidden state go to the host, as a manual offload of the same
-    state would move them) and the host waits for those copies to land; then either the hidden state is copied back
-    by hand from a pinned buffer (``manual``) or ``session.restore()`` runs (``djinn``: until layer L can compute,
-    ``session.ready_event``; ``djinn_host``: until restore() returned). Both start from the same machine state: after
-    a large device-to-host copy the host's first CUDA calls are slower than in a tight loop (see
-    ``docs/notes/bench.md``), so a baseline timed only in a loop would compare a cold restore against a warm copy.
-    Event-timed on the current stream from a start event recorded right before each."""
-    stream = torch.cuda.current_stream()
-    pinned = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True).copy_(hidden.cpu())
-    target = torch.empty_like(hidden)
+    """Djinn's restore and the manual copy-back of one session paused at one depth, ``warmup`` + ``repeats`` times in a
+    row (ms; see :class:`_RestorePair`): ``djinn``, ``djinn_host`` and ``manual``."""
+    pair = _RestorePair(session, hidden)
     out: dict[str, list[float]] = {"djinn": [], "djinn_host": [], "manual": []}
-
-    def offloaded():
-        session.pause()
-        stream.synchronize()
-        session.runtime.swap.out_stream.synchronize()
-
-    def event():
-        return torch.cuda.Event(enable_timing=True)
-
     for i in range(warmup + repeats):
-        offloaded()
-        start, end = event(), event()
-        start.record(stream)
-        target.copy_(pinned, non_blocking=True)
-        end.record(stream)
-        manual = event_ms(start, end)
-        session.restore()
-        session.cache.wait_ready()
-
-        offloaded()
-        start, end = event(), event()
-        start.record(stream)
-        session.restore()
-        end.record(stream)
-        ready, returned = event_ms(start, session.ready_event), event_ms(start, end)
-        session.cache.wait_ready()
+        t = pair.once()
         if i >= warmup:
-            out["manual"].append(manual)
-            out["djinn"].append(ready)
-            out["djinn_host"].append(returned)
-    return {k: TimingStats(tuple(v)) for k, v in out.items()}
+            for k, v in t.items():
+                out[k].append(v)
+    return {k: TimingStats(tuple(v), clock=_clock(hidden)) for k, v in out.items()}
+
+
+def depth_rounds(layers: Sequence[int], rounds: int) -> list[list[int]]:
+    """The order of a measurement across depths: each round times every depth once, and each round starts one depth
+    later than the one before, so a drift of the link's rate over the measurement falls on every depth alike and no
+    depth is always timed first."""
+    if not layers or rounds < 1:
+        raise ConfigError(f"depth_rounds needs depths and at least one round (got {list(layers)}, {rounds})")
+    n = len(layers)
+    return [[layers[(r + k) % n] for k in range(n)] for r in range(rounds)]
+
+
+def time_restore_across_depths(sessions: Mapping[int, Any], hiddens: Mapping[int, torch.Tensor],
+                               warmup: int = WARMUP, repeats: int = REPEATS) -> dict[int, dict[str, TimingStats]]:
+    """Djinn's restore and the manual copy-back at every depth, the depths interleaved (ms).
+
+    ``sessions[L]``: a session paused or resident at layer L, on one runtime whose host pool holds every session's
+    paused state at once; ``hiddens[L]``: its hidden state at L. Each round (:func:`depth_rounds`) takes one
+    :class:`_RestorePair` sample per depth, so the depths are timed over the same minutes. Timed one depth after
+    another, as :func:`measure_resume_at_depth` does, a depth measured while the link ran slower looks slower: the
+    pinned host-to-device rate wanders by 10-20% within a minute on the lent H200s, and the restore is that copy."""
+    if set(sessions) != set(hiddens):
+        raise ConfigError(f"sessions at depths {sorted(sessions)} but hidden states at {sorted(hiddens)}")
+    pairs = {L: _RestorePair(sessions[L], hiddens[L]) for L in sessions}
+    out: dict[int, dict[str, list[float]]] = {L: {"djinn": [], "djinn_host": [], "manual": []} for L in pairs}
+    for r, order in enumerate(depth_rounds(list(pairs), warmup + repeats)):
+        for L in order:
+            t = pairs[L].once()
+            if r >= warmup:
+                for k, v in t.items():
+                    out[L][k].append(v)
+    return {L: {k: TimingStats(tuple(v), clock=_clock(hiddens[L])) for k, v in per.items()} for L, per in out.items()}
+
+
+def _clock(t: torch.Tensor) -> str:
+    return "cuda_event" if t.device.type == "cuda" else "host"
 
 
 def allocator_counters() -> dict[str, int]:
