@@ -288,6 +288,19 @@ def test_runs_that_agree_are_noted_as_the_same_in_every_run(tmp_path):
     assert "| +25.0% | 0.0% | the same in every run |" in text
 
 
+def test_a_claim_recorded_in_only_some_runs_is_not_called_the_same_in_every_run(tmp_path):
+    """A claim whose parameters name a choice the run made (exp2's best chunk) is recorded only in the runs that made
+    it: its swing covers those runs alone, and the table says so."""
+    folder = tmp_path / "h200"
+    main = _run_json(folder, "exp.json", [_speedup(2.5)])
+    run2 = _run_json(folder / "runs", "exp.run2.json", [])
+    (row,) = run_spread(main, [run2]).rows
+    assert row.swing == 0 and row.missing == ["exp.run2.json"]
+    text = write_report(main, out_dir=tmp_path / "rep", name="exp", runs=[run2]).read_text()
+    table = text.split("Nearest their bounds over the 2 runs")[1].split("\n## ")[0]
+    assert "| +25.0% | 0.0% | recorded in 1 of 2 runs |" in table and "the same in every run" not in table
+
+
 @pytest.mark.parametrize("change,why", [
     (dict(commit="def456"), "commit def456.*share one commit"),
     (dict(dirty=True), "dirty=True"),

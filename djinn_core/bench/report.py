@@ -528,10 +528,12 @@ def margins_lines(spread: RunSpread, top: int = NEAREST) -> list[str]:
             note = "failed"
         elif r.swing >= headroom and r.swing > 0:
             note = "**the swing is as large as the headroom: it may fail on the next run**"
-        elif r.swing == 0:
+        elif r.swing == 0 and not r.missing:
             note = "the same in every run"
         else:
             note = ""
+        if r.missing:  # its swing covers only the runs that recorded it
+            note = "; ".join(filter(None, [note, f"recorded in {r.runs_recorded} of {len(spread.runs)} runs"]))
         lines.append(f"| {r.claim} | {params} | `{worst_file}` ({_fmt(worst.ratio)}) | {r.op} {_fmt(worst.bound)} "
                      f"| {headroom:+.1%} | {r.swing:.1%} | {note} |")
     return lines
