@@ -95,15 +95,9 @@ class _RestorePair:
 def time_restore_against_manual(session: Any, hidden: torch.Tensor, warmup: int = WARMUP,
                                 repeats: int = REPEATS) -> dict[str, TimingStats]:
     """Djinn's restore and the manual copy-back of one session paused at one depth, ``warmup`` + ``repeats`` times in a
-    row (ms; see :class:`_RestorePair`): ``djinn``, ``djinn_host`` and ``manual``."""
-    pair = _RestorePair(session, hidden)
-    out: dict[str, list[float]] = {"djinn": [], "djinn_host": [], "manual": []}
-    for i in range(warmup + repeats):
-        t = pair.once()
-        if i >= warmup:
-            for k, v in t.items():
-                out[k].append(v)
-    return {k: TimingStats(tuple(v), clock=_clock(hidden)) for k, v in out.items()}
+    row (ms; see :class:`_RestorePair`): ``djinn``, ``djinn_host`` and ``manual``. The one-depth case of
+    :func:`time_restore_across_depths`."""
+    return time_restore_across_depths({0: session}, {0: hidden}, warmup=warmup, repeats=repeats)[0]
 
 
 def depth_rounds(layers: Sequence[int], rounds: int) -> list[list[int]]:
